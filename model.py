@@ -14,11 +14,12 @@ Reading order: configs and presets, the vision tower, the projector, the decoder
 the VLM that joins them, then loading and saving.
 """
 
+import argparse
 import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -618,3 +619,23 @@ def _idefics3_config(c):
               **c.get("vision_config", {})}
     return VLMConfig(_siglip_config(vision), _llama_config(c.get("text_config", {}), c),
                      c.get("scale_factor", 2), c.get("image_token_id", 128257))
+
+
+def parse_config(cls, argv=None, description=None):
+    """The one configuration mechanism of every script: a dataclass whose fields become --flags.
+
+    A field's default is the flag's default and its type; `field(metadata={"help": ...})` documents
+    it. Booleans get --flag / --no-flag. Fields defaulting to None take strings unless their
+    metadata names a "type".
+    """
+    parser = argparse.ArgumentParser(description=description)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = f.metadata.get("type", type(default) if default is not None else str)
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                choices=f.metadata.get("choices"))
+    return cls(**vars(parser.parse_args(argv)))
