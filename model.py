@@ -461,7 +461,7 @@ class VLM(nn.Module):
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (k == "lm_head.weight" and self.config.text.tie_word_embeddings)}
         atomic_write(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, "config.json"), lambda f: _write_json(self.config.to_dict(), f))
+        atomic_write(os.path.join(path, "config.json"), lambda f: write_json(self.config.to_dict(), f))
         if self.tokenizer is not None:
             atomic_write(os.path.join(path, "tokenizer.json"), lambda f: self.tokenizer.save(f))
 
@@ -496,9 +496,12 @@ class VLM(nn.Module):
             if image_token_id is None:
                 raise ValueError(f"{text_dir}: no '<image>' token in its tokenizer; pass image_token_id=")
         cfg = VLMConfig(_siglip_config(vconf.get("vision_config", vconf)), _llama_config(tconf, tconf), scale_factor, image_token_id)
+        vision = _read_safetensors(vision_dir)
+        if vconf["model_type"] == "siglip_vision_model":
+            # transformers 4 saved vision-only SigLIP keys under `vision_model.`, transformers 5 without it.
+            vision = _rename(vision, {"vision_model.": "vision_model.", "": "vision_model."})
         # A dual-tower SigLIP also holds a text tower and a pooling head: only the vision trunk is used.
-        vision = {k: v for k, v in _read_safetensors(vision_dir).items()
-                  if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
+        vision = {k: v for k, v in vision.items() if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
         text = _rename(_read_safetensors(text_dir), {"model.": "text_model.", "lm_head.": "lm_head."})
         model = cls(cfg)
         model._load_checked({**vision, **text}, f"{vision_dir} + {text_dir}", fresh=("connector.",))
@@ -538,7 +541,7 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def _write_json(obj, path):
+def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
 
