@@ -1,0 +1,286 @@
+"""Evaluation: does the two-agent system beat a direct answer and a single model that reasons, and
+does iterative DPO improve it round over round, without losing perception?
+
+The arms are the rows of the paper's tables (Insight-V, arXiv 2411.14432, Table 1 and the
+ablation of Table 5), each a checkpoint directory that train_sft.py / train_dpo.py writes:
+
+    direct          base                    the base model answers at once ("base model")
+    vanilla         vanilla                 one model writes the chain, then the answer, in one reply
+    summary_only    summary-only            the summary agent trained without chains answers at once
+    two_agent       reasoning + summary     the two agents after SFT ("+ multi-agent")
+    two_agent_dpoT  reasoning_dpoT + summary  after DPO round T ("+ iterative DPO")
+
+Every arm whose checkpoints exist is run on the held-out test split (data.py: a fixed seed, at
+least 1000 questions, no scene shared with training). Per arm we report accuracy overall, on the
+reasoning families, on the perception families and per family, each with a 95% confidence
+interval; for arms with a chain, `chain_correct` (the share of chains whose own conclusion is
+right) and the 2x2 table of chain right/wrong against final answer right/wrong: how often the
+summary agent recovers from a flawed chain, and how often it spoils a sound one, which is the
+paper's reason for a separate summary agent.
+
+The interval is Wilson's score interval (Wilson 1927, "Probable inference, the law of succession,
+and statistical inference"). A family has about a hundred test questions and small models sit near
+0 or 1 on some families; there the textbook p +- z sqrt(p(1-p)/n) interval is too narrow and can
+leave [0, 1], while Wilson's stays inside and keeps close to its nominal 95% coverage.
+
+Everything goes to out/results.json and out/results.md (the tables, generated from the JSON; the
+README's results table is this file), both written atomically.
+
+    python eval.py                                        # every arm whose checkpoints exist in out/
+    python eval.py --arms direct,two_agent --limit 200
+    python eval.py --data bench.jsonl --reasoning DIR --summary DIR   # any JSONL benchmark
+    python eval.py --data bench.jsonl --model DIR                      # one model, direct answer
+
+A benchmark JSONL has `image` (relative to the file's folder), `question`, `answer` and, for
+multiple choice, `choices`; data.is_correct compares open answers after normalisation and
+multiple-choice answers by option letter.
+"""
+
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import agents
+import data
+import train_sft
+from model import atomic_write, parse_config, write_json
+
+Z95 = 1.959963984540054  # the standard normal quantile at 0.975
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def wilson_interval(successes, n, z=Z95):
+    """Wilson score interval of a proportion successes / n -> (low, high); (0, 1) when n == 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def rate(flags):
+    """Booleans -> (share true, its Wilson interval); (None, None) for no items."""
+    if not flags:
+        return None, None
+    return sum(flags) / len(flags), list(wilson_interval(sum(flags), len(flags)))
+
+
+def chain_vs_final(chain_right, final_right):
+    """The 2x2 table of chain-correct against final-answer-correct, as counts."""
+    table = {f"chain_{c}_final_{f}": 0 for c in ("right", "wrong") for f in ("right", "wrong")}
+    for c, f in zip(chain_right, final_right):
+        table[f"chain_{'right' if c else 'wrong'}_final_{'right' if f else 'wrong'}"] += 1
+    return table
+
+
+def right(prediction, row):
+    return prediction is not None and data.is_correct(prediction, row["answer"], row.get("choices"))
+
+
+def score(rows, predictions):
+    """Gold rows and an arm's predictions ({answer, chain_answer, ...} per row) -> metrics."""
+    final = [right(p["answer"], r) for r, p in zip(rows, predictions)]
+    metrics = {"n": len(rows)}
+    for name, keep in (("overall", lambda r: True), ("reasoning", lambda r: r.get("kind") == "reasoning"),
+                       ("perception", lambda r: r.get("kind") == "perception")):
+        metrics[name], metrics[f"{name}_ci"] = rate([f for f, r in zip(final, rows) if keep(r)])
+    metrics["families"] = {}
+    for family in sorted({r["family"] for r in rows if r.get("family")}):
+        flags = [f for f, r in zip(final, rows) if r.get("family") == family]
+        accuracy, ci = rate(flags)
+        kind = next(r.get("kind") for r in rows if r.get("family") == family)
+        metrics["families"][family] = {"kind": kind, "accuracy": accuracy, "ci": ci, "n": len(flags)}
+    if any(p["chain"] is not None for p in predictions):
+        chain = [right(p["chain_answer"], r) for r, p in zip(rows, predictions)]
+        metrics["chain_correct"], metrics["chain_correct_ci"] = rate(chain)
+        metrics["chain_vs_final"] = chain_vs_final(chain, final)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Arms: which checkpoints answer, and how
+
+
+def arm_checkpoints(out_dir):
+    """Every arm whose checkpoints all exist -> {arm: (task, [checkpoint dirs])}, in table order."""
+    stage = lambda name: train_sft.stage_dir(out_dir, name)
+    arms = {"direct": ("direct", [stage("base")]),
+            "vanilla": ("vanilla", [stage("vanilla")]),
+            "summary_only": ("summary_only", [stage("summary-only")]),
+            "two_agent": ("two_agent", [stage("reasoning"), stage("summary")])}
+    for t, path in agents.dpo_rounds(out_dir).items():
+        arms[f"two_agent_dpo{t}"] = ("two_agent", [path, stage("summary")])
+    return {name: (task, dirs) for name, (task, dirs) in arms.items()
+            if all(os.path.isfile(os.path.join(d, "config.json")) for d in dirs)}
+
+
+def predict(task, vlms, rows, image_root, batch_size=64, desc=None):
+    """An arm's answers: the two agents in turn (task "two_agent"), or one model alone."""
+    if task == "two_agent":
+        reasoner, summarizer = vlms
+        system = agents.TwoAgentSystem(agents.ReasoningAgent(reasoner), agents.SummaryAgent(summarizer), batch_size)
+        return system.answer(rows, image_root, desc)
+    return agents.answer_direct(vlms[0], rows, image_root, task, batch_size, desc=desc)
+
+
+def evaluate_two_agent(reasoner_vlm, summary_vlm, rows, image_root, batch_size=64):
+    """Metrics of two loaded agents on rows (train_dpo.py calls this on val after every round)."""
+    return score(rows, predict("two_agent", [reasoner_vlm, summary_vlm], rows, image_root, batch_size, "two-agent eval"))
+
+
+def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None):
+    """{arm: (task, dirs)} -> {arm: metrics + checkpoints + wall_s}, with a progress bar per arm."""
+    results, loaded = {}, {}
+    for name, (task, dirs) in arm_specs.items():
+        # Only the current arm's models stay in memory; the summary agent shared by consecutive
+        # two-agent arms is loaded once.
+        loaded = {d: loaded[d] if d in loaded else agents.load_vlm(d, device) for d in dirs}
+        start = time.time()
+        metrics = score(rows, predict(task, [loaded[d] for d in dirs], rows, image_root, batch_size, desc=name))
+        results[name] = {**metrics, "checkpoints": dirs, "wall_s": round(time.time() - start, 1)}
+        print(f"[eval] {name}: overall {fmt(metrics['overall'])}, reasoning {fmt(metrics['reasoning'])}, "
+              f"perception {fmt(metrics['perception'])} ({results[name]['wall_s']:.0f}s)")
+    return results
+
+
+def machine():
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
+
+
+def finish(arms, meta, path_stem, start):
+    """Add the run's description, write <stem>.json and <stem>.md atomically, print the tables."""
+    results = {"arms": arms, "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                                      "machine": machine(), "wall_s": round(time.time() - start, 1), **meta,
+                                      "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, "
+                                                  f"answer <= {agents.ANSWER_TOKENS} tokens"}}
+    markdown = results_markdown(results)
+    atomic_write(path_stem + ".json", lambda f: write_json(results, f))
+    atomic_write(path_stem + ".md", lambda f: Path(f).write_text(markdown))
+    print("\n" + markdown)
+    return results
+
+
+def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None):
+    """Evaluate the arms (default: every arm whose checkpoints exist) on out_dir/data/<split>.jsonl;
+    writes out_dir/results.json and out_dir/results.md and returns the results."""
+    start = time.time()
+    data_path = os.path.join(out_dir, "data", f"{split}.jsonl")
+    if not os.path.isfile(data_path):
+        raise FileNotFoundError(f"no {data_path}: build the data first (python train_dpo.py --iters 3 builds everything)")
+    rows = data.read_jsonl(data_path)[:limit]
+    available = arm_checkpoints(out_dir)
+    missing = [a for a in arms or () if a not in available]
+    if missing:
+        raise FileNotFoundError(f"no checkpoints in {out_dir} for arm(s) {', '.join(missing)}; "
+                                f"available: {', '.join(available) or 'none'}")
+    chosen = {a: available[a] for a in arms} if arms else available
+    if not chosen:
+        raise FileNotFoundError(f"no checkpoints in {out_dir}: train them first (python train_dpo.py --iters 3)")
+    results = evaluate_arms(chosen, rows, os.path.dirname(data_path), batch_size, device)
+    meta = {"data": data_path, "split": split, "n_questions": len(rows)}
+    return finish(results, meta, os.path.join(out_dir, "results"), start)
+
+
+def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="direct", out_dir="out",
+                  limit=None, batch_size=64, device=None):
+    """Any checkpoints on a JSONL benchmark: the two agents (reasoning + summary) or one model
+    (model, answering as `task`); writes out_dir/results_<file name>.{json,md}."""
+    start = time.time()
+    if model:
+        specs = {task: (task, [model])}
+    elif reasoning and summary:
+        specs = {"two_agent": ("two_agent", [reasoning, summary])}
+    else:
+        raise ValueError("pass --reasoning and --summary for the two agents, or --model for one model")
+    rows = data.read_jsonl(data_path)[:limit]
+    results = evaluate_arms(specs, rows, os.path.dirname(os.path.abspath(data_path)), batch_size, device)
+    stem = os.path.splitext(os.path.basename(data_path))[0]
+    return finish(results, {"data": data_path, "n_questions": len(rows)}, os.path.join(out_dir, f"results_{stem}"), start)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables
+
+
+def fmt(value, ci=None):
+    """A share as a percentage, with its interval when given: 61.2 [58.1, 64.2]; - when undefined."""
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def results_markdown(results):
+    """results.json -> markdown: accuracy per arm, per family, chain vs final answer, and the run."""
+    arms, meta = results["arms"], results["meta"]
+    lines = ["Accuracy (%) with 95% Wilson intervals", "",
+             "| arm | overall | reasoning | perception | chain correct | n |", "|---|---|---|---|---|---|"]
+    for name, m in arms.items():
+        cells = [fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")]
+        cells.append(fmt(m.get("chain_correct"), m.get("chain_correct_ci")))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['n']} |")
+    families = sorted({(f["kind"] or "", name) for m in arms.values() for name, f in m["families"].items()})
+    if families:
+        lines += ["", "Accuracy (%) per family", "", "| family | kind | " + " | ".join(arms) + " |",
+                  "|---|---|" + "---|" * len(arms)]
+        for kind, family in families:
+            cells = [fmt(m["families"].get(family, {}).get("accuracy")) for m in arms.values()]
+            lines.append(f"| {family} | {kind} | " + " | ".join(cells) + " |")
+    chained = {name: m["chain_vs_final"] for name, m in arms.items() if "chain_vs_final" in m}
+    if chained:
+        lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
+                  "| arm | chain right, final right | chain right, final wrong | chain wrong, final right | chain wrong, final wrong |",
+                  "|---|---|---|---|---|"]
+        for name, t in chained.items():
+            lines.append(f"| {name} | {t['chain_right_final_right']} | {t['chain_right_final_wrong']} | "
+                         f"{t['chain_wrong_final_right']} | {t['chain_wrong_final_wrong']} |")
+    m = meta["machine"]
+    lines += ["", f"Command: `{meta['command']}` on {meta['data']} ({meta['n_questions']} questions); "
+                  f"{meta['decoding']}.",
+              f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
+              f"wall time {meta['wall_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class EvalConfig:
+    out: str = field(default="out", metadata={"help": "run directory: checkpoints, data/<split>.jsonl, results"})
+    arms: str = field(default=None, metadata={"help": "comma-separated arms (default: all whose checkpoints exist)"})
+    split: str = field(default="test", metadata={"help": "which split of <out>/data to evaluate on"})
+    limit: int = field(default=None, metadata={"type": int, "help": "evaluate only the first N questions"})
+    batch_size: int = field(default=64, metadata={"help": "questions decoded together"})
+    data: str = field(default=None, metadata={"help": "a JSONL benchmark (image, question, answer[, choices]) instead of the arms"})
+    reasoning: str = field(default=None, metadata={"help": "with --data: reasoning agent checkpoint"})
+    summary: str = field(default=None, metadata={"help": "with --data: summary agent checkpoint"})
+    model: str = field(default=None, metadata={"help": "with --data: one model that answers alone"})
+    task: str = field(default="direct", metadata={"help": "with --model: how it answers",
+                                                  "choices": ["direct", "summary_only", "vanilla"]})
+
+
+def main(argv=None):
+    cfg = parse_config(EvalConfig, argv, description="Accuracy of every arm, with confidence intervals.")
+    try:
+        if cfg.data:
+            return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit, cfg.batch_size)
+        return run_eval(cfg.out, cfg.arms.split(",") if cfg.arms else None, cfg.split, cfg.limit, cfg.batch_size)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""
+Decoding: turn prompts (and their images) into new tokens, fast.
+
+Insight-V samples N reasoning chains per question, both to build its training data and in every
+round of iterative DPO, and at inference its two agents decode one after the other. Decoding
+speed decides how long the whole method takes, so this file is a small engine rather than a loop
+that calls the model on the whole sequence for every new token.
+
+The idea is nanochat's engine.py (github.com/karpathy/nanochat, nanochat/engine.py):
+  1. prefill: run every prompt through the model once, in one batch, writing each layer's keys
+     and values into a preallocated KV cache (model.KVCache). Prompts of different lengths are
+     left-padded so that every prompt's last token sits in the last column; the attention mask
+     hides the pads and the cache gives every row its own rotary positions.
+  2. clone: for N samples per prompt, copy each prompt's cache rows N times instead of running
+     the prompt N times (the prompt is usually far longer than the answer: an image alone is
+     cfg.tokens_per_image tokens).
+  3. decode: feed one new token per row per step; attention reads the cached keys and values.
+     A row stops at its first stop id or after max_new_tokens, and finished rows are dropped
+     from the batch so they stop costing compute.
+Unlike nanochat, every sample draws its own first token (nanochat copies one first token to all
+samples), and a batch may hold many different prompts.
+
+Sampling follows the usual order (as in Hugging Face's logits processors): divide the logits by
+the temperature, keep the top-k tokens, keep the top-p nucleus (Holtzman et al. 2019, "The
+Curious Case of Neural Text Degeneration"), then draw. temperature=0 is greedy.
+
+Run as a script it answers one question about one image with a checkpoint, streaming the answer:
+    python generate.py --model out/sft --image cat.png --prompt "What colour is the cat?"
+"""
+
+import argparse
+
+import torch
+from tqdm import trange
+
+import data
+from model import VLM, KVCache
+
+
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V) -> (B,) long.
+
+    temperature=0 is greedy (argmax). Otherwise the logits are divided by the temperature, cut
+    to the top_k most likely tokens, then cut to the nucleus: the smallest set of most likely
+    tokens whose probability reaches top_p. The token is drawn from what is left with the given
+    torch.Generator, so a seeded generator gives the same tokens every time.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # A token stays if the tokens ranked above it have not yet reached top_p; so the most
+        # likely token always stays and the nucleus ends at the first token that reaches top_p.
+        outside = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(input_ids, attention_mask, pad_id, device):
+    """Prompts -> (ids (B, T) long, mask (B, T) long or None when nothing is padded).
+
+    A list of token lists is left-padded with pad_id here. A tensor is taken as already padded;
+    its padding must be on the left (the last column holds every prompt's last token), because
+    the first new token is read from the last position.
+    """
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids.to(device=device, dtype=torch.long)
+        mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+        if ids.ndim != 2 or ids.size(1) == 0:
+            raise ValueError(f"input_ids must be a (B, T) tensor with T > 0, got shape {tuple(ids.shape)}")
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError("attention_mask has padding in the last column: pad prompts on the left")
+    else:
+        lengths = [len(p) for p in input_ids]
+        if not lengths or min(lengths) == 0:
+            raise ValueError("input_ids must be a non-empty list of non-empty token lists")
+        T = max(lengths)
+        ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in input_ids], dtype=torch.long, device=device)
+        mask = torch.tensor([[0] * (T - n) + [1] * n for n in lengths], dtype=torch.long, device=device)
+    if mask is not None and bool(mask.all()):
+        mask = None  # nothing is padded: let the model take its plain causal path
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=None,
+             top_p=None, num_samples=1, stop_ids=(), seed=None, pad_id=0, attention_mask=None,
+             dtype=None, stream=None, progress=False):
+    """Sample new tokens for a batch of prompts -> list[list[int]], one list of new tokens per row.
+
+    input_ids: a list of token lists (any lengths; left-padded here with pad_id), or a (B, T)
+        tensor already padded on the left, with attention_mask (B, T) (1 = real, 0 = pad) when
+        any row is padded.
+    pixel_values: (num_images, 3, H, W), the images of all prompts in order; their
+        cfg.image_token_id placeholders in input_ids are replaced by the image tokens.
+    Rows are ordered prompt-major, sample-minor: row i * num_samples + j is sample j of prompt i.
+    A row ends at its first token in stop_ids (which is kept) or after max_new_tokens tokens.
+    temperature=0 is greedy; top_k / top_p cut the distribution after the temperature.
+    seed: the same seed gives the same samples (None draws a fresh seed).
+    dtype: compute dtype under autocast (e.g. torch.bfloat16) and of the KV cache; None uses the
+        dtype of an autocast region the caller is in, else the model's own dtype.
+    stream: called after every step as stream(rows, tokens) with the rows that got a new token
+        (the CLI prints with it). progress: show a tqdm bar over the decode steps.
+    """
+    if temperature < 0 or num_samples < 1 or max_new_tokens < 0:
+        raise ValueError("need temperature >= 0, num_samples >= 1 and max_new_tokens >= 0")
+    if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError("need top_k >= 1 and 0 < top_p <= 1")
+    param = next(model.parameters())
+    device = param.device
+    if dtype is None and torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)  # called under autocast: keep the cache in its dtype
+    dtype = dtype or param.dtype
+    ids, mask = left_pad(input_ids, attention_mask, pad_id, device)  # (B, T)
+    B, T = ids.shape
+    n_rows = B * num_samples
+    out = [[] for _ in range(n_rows)]
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != param.dtype):
+        # 1. prefill: encode the images once and run every prompt once, filling the cache
+        image_embeds = None if pixel_values is None else model.encode_images(pixel_values.to(device, param.dtype))
+        cache = KVCache(model.config.text, batch_size=B, max_len=T + max_new_tokens, device=device, dtype=dtype)
+        logits, _ = model(ids, attention_mask=mask, cache=cache, image_embeds=image_embeds, last_only=True)  # (B, 1, V)
+
+        # 2. clone: num_samples copies of every prompt's cache rows and last logits
+        if num_samples > 1:
+            cache = cache.repeat_interleave(num_samples)
+            logits = logits.repeat_interleave(num_samples, dim=0)  # (B * num_samples, 1, V)
+
+        # 3. decode, one token per row per step. rows[i] is the output row that cache row i
+        #    writes to, or None once it has stopped.
+        rows = list(range(n_rows))
+        stop = set(stop_ids)
+        for step in trange(max_new_tokens, disable=not progress, desc="generate", leave=False):
+            token = sample_next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (b,)
+            tokens = token.tolist()
+            new = [(r, t) for r, t in zip(rows, tokens) if r is not None]
+            for r, t in new:
+                out[r].append(t)
+            if stream is not None:
+                stream([r for r, _ in new], [t for _, t in new])
+            rows = [None if t in stop else r for r, t in zip(rows, tokens)]
+            live = [i for i, r in enumerate(rows) if r is not None]
+            if step == max_new_tokens - 1 or not live:
+                break
+            # Stopped rows ride along (their tokens are ignored) until a quarter of the batch has
+            # stopped; then one copy of the cache drops them all, so the copies stay few.
+            if len(live) <= 0.75 * len(rows):
+                keep = torch.tensor(live, device=device)
+                cache.select(keep)
+                token, rows = token[keep], [rows[i] for i in live]
+            logits, _ = model(token[:, None], cache=cache, last_only=True)  # (b, 1, V)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Answer a question about an image with a checkpoint, streaming the answer.")
+    parser.add_argument("--model", required=True, help="checkpoint directory (this project's or a SmolVLM download)")
+    parser.add_argument("--image", required=True, help="image file (png, jpg, ...)")
+    parser.add_argument("--prompt", required=True, help="the question to ask about the image")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample only from the top-p nucleus")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    args = parser.parse_args(argv)
+
+    # Everything a user can get wrong (a missing or foreign checkpoint, an unreadable image)
+    # raises OSError or ValueError with a message naming the file: print that one line.
+    try:
+        vlm = VLM.from_pretrained(args.model)
+        image = data.load_image(args.image, vlm.config.vision.image_size)  # (3, H, W)
+        tok = vlm.tokenizer
+        if tok is None:
+            raise ValueError(f"{args.model} has no tokenizer.json: save the checkpoint with its tokenizer")
+        eou = data.special_ids(tok)["eou"]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vlm = vlm.to(device).eval()
+    messages = [{"role": "user", "content": args.prompt, "image": True}]
+    ids, _ = data.render_conversation(tok, messages, vlm.config.tokens_per_image, add_generation_prompt=True)
+
+    # Print each token as it arrives. Decoding the whole answer each time (not token by token)
+    # keeps multi-byte characters and word-initial spaces right; a trailing U+FFFD means a
+    # character is still incomplete, so we wait for its next byte.
+    answer, shown = [], ""
+
+    def show(rows, tokens):
+        nonlocal shown
+        answer.extend(tokens)
+        text = tok.decode(answer)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    generate(vlm, [ids], image[None], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, stop_ids=[eou], seed=args.seed, stream=show,
+             dtype=torch.bfloat16 if device.type == "cuda" else None)
+    print(tok.decode(answer)[len(shown):])  # whatever was held back, and the final newline
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""agents.py: the two agents on a micro random model, and on crafted replies for malformed chains.
+
+Hermetic: a tiny world and its tokenizer are built in a temp dir; the model is the micro preset
+with random weights. Where a test needs a particular reply (a chain without its end tag, a step
+cut off, nothing at all), the one generation helper, agents.complete, is replaced by a fake that
+returns it, so the parsing and the hand-over between the agents are tested exactly.
+"""
+
+import os
+
+import pytest
+import torch
+
+import agents
+import data
+import model as M
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    data.build_world(str(out), train_scenes=20, val_scenes=2, test_scenes=4, vocab_size=400)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def vlm(world):
+    torch.manual_seed(0)
+    tok = data.load_tokenizer(world)
+    cfg = M.get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"])
+    model = M.VLM(cfg).eval()
+    model.tokenizer = tok
+    return model
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return data.read_jsonl(os.path.join(world, "test.jsonl"))[:5]
+
+
+def test_two_agents_answer_on_a_micro_model(vlm, rows, world):
+    system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm, max_new_tokens=10),
+                                   agents.SummaryAgent(vlm, max_new_tokens=4), batch_size=2)
+    results = system.answer(rows, world)
+    assert len(results) == len(rows)
+    for r in results:
+        assert set(r) == {"chain", "steps", "chain_answer", "answer"}
+        assert isinstance(r["chain"], str) and isinstance(r["answer"], str)
+        assert isinstance(r["steps"], list)
+        assert "<end_of_utterance>" not in r["chain"] + r["answer"]
+    # Greedy decoding is reproducible, whatever the batching.
+    again = agents.TwoAgentSystem(system.reasoner, system.summarizer, batch_size=5).answer(rows, world)
+    assert [r["answer"] for r in again] == [r["answer"] for r in results]
+
+
+class FakeGeneration:
+    """Stands in for agents.complete: crafted chains for the reasoning agent, "7" for the rest."""
+
+    def __init__(self, chains):
+        self.chains, self.calls = list(chains), []
+
+    def __call__(self, vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
+        self.calls.append({"prompts": [c[0]["content"] for c in conversations], "images": images,
+                           "max_new_tokens": max_new_tokens})
+        if conversations[0][0]["content"].endswith(data.REASONING_PROMPT):
+            return [self.chains.pop(0) for _ in conversations]
+        return ["7"] * len(conversations)
+
+
+MALFORMED = {
+    "missing end tag": "<thoughts>\nCount: red objects at top left, total 2.\nAdd: 2 plus 1 is 3, so the answer is 3.",
+    "truncated step": "<thoughts>\nCount: red objects at top left, total 2.\nAdd: 2 pl",
+    "empty chain": "",
+    "no tags at all": "blue blue blue",
+}
+
+
+def test_malformed_chains_still_get_an_answer(vlm, rows, world, monkeypatch):
+    fake = FakeGeneration(MALFORMED.values())
+    monkeypatch.setattr(agents, "complete", fake)
+    system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), agents.SummaryAgent(vlm), batch_size=4)
+    missing_end, truncated, empty, untagged = system.answer(rows[:4], world)
+
+    assert [s["title"] for s in missing_end["steps"]] == ["Count", "Add"]
+    assert missing_end["chain_answer"] == "3"
+    assert len(truncated["steps"]) == 2 and truncated["steps"][1]["content"] == "2 pl"
+    assert truncated["chain_answer"] is None
+    assert empty["steps"] == [] and empty["chain_answer"] is None
+    assert untagged["steps"] == [{"title": "", "content": "blue blue blue"}]
+    assert all(r["answer"] == "7" for r in (missing_end, truncated, empty, untagged))
+
+    # The summary agent sees each chain re-rendered in its training format, end tag included.
+    summary_prompts = fake.calls[1]["prompts"]
+    assert data.render_chain(missing_end["steps"]) in summary_prompts[0]
+    assert "<thoughts>\n</thoughts>" in summary_prompts[2]
+    assert all(p.count("</thoughts>") == 1 and p.endswith(data.SUMMARY_PROMPT) for p in summary_prompts)
+
+
+def test_one_generate_call_per_batch_per_agent_and_each_image_read_once(vlm, rows, world, monkeypatch):
+    fake = FakeGeneration(["<thoughts>\nLook: a red circle, so the answer is red.\n</thoughts>"] * len(rows))
+    monkeypatch.setattr(agents, "complete", fake)
+    reads = []
+    load_image = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path, size: reads.append(path) or load_image(path, size))
+    system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), agents.SummaryAgent(vlm), batch_size=2)
+    results = system.answer(rows, world)
+
+    assert len(fake.calls) == 2 * 3  # 5 questions in batches of 2 -> 3 batches, one call per agent
+    assert sorted(reads) == sorted(os.path.join(world, r["image"]) for r in rows)
+    for reasoning_call, summary_call in zip(fake.calls[::2], fake.calls[1::2]):
+        assert summary_call["images"] is reasoning_call["images"]  # the same tensor serves both agents
+        assert reasoning_call["images"].shape[1:] == (3, 32, 32)
+    assert [r["chain_answer"] for r in results] == ["red"] * len(rows)
+
+
+def test_single_model_arms(vlm, rows, world, monkeypatch):
+    replies = ["<thoughts>\nCount: red objects at top left, total 2, so the answer is 2.\n</thoughts>\n2",
+               "<thoughts>\nCount: red objects at top left, total",  # cut off inside the chain
+               "4"]
+    calls = []
+
+    def fake(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
+        calls.append((conversations[0][0]["content"], max_new_tokens))
+        return replies[:len(conversations)]
+
+    monkeypatch.setattr(agents, "complete", fake)
+    vanilla = agents.answer_direct(vlm, rows[:3], world, task="vanilla")
+    assert vanilla[0] == {"chain": replies[0], "steps": [{"title": "Count", "content": "red objects at top left, total 2, so the answer is 2."}],
+                          "chain_answer": "2", "answer": "2"}
+    assert vanilla[1]["answer"] == "" and vanilla[1]["chain_answer"] is None
+    assert calls[-1][0].endswith(data.VANILLA_PROMPT) and calls[-1][1] == agents.CHAIN_TOKENS + agents.ANSWER_TOKENS
+
+    for task in ("direct", "summary_only"):
+        direct = agents.answer_direct(vlm, rows[:3], world, task=task)
+        assert direct[2] == {"chain": None, "steps": None, "chain_answer": None, "answer": "4"}
+        assert calls[-1][0].endswith(data.DIRECT_PROMPT) and calls[-1][1] == agents.ANSWER_TOKENS
+    with pytest.raises(ValueError, match="unknown single-model task"):
+        agents.answer_direct(vlm, rows, world, task="reasoning")
+
+
+def test_latest_reasoning_agent(tmp_path):
+    assert agents.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning")
+    for name in ("reasoning_dpo1", "reasoning_dpo2", "reasoning_dpo10"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "reasoning_dpo11").mkdir()  # a round that never finished saving
+    assert agents.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning_dpo10")
+    assert list(agents.dpo_rounds(str(tmp_path))) == [1, 2, 10]
+
+
+def test_cli(vlm, rows, world, tmp_path, capsys):
+    ckpt = str(tmp_path / "agent")
+    vlm.save_pretrained(ckpt)
+    image = os.path.join(world, rows[0]["image"])
+    agents.main(["--image", image, "--question", rows[0]["question"], "--reasoning", ckpt, "--summary", ckpt,
+                 "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert f"reasoning agent: {ckpt}" in out and "\nanswer: " in out
+
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint at .*reasoning"):
+        agents.main(["--image", image, "--question", "q", "--out", str(tmp_path / "nothing")])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match="^error: cannot read image"):
+        agents.main(["--image", str(bad), "--question", "q", "--reasoning", ckpt, "--summary", ckpt])
+    with pytest.raises(SystemExit, match="^error: pass both"):
+        agents.main(["--image", image])

@@ -1,0 +1,418 @@
+"""Tests for data.py: the world, the teacher, the assessment, the SFT sets, chat rendering and
+real-data loading. Hermetic: every world is built small in a temporary directory."""
+import json
+import os
+import random
+import re
+import sys
+import types
+from dataclasses import fields
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+SMALL = dict(train_scenes=40, val_scenes=6, test_scenes=10)
+NO_ERRORS = {f.name: 0.0 for f in fields(data.ErrorRates)}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    card = data.build_world(str(out), **SMALL)
+    return str(out), card
+
+
+def rows(out, name):
+    return data.read_jsonl(os.path.join(out, f"{name}.jsonl"))
+
+
+def all_bytes(root):
+    found = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                found[os.path.relpath(os.path.join(d, n), root)] = f.read()
+    return found
+
+
+# ---------------------------------------------------------------------------- the world
+
+def test_same_seed_same_bytes(world, tmp_path):
+    out, _ = world
+    data.build_world(str(tmp_path / "again"), **SMALL)
+    data.build_world(str(tmp_path / "other"), **{**SMALL, "seed": 1})
+    first, again, other = all_bytes(out), all_bytes(tmp_path / "again"), all_bytes(
+        tmp_path / "other")
+    assert first.keys() == again.keys() and "tokenizer.json" in first
+    assert all(first[k] == again[k] for k in first), [k for k in first if first[k] != again[k]]
+    assert first["train.jsonl"] != other["train.jsonl"]
+
+
+def test_splits_disjoint_and_test_size(world):
+    out, _ = world
+    split = {s: rows(out, s) for s in ("train", "val", "test")}
+    scenes = {s: {r["scene"] for r in rs} for s, rs in split.items()}
+    graphs = {s: {json.dumps([(o["cell"], o["shape"], o["color"], o["size"])
+                              for o in r["objects"]]) for r in rs} for s, rs in split.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not scenes[a] & scenes[b] and not graphs[a] & graphs[b]
+    ids = [r["id"] for rs in split.values() for r in rs]
+    assert len(ids) == len(set(ids))
+    for r in split["train"]:
+        assert {"id", "image", "question", "answer", "family", "kind", "scene"} <= r.keys()
+    cfg = data.DataConfig()  # the default test split alone: >= 1000 questions, fixed seed
+    test, _ = data.make_split("test", cfg.test_scenes, cfg, set())
+    assert len(test) >= 1000
+    assert set(r["family"] for r in test) == set(data.FAMILIES)
+
+
+def rederive(question, objects):
+    """An independent answer from the question text and the objects' pixel positions."""
+    at = {(o["y"] // 16, o["x"] // 16): o for o in objects}
+
+    def group(phrase):
+        words = phrase.split()
+        color = words[0] if words[0] in data.COLORS else None
+        head = words[-1]
+        shape = None if head == "objects" else head.rstrip("s")
+        return [o for o in objects if (color is None or o["color"] == color)
+                and (shape is None or o["shape"] == shape)]
+
+    rows_, cols_ = {"top": 0, "middle": 1, "bottom": 2}, {"left": 0, "right": 2}
+    if m := re.fullmatch(r"What (color|shape) is the object at (.+)\?", question):
+        place = m[2].split()
+        rc = (1, 1) if place == ["center"] else (rows_[place[0]], cols_.get(place[1], 1))
+        return at[rc][m[1]]
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
+        return "yes" if any(o["color"] == m[1] and o["shape"] == m[2] for o in objects) else "no"
+    if m := re.fullmatch(r"Are there more (.+) than (.+)\?", question):
+        return "yes" if len(group(m[1])) > len(group(m[2])) else "no"
+    if m := re.fullmatch(r"How many more (.+) than (.+) are there\?", question):
+        return str(len(group(m[1])) - len(group(m[2])))
+    if m := re.fullmatch(r"How many (.+) and (.+) are there in total\?", question):
+        return str(len(group(m[1])) + len(group(m[2])))
+    if m := re.fullmatch(r"How many objects are (left of|right of|above|below) the (\w+) (\w+)\?",
+                         question):
+        ref = next(o for o in objects if o["color"] == m[2] and o["shape"] == m[3])
+        rx, ry = ref["x"] // 16, ref["y"] // 16
+        test = {"left of": lambda o: o["x"] // 16 < rx, "right of": lambda o: o["x"] // 16 > rx,
+                "above": lambda o: o["y"] // 16 < ry, "below": lambda o: o["y"] // 16 > ry}
+        return str(sum(map(test[m[1]], objects)))
+    if m := re.fullmatch(r"How many (.+) are there\?", question):
+        return str(len(group(m[1])))
+    assert question == "Which color has the most objects?", question
+    counts = sorted(((sum(o["color"] == c for o in objects), c) for c in data.COLORS),
+                    reverse=True)
+    assert counts[0][0] > counts[1][0]
+    return counts[0][1]
+
+
+def test_answers_agree_with_independent_rederivation(world):
+    out, _ = world
+    for split in ("train", "val", "test"):
+        for r in rows(out, split):
+            assert rederive(r["question"], r["objects"]) == r["answer"], r
+            assert r["kind"] == data.FAMILIES[r["family"]]
+
+
+def test_rendering_shows_each_object_at_its_place_in_its_colour(world):
+    out, _ = world
+    for r in rows(out, "train")[:60]:
+        img = Image.open(os.path.join(out, r["image"])).convert("RGB")
+        assert img.size == (48, 48)
+        px = img.load()
+        by_cell = {o["cell"]: o for o in r["objects"]}
+        for i, cell in enumerate(data.CELLS):
+            y0, x0 = divmod(i, 3)
+            block = [px[x, y] for y in range(y0 * 16, y0 * 16 + 16)
+                     for x in range(x0 * 16, x0 * 16 + 16)]
+            lit = [p for p in block if p != data.BACKGROUND]
+            if cell not in by_cell:
+                assert not lit, f"{r['image']}: {cell} should be empty"
+                continue
+            o = by_cell[cell]
+            rgb = data.COLORS[o["color"]]
+            assert px[o["x"], o["y"]] == rgb  # the recorded centre has the recorded colour
+            assert set(lit) == {rgb} and len(lit) >= 20  # visible, inside its cell, one colour
+            assert (len(lit) > 70) == (o["size"] == "large")
+
+
+def test_load_image_normalises_and_rejects_corrupt(world, tmp_path):
+    out, _ = world
+    x = data.load_image(os.path.join(out, rows(out, "test")[0]["image"]), 48)
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert data.load_image(os.path.join(out, rows(out, "test")[0]["image"]), 32).shape[-1] == 32
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        data.load_image(str(bad), 48)
+    with pytest.raises(FileNotFoundError):
+        data.load_image(str(tmp_path / "missing.png"), 48)
+
+
+# ---------------------------------------------------------------- teacher and assessment
+
+def teacher_paths(out, rates, n=4):
+    cfg = data.DataConfig(**{**NO_ERRORS, **rates})
+    teacher, scorer, filt = data.ScriptedTeacher(cfg), data.SceneStepScorer(), data.AnswerFilter()
+    results = []
+    for r in rows(out, "train") + rows(out, "val"):
+        paths = teacher.generate(r, n, random.Random(r["id"]))
+        for p, s in zip(paths, scorer.score(r, paths)):
+            results.append((r, p, s, filt.judge(r, p["final_answer"])))
+    return results
+
+
+def test_error_free_teacher_passes_with_top_score(world):
+    out, _ = world
+    results = teacher_paths(out, {})
+    assert {r["family"] for r, *_ in results} == set(data.FAMILIES)
+    for r, p, score, correct in results:
+        assert correct and score == 100 and data.bucket(score) == "high", (r, p)
+        assert p["steps"][-1]["next_action"] == "final_answer"
+        assert all(s["next_action"] == "continue" for s in p["steps"][:-1])
+        assert 1 <= len(p["steps"]) <= 6 and not p["errors"]
+
+
+@pytest.mark.parametrize("mistake", [f.name for f in fields(data.ErrorRates)])
+def test_each_mistake_lowers_the_score(world, mistake):
+    out, _ = world
+    hit = [(p, s) for r, p, s, c in teacher_paths(out, {mistake: 1.0}) if p["errors"]]
+    assert len(hit) > 20
+    for p, score in hit:
+        assert p["errors"] == [mistake] and score < 100 and data.bucket(score) != "high"
+
+
+def test_scorer_reads_text_and_penalises_garbage(world):
+    out, _ = world
+    r = next(x for x in rows(out, "train") if x["family"] == "compare")
+    path = data.ScriptedTeacher(data.DataConfig(**NO_ERRORS)).path(r, random.Random(0))
+    chain = data.render_chain(path["steps"])
+    scorer = data.SceneStepScorer()
+    garbage = "<thoughts>\nStep: I think so\n</thoughts>"
+    assert scorer.score(r, [path, chain, garbage, ""]) == [100, 100, 1, 1]
+
+
+def test_sft_sets_buckets_and_summary_ratio(world):
+    out, card = world
+    cfg = data.DataConfig(**SMALL)
+    paths = rows(out, "paths")
+    questions = {r["id"]: r for r in rows(out, "train")}
+    assert len(paths) == len(questions) * cfg.paths_per_question
+    for p in paths:
+        assert p["bucket"] == data.bucket(p["score"], cfg.high, cfg.mid)
+        assert p["correct"] == data.is_correct(p["final_answer"], questions[p["id"]]["answer"])
+    assert {p["bucket"] for p in paths} == {"high", "mid", "low"}
+    # reasoning set: only High paths with the right answer, up to the configured number each
+    best = {}
+    for p in paths:
+        if p["bucket"] == "high" and p["correct"]:
+            best.setdefault(p["id"], data.render_chain(p["steps"]))
+    reasoning = rows(out, "reasoning_sft")
+    assert {r["id"]: r["chain"] for r in reasoning} == best
+    for r in reasoning:
+        assert r["task"] == "reasoning" and data.chain_answer(r["chain"]) == r["answer"]
+    # summary set: sound and flawed chains at the configured ratio, target = the gold answer
+    summary = rows(out, "summary_sft")
+    sound = [r for r in summary if r["task"] == "summary" and r["bucket"] == "high"
+             and r["chain_correct"]]
+    flawed = [r for r in summary if r["task"] == "summary" and r not in sound]
+    direct = [r for r in summary if r["task"] == "direct"]
+    assert len(sound) == len(reasoning) and len(flawed) == round(len(sound) *
+                                                                  cfg.flawed_per_sound)
+    assert any(not r["chain_correct"] for r in flawed)  # wrong-answer chains are in it
+    pool = sum(q["kind"] == "perception" for q in questions.values())
+    assert len(direct) == min(pool, round(cfg.summary_perception * (len(sound) + len(flawed))))
+    assert all(r["kind"] == "perception" for r in direct)
+    for r in summary:
+        assert r["answer"] == questions[r["id"]]["answer"]
+    assert card["summary_sft"]["correct:flawed"] == f"{len(sound)}:{len(flawed)}"
+    base = rows(out, "base")
+    assert {r["task"] for r in base} == {"describe", "direct"}
+    assert card["sets"] == {"base": len(base), "reasoning_sft": len(reasoning),
+                            "summary_sft": len(summary)}
+    with open(os.path.join(out, "card.json")) as f:
+        assert json.load(f)["paths"]["chain_tokens_max"] > 0
+
+
+def test_bucket_thresholds():
+    assert [data.bucket(s) for s in (100, 90, 89, 50, 49, 1)] == [
+        "high", "high", "mid", "mid", "low", "low"]
+    assert data.bucket(70, high=70, mid=30) == "high"
+
+
+# ---------------------------------------------------------------- chains and answers
+
+def test_chain_round_trip_and_tolerant_parsing():
+    steps = [{"title": "Count", "content": "red objects at top left, total 1.",
+              "next_action": "continue"},
+             {"title": "Add", "content": "1 + 2 = 3, so the answer is 3.",
+              "next_action": "final_answer"}]
+    text = data.render_chain(steps)
+    assert text.startswith("<thoughts>\n") and text.endswith("\n</thoughts>")
+    assert data.parse_chain(text) == [{k: s[k] for k in ("title", "content")} for s in steps]
+    assert data.chain_answer(text) == data.chain_answer(steps) == "3"
+    truncated = "<thoughts>\nCount: red objects at top left, total 1.\nAdd: 1 + 2 ="
+    assert len(data.parse_chain(truncated)) == 2 and data.chain_answer(truncated) is None
+    assert data.parse_chain("") == data.parse_chain("<thoughts>\n</thoughts>") == []
+    assert data.parse_chain("no tags here")[0]["content"] == "no tags here"
+    assert data.response_answer(text + "\n3") == "3"
+    assert data.response_answer(truncated) == ""
+    assert data.parse_claim(steps[1]) == {"kind": "add", "a": 1, "b": 2, "n": 3}
+
+
+def test_normalised_match():
+    assert data.is_correct("Three.", "3") and data.is_correct("The answer is yes", "yes")
+    assert data.is_correct(" Red ", "red") and not data.is_correct("", "")
+    assert not data.is_correct("4", "3") and not data.is_correct(None, "3")
+    choices = ["a cat", "a dog"]
+    assert data.is_correct("(B)", "B", choices) and data.is_correct("dog", "B", choices)
+    assert data.is_correct("B. a dog", "a dog", choices) and not data.is_correct("A", "B", choices)
+
+
+# ---------------------------------------------------------------- tokenizer and chat
+
+def test_tokenizer_round_trip_numbers_and_specials(world):
+    out, _ = world
+    tok = data.load_tokenizer(out)
+    ids = data.special_ids(tok)
+    assert ids["pad"] == 0 and len(set(ids.values())) == 6
+    text = "Count: red objects at top left, total 12.\n\n  Add: 3 + 4 = 7 ünïcode <image>"
+    assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text
+    for d in range(10):  # each small number is one token after a space
+        assert len(tok.encode(f" {d}").ids) == 1
+    for word in ("red", "triangle", "center", "objects"):
+        assert len(tok.encode(f" {word}").ids) == 1
+    with pytest.raises(FileNotFoundError, match="python data.py"):
+        data.load_tokenizer(os.path.join(out, "nowhere"))
+
+
+def test_chat_mask_covers_exactly_the_assistant_tokens(world):
+    out, _ = world
+    tok = data.load_tokenizer(out)
+    sp = data.special_ids(tok)
+    msgs = data.task_messages("summary", "How many circles are there?",
+                              data.render_chain([]), "2")
+    ids, mask = data.render_conversation(tok, msgs, image_seq_len=9)
+    assert len(ids) == len(mask) and ids.count(sp["image"]) == 9
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == \
+        " 2<end_of_utterance>"
+    expected = ("<|im_start|>User:<fake_token_around_image><global-img>" + "<image>" * 9 +
+                "<fake_token_around_image>" + msgs[0]["content"] +
+                "<end_of_utterance>\nAssistant: 2<end_of_utterance>\n")
+    assert tok.decode(ids, skip_special_tokens=False) == expected
+    prompt, pmask = data.render_conversation(tok, msgs[:1], 9, add_generation_prompt=True)
+    assert ids[:len(prompt)] == prompt and not any(pmask)
+    assert tok.decode(prompt, skip_special_tokens=False).endswith("\nAssistant:")
+    # two assistant turns, a system turn, a text-only user turn
+    turns = [{"role": "system", "content": "Be brief."}] + msgs + [
+        {"role": "user", "content": "And squares?"}, {"role": "assistant", "content": "1"}]
+    ids, mask = data.render_conversation(tok, turns, 9)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert learned == " 2<end_of_utterance> 1<end_of_utterance>"
+    assert "System: Be brief.<end_of_utterance>\n" in tok.decode(ids, skip_special_tokens=False)
+
+
+def test_task_messages():
+    for task in ("direct", "describe", "summary", "summary_only"):
+        assert data.task_messages(task, "Q?", "<thoughts>\n</thoughts>", "3")[-1] == {
+            "role": "assistant", "content": "3"}
+        assert len(data.task_messages(task, "Q?", "<thoughts>\n</thoughts>")) == 1
+    reasoning = data.task_messages("reasoning", "Q?", "CHAIN", "3")
+    assert reasoning[-1]["content"] == "CHAIN" and data.REASONING_PROMPT in reasoning[0]["content"]
+    assert data.task_messages("vanilla", "Q?", "CHAIN", "3")[-1]["content"] == "CHAIN\n3"
+    assert "CHAIN" in data.task_messages("summary", "Q?", "CHAIN")[0]["content"]
+    assert data.task_messages("reasoning", "Q?")[0]["image"] is True
+    with pytest.raises(ValueError, match="unknown task"):
+        data.task_messages("nope", "Q?")
+
+
+# ---------------------------------------------------------------- real data
+
+def test_bad_real_lines_are_named_and_skipped(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    good = {"image": "ok.png", "question": "Q?", "answer": "A"}
+    lines = [json.dumps(good),
+             "{not json",
+             json.dumps({"image": "ok.png", "question": "Q?"}),
+             json.dumps({**good, "image": "missing.png"}),
+             json.dumps({**good, "image": "corrupt.png"}),
+             json.dumps({**good, "choices": ["x", "y"], "answer": "B"})]
+    path = tmp_path / "real.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    required = ("image", "question", "answer")
+    for line, reason in ((2, "Expecting|JSON"), (3, "missing field 'answer'"),
+                         (4, "image not found"), (5, "corrupt image")):
+        bad = tmp_path / f"bad{line}.jsonl"
+        bad.write_text(lines[0] + "\n" + lines[line - 1] + "\n")
+        with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: ({reason})"):
+            data.read_jsonl(str(bad), required=required, check_images=True)
+    kept = data.read_jsonl(str(path), skip_bad=True, required=required, check_images=True)
+    assert len(kept) == 2 and kept[1]["choices"] == ["x", "y"]
+    assert "skipped 4 bad lines" in capsys.readouterr().err
+    data.main(["--real", str(path), "--skip-bad"])
+    assert "2 usable examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=rf"error: .*real.jsonl:2:"):
+        data.main(["--real", str(path)])
+    with pytest.raises(FileNotFoundError):
+        data.read_jsonl(str(tmp_path / "none.jsonl"))
+
+
+class FakeVLM:
+    """Just enough of a VLM for the model-driven generator and judge."""
+
+    def __init__(self, tok):
+        self.tokenizer = tok
+        self.config = types.SimpleNamespace(tokens_per_image=9,
+                                         vision=types.SimpleNamespace(image_size=48))
+
+    def parameters(self):
+        return iter([torch.zeros(1)])
+
+
+def fake_generate(monkeypatch, tok, replies):
+    """Install a generate module that answers each call with the next scripted reply."""
+    calls = []
+
+    def generate(model, input_ids, pixel_values=None, max_new_tokens=1, temperature=0.0,
+                 top_k=None, top_p=None, num_samples=1, stop_ids=(), seed=None):
+        calls.append((input_ids, pixel_values))
+        reply = tok.encode(replies[min(len(calls), len(replies)) - 1]).ids
+        return [reply + [stop_ids[0]] for _ in input_ids]
+    monkeypatch.setitem(sys.modules, "generate", types.SimpleNamespace(generate=generate))
+    return calls
+
+
+def test_model_generator_retries_malformed_json_then_ends(world, monkeypatch):
+    out, _ = world
+    tok = data.load_tokenizer(out)
+    rec = rows(out, "test")[0]
+    step = '{"title": "Look", "content": "I see it.", "next_action": "%s"}'
+    calls = fake_generate(monkeypatch, tok, ["oops", step % "continue", step % "final_answer",
+                                             "red"])
+    gen = data.ModelGenerator(FakeVLM(tok), root=out, retries=1)
+    paths = gen.generate(rec, 3, random.Random(0))
+    assert len(calls) == 4 and len(calls[0][0]) == 3 and calls[0][1].shape == (3, 3, 48, 48)
+    assert all(len(p["steps"]) == 2 and p["final_answer"] == "red" for p in paths)
+    assert paths[0]["steps"][1]["next_action"] == "final_answer"
+    calls = fake_generate(monkeypatch, tok, ["still not json", "x"])
+    paths = gen.generate(rec, 2, random.Random(0))
+    assert len(calls) == 3 and all(p["steps"] == [] for p in paths)  # 1 try + 1 retry + final
+
+
+def test_model_judge_scores_all_paths_in_one_call(world, monkeypatch):
+    out, _ = world
+    tok = data.load_tokenizer(out)
+    rec = {"question": "Q?", "answer": "3", "image": "x.png"}
+    paths = [{"steps": [], "final_answer": "3"}, {"steps": [], "final_answer": "4"}]
+    calls = fake_generate(monkeypatch, tok, ["Scores: [80, 20]"])
+    judge = data.ModelJudge(FakeVLM(tok))
+    assert judge.score(rec, paths) == [80, 20] and len(calls) == 1 and calls[0][1] is None
+    fake_generate(monkeypatch, tok, ["no idea", "no idea", "no idea", "0"])
+    assert judge.score(rec, paths) == [100, 1]  # unparseable judge: the coarse verdict
+    assert judge.judge(rec, "three")  # exact match needs no model call

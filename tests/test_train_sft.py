@@ -1,0 +1,246 @@
+"""train_sft.py: the loop learns, resumes exactly, accumulates exactly, masks the loss, and its
+stages fail with the named command when something is missing. Micro model, tiny data, CPU."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import data
+import train_sft
+from model import VLM, get_config
+from train_sft import TrainConfig, collate, encode_row, lr_lambda, make_optimizer, run_stage, train_loop
+
+
+def micro_model(seed=0):
+    torch.manual_seed(seed)
+    return VLM(get_config("micro"))
+
+
+def synthetic_examples(model, n, seed=0):
+    """[image placeholders][prompt][answer], the loss on the answer only; lengths vary by row."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(n):
+        prompt, answer = 3 + i % 3, 2 + i % 4
+        ids = torch.cat([torch.full((cfg.tokens_per_image,), cfg.image_token_id),
+                         torch.randint(10, cfg.text.vocab_size, (prompt + answer,), generator=g)])
+        targets = ids.clone()
+        targets[:cfg.tokens_per_image + prompt] = -100
+        image = torch.randn(3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+        examples.append({"ids": ids, "targets": targets, "image": image})
+    return examples
+
+
+def loop_config(**overrides):
+    base = dict(device="cpu", precision="fp32", lr=3e-3, weight_decay=0.0, warmup_steps=0, eval_every=0,
+                save_every=0, batch_size=4, max_steps=4, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def logged(path, key="loss"):
+    with open(path) as f:
+        return [json.loads(line)[key] for line in f]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def test_collate_right_pads_to_the_longest_example():
+    model = micro_model()
+    examples = synthetic_examples(model, 3)
+    batch = collate(examples, pad_id=7)
+    lengths = [len(ex["ids"]) for ex in examples]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    for i, n in enumerate(lengths):
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (batch["input_ids"][i, n:] == 7).all() and (batch["targets"][i, n:] == -100).all()
+        assert torch.equal(batch["targets"][i, :n], examples[i]["targets"])
+
+
+def test_tiny_model_overfits_one_fixed_batch(tmp_path):
+    model = micro_model()
+    examples = synthetic_examples(model, 4)
+    cfg = loop_config(max_steps=60, lr=1e-2)
+    summary = train_loop(model, examples, examples, cfg, str(tmp_path / "ckpt"), str(tmp_path / "log.jsonl"), "overfit")
+    losses = logged(tmp_path / "log.jsonl")
+    assert losses[0] > 4.0  # ~ln(256) at the start
+    assert summary["train_loss"] < 0.05 and summary["val_loss"] < 0.05
+    assert os.path.isfile(tmp_path / "ckpt" / "model.safetensors") and os.path.isfile(tmp_path / "ckpt" / "train_state.pt")
+    reloaded = VLM.from_pretrained(str(tmp_path / "ckpt"))
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_resume_after_ctrl_c_gives_the_same_losses(tmp_path):
+    k, accum = 3, 2
+    cfg = loop_config(max_steps=2 * k, batch_size=2, grad_accum=accum, precision="bf16", warmup_steps=2)
+    examples = synthetic_examples(micro_model(), 10)
+
+    straight = micro_model()
+    train_loop(straight, examples, examples[:2], cfg, str(tmp_path / "a"), str(tmp_path / "a.jsonl"), "straight")
+
+    interrupted = micro_model()
+    forward, calls = interrupted.forward, [0]
+
+    def ctrl_c_mid_step(*args, **kwargs):  # the second micro-batch of step k+1: half a step is done
+        calls[0] += 1
+        if calls[0] == k * accum + 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    interrupted.forward = ctrl_c_mid_step
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(interrupted, examples, examples[:2], cfg, str(tmp_path / "b"), str(tmp_path / "b.jsonl"), "first half")
+    assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)["step"] == k
+    assert len(logged(tmp_path / "b.jsonl")) == k
+
+    resumed = micro_model(seed=1)  # different initial weights: everything must come from train_state.pt
+    train_loop(resumed, examples, examples[:2], TrainConfig(**{**vars(cfg), "resume": True}),
+               str(tmp_path / "b"), str(tmp_path / "b.jsonl"), "second half")
+    assert logged(tmp_path / "b.jsonl", "step") == list(range(1, 2 * k + 1))
+    assert logged(tmp_path / "b.jsonl") == pytest.approx(logged(tmp_path / "a.jsonl"), rel=1e-5)
+    assert logged(tmp_path / "b.jsonl", "lr") == pytest.approx(logged(tmp_path / "a.jsonl", "lr"))
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    # Rows of different lengths: micro-batches hold different token counts, and it still matches.
+    examples = synthetic_examples(micro_model(), 12)
+    big, small = micro_model(), micro_model()
+    train_loop(big, examples, [], loop_config(batch_size=6, grad_accum=1, max_steps=3),
+               str(tmp_path / "big"), str(tmp_path / "big.jsonl"), "one batch")
+    train_loop(small, examples, [], loop_config(batch_size=2, grad_accum=3, max_steps=3),
+               str(tmp_path / "small"), str(tmp_path / "small.jsonl"), "accumulated")
+    assert logged(tmp_path / "small.jsonl") == pytest.approx(logged(tmp_path / "big.jsonl"), rel=1e-5)
+    for a, b in zip(big.state_dict().values(), small.state_dict().values()):
+        # Adam divides by |grad|, so float noise on a near-zero gradient moves a weight by a little
+        # of the lr (3e-3): the tolerance is 1% of one step.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=3e-5)
+
+
+def test_param_groups_get_their_lr_and_decay():
+    model = micro_model()
+    cfg = loop_config(lr=1e-3, lr_vision=1e-4, lr_projector=5e-3, weight_decay=0.1)
+    groups = {g["name"]: g for g in make_optimizer(model, cfg).param_groups}
+    assert set(groups) == {f"{part}/{d}" for part in ("vision", "projector", "text") for d in ("decay", "no_decay")} - {"projector/no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {"vision": 1e-4, "projector": 5e-3, "text": 1e-3}
+    for name, group in groups.items():
+        part, decay = name.split("/")
+        assert group["lr"] == lrs[part] and group["weight_decay"] == (0.1 if decay == "decay" else 0.0)
+        for p in group["params"]:
+            assert (p.dim() >= 2) == (decay == "decay"), names[id(p)]
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))  # tied head counted once
+    frozen = make_optimizer(micro_model(), loop_config(freeze_vision=True))
+    assert not any(g["name"].startswith("vision") for g in frozen.param_groups)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
+    assert [lr_lambda(s, 4, 20, 0.1) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_lambda(4, 4, 20, 0.1) == pytest.approx(1.0) and lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
+    values = [lr_lambda(s, 4, 20, 0.1) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    model = micro_model()
+    cfg = loop_config(max_steps=6, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1)
+    train_loop(model, synthetic_examples(model, 8), [], cfg, str(tmp_path / "c"), str(tmp_path / "log.jsonl"), "lr")
+    assert logged(tmp_path / "log.jsonl", "lr") == pytest.approx([1e-3 * lr_lambda(s, 2, 6, 0.1) for s in range(6)])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    model = micro_model()
+    examples = synthetic_examples(model, 4)
+    forward, calls = model.forward, [0]
+
+    def blow_up_at_step_3(*args, **kwargs):
+        calls[0] += 1
+        logits, loss = forward(*args, **kwargs)
+        return logits, loss * float("nan") if calls[0] == 3 else loss
+
+    model.forward = blow_up_at_step_3
+    cfg = loop_config(max_steps=5, save_every=2)
+    with pytest.raises(FloatingPointError, match=r"at step 3: stopped; the last good checkpoint \(step 2\)"):
+        train_loop(model, examples, [], cfg, str(tmp_path / "ckpt"), str(tmp_path / "log.jsonl"), "nan")
+    assert torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and stages, on a very small world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    data.build_world(str(out / "data"), train_scenes=12, val_scenes=2, test_scenes=2, paths_per_question=2)
+    return out
+
+
+def stage_config(out, **overrides):
+    base = dict(out=str(out), preset="micro", device="cpu", max_steps=2, batch_size=4, eval_every=0, save_every=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("file,task", [("base.jsonl", None), ("reasoning_sft.jsonl", None), ("summary_sft.jsonl", None),
+                                       ("reasoning_sft.jsonl", "vanilla"), ("summary_sft.jsonl", "summary_only")])
+def test_loss_counts_only_the_assistant_tokens(world, file, task):
+    tok = data.load_tokenizer(str(world / "data" / "tokenizer.json"))
+    model = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
+    rows = data.read_jsonl(str(world / "data" / file))[:4]
+    examples = [encode_row(r, tok, model.config, str(world / "data"), task) for r in rows]
+    for row, ex in zip(rows, examples):
+        messages = data.task_messages(task or row["task"], row["question"], row["chain"], row["answer"])
+        ids, mask = data.render_conversation(tok, messages, model.config.tokens_per_image)
+        assert ex["ids"].tolist() == ids
+        assert (ex["targets"] != -100).tolist() == [bool(m) for m in mask]
+        learned = tok.decode(ex["ids"][ex["targets"] != -100].tolist(), skip_special_tokens=False)
+        assert learned == f" {messages[-1]['content']}<end_of_utterance>"
+        assert ex["image"].shape == (3, 32, 32)
+    batch = collate(examples, pad_id=data.special_ids(tok)["pad"])
+    logits, loss = model(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
+    # By hand: the mean cross-entropy over exactly the positions whose next token is an assistant token.
+    counted = batch["targets"][:, 1:] != -100
+    logp = logits[:, :-1].float().log_softmax(-1)
+    by_hand = -logp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0][counted].mean()
+    torch.testing.assert_close(loss, by_hand)
+
+
+def test_stages_run_in_order_and_write_checkpoint_state_and_log(world):
+    base_dir = run_stage("base", stage_config(world))
+    assert base_dir == str(world / "base")
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt"):
+        assert os.path.isfile(os.path.join(base_dir, name)), name
+    assert logged(world / "logs" / "base.jsonl", "step") == [1, 2]
+    assert math.isfinite(json.loads((world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
+    agent_dir = run_stage("summary-only", stage_config(world, max_steps=1))
+    agent = VLM.from_pretrained(agent_dir)
+    assert agent.tokenizer is not None and agent.config.text.vocab_size == VLM.from_pretrained(base_dir).config.text.vocab_size
+
+
+def test_missing_data_or_previous_stage_names_the_command_to_run(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"base.jsonl not found: run `python data.py --out .*/data` first"):
+        run_stage("base", stage_config(tmp_path))
+    os.symlink(world / "data", tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match=r"base not found: run `python train_sft.py --stage base --out .*` first"):
+        run_stage("reasoning", stage_config(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: .*base not found: run `python train_sft.py --stage base"):
+        train_sft.main(["--stage", "vanilla", "--out", str(tmp_path)])
+
+
+def test_bad_data_line_names_file_and_line(world, tmp_path):
+    (tmp_path / "data").mkdir()
+    for name in ("images", "tokenizer.json"):
+        os.symlink(world / "data" / name, tmp_path / "data" / name)
+    lines = (world / "data" / "base.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-5]  # a truncated JSON line
+    (tmp_path / "data" / "base.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"^error: .*base.jsonl:3: "):
+        train_sft.main(["--stage", "base", "--out", str(tmp_path), "--preset", "micro"])
+    lines[2] = json.dumps({k: v for k, v in json.loads(lines[3]).items() if k != "answer"})  # a missing field
+    (tmp_path / "data" / "base.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"base.jsonl:3: missing field 'answer'"):
+        run_stage("base", stage_config(tmp_path))

@@ -1,0 +1,328 @@
+"""Iterative DPO on the reasoning agent (Insight-V, Sec. 3.3), and the main job of this project.
+
+    python train_dpo.py --iters 3
+
+runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing
+(data, base model, reasoning agent, summary agent, the ablation arms), then runs N rounds of DPO,
+then the evaluation. In round t the current reasoning agent M_t samples k chains per question, the
+data pipeline's assessment ranks them (answer filter, then step score), the best and worst chains
+of a question become a (chosen, rejected) pair, and one epoch of DPO with the reference = M_t
+gives M_{t+1}. Only the reasoning agent is trained here; the summary agent stays as SFT'd.
+
+DPO (Rafailov et al. 2023) is written by hand below: `dpo_loss` is a pure function of summed
+log-probabilities and `sequence_logps` computes them, in fp32, for the completion tokens only.
+"""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import agents
+import data
+import eval as evaluation
+import train_sft
+from model import VLM, atomic_write, parse_config, write_json
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+             loss_type="sigmoid", label_smoothing=0.0, nll_weight=0.0, chosen_nll=None):
+    """DPO on summed sequence log-probs, all (B,) tensors. Returns (loss, chosen_rewards, rejected_rewards).
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the implicit reward margin / beta.
+      sigmoid: -log sigmoid(beta h)                                  (Rafailov et al. 2023, eq. 7)
+      label_smoothing eps (conservative DPO, Mitchell 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+      ipo: (h - 1 / (2 beta))^2                                      (Azar et al. 2023, eq. 17)
+    nll_weight w adds w * chosen_nll, the chosen response's mean per-token NLL (B,): the released
+    Insight-V trainer adds this term with weight 1 to keep the policy fluent on the chosen chains.
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        # -(1-eps) log s(x) - eps log s(-x) == -log s(x) + eps x, since log s(x) - log s(-x) = x.
+        # This form is exactly ln 2 at x = 0 for every eps, the invariant the round start checks.
+        losses = -F.logsigmoid(beta * h) + label_smoothing * beta * h
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use 'sigmoid' or 'ipo'")
+    if nll_weight:
+        losses = losses + nll_weight * chosen_nll
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses.mean(), chosen_rewards, rejected_rewards
+
+
+def sequence_logps(model, batch, return_counts=False):
+    """Summed log-probs of the completion tokens of each row -> (B,), in fp32.
+
+    `batch` is train_sft.collate's dict: `targets` is -100 on prompt, image and padding tokens, so
+    only the assistant's chain and its end token count. Rows are right-padded, so causal attention
+    alone keeps padding from touching real tokens. The log-softmax runs in fp32 even under autocast.
+    """
+    logits, _ = model(batch["input_ids"], pixel_values=batch["pixel_values"])
+    logits, targets = logits[:, :-1].float(), batch["targets"][:, 1:]  # position t predicts token t+1
+    mask = targets != -100
+    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    logps = (token_logps * mask).sum(-1)
+    return (logps, mask.sum(-1)) if return_counts else logps
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference pairs from ranked samples
+
+
+def build_pairs(ranked, max_pairs_per_question=2):
+    """(chosen, rejected) pairs for one question from its scored samples.
+
+    `ranked` is a list of dicts with `text` and a comparable `key` (higher is better: answer
+    correct first, then step score). Pairs take the best against the worst, then the second best
+    against the second worst, ... Ties and identical texts are skipped; a question whose samples
+    are all equal gives no pair (there is nothing to prefer).
+    """
+    unique = {}
+    for s in sorted(ranked, key=lambda s: s["key"], reverse=True):
+        unique.setdefault(s["text"], s)  # identical texts: keep one
+    ordered = list(unique.values())
+    pairs = []
+    for i in range(min(max_pairs_per_question, len(ordered) // 2)):
+        best, worst = ordered[i], ordered[-1 - i]
+        if best["key"] <= worst["key"]:
+            break  # a tie, and everything between is tied too
+        pairs.append((best, worst))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class DPOConfig:
+    iters: int = field(default=3, metadata={"help": "DPO rounds (the paper uses 3)"})
+    out: str = field(default="out", metadata={"help": "where data, checkpoints, logs and results go"})
+    init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint (any VLM.from_pretrained dir)"})
+    force: bool = field(default=False, metadata={"help": "rebuild every stage even if cached"})
+    pool_size: int = field(default=600, metadata={"help": "training questions sampled per round"})
+    samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question"})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)"})
+    max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length"})
+    max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (paper: 0.1)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or ipo", "choices": ["sigmoid", "ipo"]})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
+    nll_weight: float = field(default=0.2, metadata={"help": "weight of the NLL term on the chosen chain (released trainer: 1)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate of each round"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    precision: str = field(default="auto", metadata={"help": "auto, bf16, fp16 or fp32", "choices": ["auto", "bf16", "fp16", "fp32"]})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    val_size: int = field(default=300, metadata={"help": "val questions for the per-round report"})
+    eval_limit: int = field(default=0, metadata={"help": "evaluate on only this many test questions (0 = all)"})
+    seed: int = field(default=0, metadata={"help": "seed for pools, sampling and shuffling"})
+
+
+# ----------------------------------------------------------------------------------------------
+# One round
+
+
+def sample_chains(policy, rows, image_root, cfg, seed):
+    """k chains per question from the current policy -> {row id: [chain text, ...]}."""
+    k, out = cfg.samples_per_question, {}
+    per_batch = max(1, 256 // k)  # about 256 sequences decode together
+    for i, (batch, images) in enumerate(agents.batches(rows, image_root, policy.config.vision.image_size, per_batch,
+                                                       desc="  sampling chains")):
+        texts = agents.complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
+                                cfg.max_chain_tokens, cfg.temperature, cfg.top_p, num_samples=k, seed=seed + i)
+        for j, r in enumerate(batch):
+            out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
+    return out
+
+
+def rank_samples(row, texts, answer_filter, scorer):
+    """Score all chains of one question together: the answer filter first, then the 1-100 step score."""
+    scores = scorer.score(row, texts)
+    ranked = []
+    for text, score in zip(texts, scores):
+        correct = answer_filter.judge(row, data.as_path(text)["final_answer"])
+        ranked.append({"text": text, "correct": correct, "score": score, "key": (int(correct), score)})
+    return ranked
+
+
+def encode_pairs(pairs, tok, cfg, image_root):
+    """Each pair -> (chosen example, rejected example) through the SFT encoder (same prompt, two chains)."""
+    encoded = []
+    for row, chosen, rejected in pairs:
+        ex = [train_sft.encode_row({**row, "chain": s["text"]}, tok, cfg, image_root, task="reasoning")
+              for s in (chosen, rejected)]
+        encoded.append(ex)
+    return encoded
+
+
+def pair_batches(encoded, batch_size, pad_id, generator):
+    """Shuffled batches; each is ONE collated batch: chosen rows first, then their rejected rows."""
+    order = torch.randperm(len(encoded), generator=generator).tolist()
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        yield train_sft.collate([encoded[j][0] for j in idx] + [encoded[j][1] for j in idx], pad_id)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
+    """One epoch of DPO with the reference = the policy at the start of the round."""
+    tok = policy.tokenizer
+    pad_id = data.special_ids(tok)["pad"]
+    encoded = encode_pairs(pairs, tok, policy.config, image_root)
+    g = torch.Generator().manual_seed(cfg.seed + round_idx)
+    batches = [to_device(b, device) for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
+
+    # Reference log-probs once, from the round's starting policy, under the same precision and on the
+    # very same batches: no second model is held in memory while training.
+    policy.eval()
+    with torch.inference_mode(), train_sft.autocast(device, cfg.precision):
+        refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
+
+    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(batches), 0.1))
+    scaler = train_sft.make_scaler(device, cfg.precision)
+    policy.train()
+    totals, steps = {}, 0
+    bar = tqdm(zip(batches, refs), total=len(batches), desc=f"  DPO round {round_idx}", leave=False)
+    for step, (batch, (ref_c, ref_r)) in enumerate(bar):
+        with train_sft.autocast(device, cfg.precision):
+            logps, counts = sequence_logps(policy, batch, return_counts=True)  # chosen and rejected in one forward
+        pol_c, pol_r = logps.chunk(2)
+        chosen_nll = -pol_c / counts.chunk(2)[0].clamp(min=1)
+        loss, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                  cfg.nll_weight, chosen_nll)
+        if step == 0:
+            # Before any update the policy IS the reference, so the DPO part is exactly ln 2
+            # (for IPO, 1 / (4 beta^2)): a cheap end-to-end check of masks, precision and batching.
+            pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            expect = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2)
+            assert abs(pure.item() - expect) < 1e-4 * max(1.0, expect), f"round start loss {pure.item()} != {expect}"
+            log({"round": round_idx, "event": "start_check", "loss": pure.item(), "expected": expect})
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        metrics = {"loss": loss.item(), "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+                   "rewards/accuracies": (r_c > r_r).float().mean().item(),
+                   "rewards/margins": (r_c - r_r).mean().item(), "logps/chosen": pol_c.mean().item(),
+                   "logps/rejected": pol_r.mean().item(), "pairs": len(ref_c)}
+        log({"round": round_idx, "step": step, "lr": sched.get_last_lr()[0], **metrics})
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + (v if k == "pairs" else v * len(ref_c))
+        steps += 1
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+    policy.eval()
+    n = max(1, totals.get("pairs", 0))
+    return {k: (v if k == "pairs" else v / n) for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The main job
+
+
+def build_missing_stages(cfg):
+    """Data, base, both agents and the ablation arms, each reused when already built (unless --force)."""
+    data_dir = os.path.join(cfg.out, "data")
+    if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
+        print(f"[stage] data -> {data_dir}")
+        data.build_world(data_dir)
+    for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
+        ckpt = train_sft.stage_dir(cfg.out, stage)
+        if not cfg.force and os.path.isfile(os.path.join(ckpt, "model.safetensors")):
+            print(f"[stage] {stage}: cached at {ckpt}")
+            continue
+        overrides = {"init": cfg.init} if stage == "base" and cfg.init else {}
+        train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, precision=cfg.precision,
+                                                         device=cfg.device, **overrides))
+
+
+def main(argv=None):
+    cfg = parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = train_sft.resolve_device(cfg.device)
+    build_missing_stages(cfg)
+
+    data_dir = os.path.join(cfg.out, "data")
+    train_rows = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
+    summary = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "summary")).to(device).eval()
+    policy = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    answer_filter, scorer = data.AnswerFilter(), data.SceneStepScorer()
+    os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
+    log_path = os.path.join(cfg.out, "logs", "dpo.jsonl")
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def report(name, stats):
+        val = evaluation.evaluate_two_agent(policy, summary, val_rows, data_dir)
+        row = {"round": name, **stats, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]}
+        log({"event": "round", **row})
+        print(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "round"))
+        return row
+
+    table = [report("sft", {})]
+    for t in range(1, cfg.iters + 1):
+        round_dir = train_sft.stage_dir(cfg.out, f"reasoning_dpo{t}")
+        if not cfg.force and os.path.isfile(os.path.join(round_dir, "round.json")):
+            print(f"[stage] DPO round {t}: cached at {round_dir}")
+            policy = VLM.from_pretrained(round_dir).to(device).eval()
+            with open(os.path.join(round_dir, "round.json")) as f:
+                table.append(json.load(f))
+            continue
+        print(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x {cfg.pool_size} questions, rank, pair, train")
+        pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))  # fixed per round
+        chains = sample_chains(policy, pool, data_dir, cfg, cfg.seed + 1000 * t)
+        pairs, n_correct, n_total = [], 0, 0
+        for row in pool:
+            ranked = rank_samples(row, chains[row["id"]], answer_filter, scorer)
+            n_correct += sum(s["correct"] for s in ranked)
+            n_total += len(ranked)
+            pairs += [(row, c, r) for c, r in build_pairs(ranked, cfg.max_pairs_per_question)]
+        if not pairs:
+            raise SystemExit(f"error: round {t} produced no preference pairs (all samples tied); "
+                             f"raise --temperature or --samples-per-question")
+        stats = dpo_round(policy, pairs, cfg, device, log, t, data_dir)
+        stats["sample_correct"] = n_correct / max(1, n_total)
+        row = report(f"dpo{t}", stats)
+        policy.save_pretrained(round_dir)
+        atomic_write(os.path.join(round_dir, "round.json"), lambda f: write_json(row, f))
+        table.append(row)
+
+    print("\nIterative DPO, per round (val):")
+    print("| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        cells = [r.get("pairs"), r.get("rewards/accuracies"), r.get("rewards/margins"), r.get("sample_correct"),
+                 r["val/chain_correct"], r["val/two_agent"]]
+        print(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    results = evaluation.run_eval(cfg.out, limit=cfg.eval_limit or None)
+    print(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()

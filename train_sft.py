@@ -1,0 +1,442 @@
+"""
+Supervised fine-tuning: one readable training loop, and every SFT stage of Insight-V.
+
+Insight-V (Dong et al. 2024, arXiv 2411.14432, section 3.3) fine-tunes two agents from one base
+MLLM: the reasoning agent learns to write a long structured chain, the summary agent learns to
+answer from the question and a chain that may be flawed. On the synthetic world there is no
+pretrained base model, so the first stage trains one from scratch (it plays the role LLaVA-NeXT
+plays in the paper); with real weights `--init DIR` starts from a checkpoint instead.
+
+    python data.py --out out/data             # the world, the SFT sets and the tokenizer
+    python train_sft.py --stage base          # out/base: a general VLM, also the direct-answer baseline
+    python train_sft.py --stage reasoning     # out/reasoning: the reasoning agent, from out/base
+    python train_sft.py --stage summary       # out/summary: the summary agent, from out/base
+    python train_sft.py --stage vanilla       # ablation: one model writes the chain, then the answer
+    python train_sft.py --stage summary-only  # ablation: the summary agent trained without chains
+
+The loop is nanoGPT's train.py (github.com/karpathy/nanoGPT) grown the few parts a real run needs:
+AdamW with the model's parameter groups, linear warmup then cosine decay, gradient accumulation
+and clipping, bf16 / fp16 mixed precision with fp32 master weights, a periodic validation loss,
+atomic checkpoints that `--resume` continues from exactly, and a JSONL log of every step.
+
+Reading order: the stage table and the options, rows into batches, precision and schedule, the
+loop, the stages, the command line.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from tqdm import tqdm
+
+import data
+from model import PRESETS, VLM, atomic_write, get_config, parse_config
+
+# ----------------------------------------------------------------------------------------------
+# Stages. Each reads one SFT file written by data.py and starts from a fresh model (base) or from
+# another stage's checkpoint. `task` re-renders every row with another prompt and target (see
+# data.task_messages); None keeps each row's own task. The ablation arms are the paper's design
+# table: the same rows and loop, only the rendering differs. Epochs and learning rates are tuned
+# for the tiny preset on a 2-core CPU; the paper's, for an 8B model, are 2 epochs at 5e-6
+# (reasoning) and 1 epoch at 1e-5 (summary).
+
+STAGES = {
+    "base": dict(data="base.jsonl", init=None, task=None, epochs=6, lr=2e-3,
+                 about="a general VLM from scratch: scene descriptions and direct answers"),
+    "reasoning": dict(data="reasoning_sft.jsonl", init="base", task=None, epochs=3, lr=1e-3,
+                      about="the reasoning agent: image + question -> chain only"),
+    "summary": dict(data="summary_sft.jsonl", init="base", task=None, epochs=2, lr=1e-3,
+                    about="the summary agent: image + question + chain (right or flawed) -> answer"),
+    "vanilla": dict(data="reasoning_sft.jsonl", init="base", task="vanilla", epochs=3, lr=1e-3,
+                    about="ablation: one model writes the chain and then the answer in one response"),
+    "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
+                         about="ablation: the summary agent trained without chains"),
+}
+
+
+def stage_dir(out, stage):
+    """Where a stage's checkpoint lives (other scripts find the agents here)."""
+    return os.path.join(out, stage)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = field(default="base", metadata={"help": "what to train", "choices": list(STAGES)})
+    out: str = field(default="out", metadata={"help": "run directory: data in OUT/data, checkpoints in OUT/<stage>"})
+    init: str = field(default=None, metadata={"help": "start from this checkpoint (any dir VLM.from_pretrained loads) "
+                                                      "instead of the stage's default"})
+    preset: str = field(default="tiny", metadata={"help": "model shape when training from scratch", "choices": list(PRESETS)})
+    epochs: float = field(default=None, metadata={"type": float, "help": "passes over the data (default: the stage's)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from --epochs"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=None, metadata={"type": float, "help": "peak lr of the language model (default: the stage's)"})
+    lr_vision: float = field(default=None, metadata={"type": float, "help": "peak lr of the vision tower (default: --lr)"})
+    lr_projector: float = field(default=None, metadata={"type": float, "help": "peak lr of the projector (default: --lr)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on matrices only"})
+    warmup_steps: float = field(default=0.05, metadata={"help": "linear warmup: steps, or a fraction of all steps if < 1"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at this fraction of the peak lr"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this; 0 = off"})
+    precision: str = field(default="auto", metadata={"help": "auto = bf16 on CPU and on CUDA where supported (else fp16)",
+                                                     "choices": ["auto", "bf16", "fp16", "fp32"]})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    eval_every: int = field(default=100, metadata={"help": "validation loss every N steps (and at the end); 0 = end only"})
+    save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/<stage>/train_state.pt"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU)"})
+    freeze_vision: bool = field(default=False, metadata={"help": "train only the projector and the language model (the paper's agent SFT)"})
+    seed: int = field(default=1337, metadata={"help": "seeds the initial weights, the val split and the data order"})
+    max_len: int = field(default=1024, metadata={"help": "skip samples longer than this many tokens"})
+    val_fraction: float = field(default=0.05, metadata={"help": "fraction of the images held out for the validation loss"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows into batches. The conversation, its loss mask and the image all come from data.py, so the
+# training text is exactly the text the agents are later prompted with.
+
+
+def encode_row(row, tok, cfg, image_root, task=None):
+    """One JSONL row -> {ids (T,), targets (T,) with -100 outside the loss mask, image (3, H, W)}.
+
+    cfg is the model's VLMConfig (it fixes the image tokens and size); task overrides row["task"].
+    """
+    messages = data.task_messages(task or row["task"], row["question"], chain=row.get("chain"), answer=row["answer"])
+    ids, mask = data.render_conversation(tok, messages, cfg.tokens_per_image)
+    ids = torch.tensor(ids, dtype=torch.long)  # (T,)
+    targets = ids.masked_fill(torch.tensor(mask) == 0, -100)  # only assistant tokens are learned
+    image = data.load_image(os.path.join(image_root, row["image"]), cfg.vision.image_size)  # (3, H, W)
+    return {"ids": ids, "targets": targets, "image": image}
+
+
+def collate(examples, pad_id):
+    """Examples -> one batch, right-padded to its longest example (not to a fixed length).
+
+    Right padding keeps every real token at its unpadded position: under the causal mask no real
+    token can see the pads after it, and the pads have target -100, so they change nothing.
+    """
+    T = max(len(ex["ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
+    targets = torch.full((len(examples), T), -100, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros(len(examples), T, dtype=torch.long)  # (B, T)
+    for i, ex in enumerate(examples):
+        n = len(ex["ids"])
+        input_ids[i, :n], targets[i, :n], attention_mask[i, :n] = ex["ids"], ex["targets"], 1
+    pixel_values = torch.stack([ex["image"] for ex in examples])  # (B, 3, H, W): one image per sample
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def micro_batch(examples, index, batch_size, seed):
+    """The index-th micro-batch of the whole run. Every epoch is its own seeded shuffle, so any
+    position in the data order can be recomputed from the step number alone: that is what makes
+    --resume exact without saving the order."""
+    per_epoch = math.ceil(len(examples) / batch_size)
+    epoch, i = divmod(index, per_epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
+    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
+
+
+def n_targets(batch):  # tokens that count in the loss: targets shift by one inside the model
+    return int((batch["targets"][:, 1:] != -100).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, mixed precision and the learning-rate schedule
+
+
+def resolve_device(name):
+    """'auto' -> CUDA when there is one, else the CPU; anything else as torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+    return device
+
+
+def resolve_precision(device, precision):
+    """'auto' -> bf16 on the CPU and on GPUs that support it, fp16 on older GPUs, fp32 elsewhere."""
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 here")
+    return precision
+
+
+def autocast(device, precision):
+    """Mixed precision: matmuls in bf16 / fp16, weights and optimizer state stay fp32.
+
+    Norm statistics and the loss are computed in fp32 inside the model whatever this says."""
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_scaler(device, precision):
+    """A GradScaler that is active only for fp16, whose small range underflows gradients unless the
+    loss is scaled up first; for bf16 and fp32 it is a no-op, so one loop serves all three."""
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type, enabled=resolve_precision(device, precision) == "fp16")
+
+
+def lr_lambda(step, warmup, total, min_ratio):
+    """The lr multiplier at optimizer step `step` (from 0): linear warmup to 1 over `warmup` steps,
+    then a cosine down to `min_ratio` at step `total` (as in nanoGPT's get_lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg):
+    """AdamW over the model's parameter groups: decay on matrices only, one peak lr per part."""
+    return model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.lr_vision or cfg.lr, cfg.lr_projector or cfg.lr,
+                                      freeze_vision=cfg.freeze_vision)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size, device, precision, pad_id=0):
+    """Mean loss per target token over all examples (not a mean of batch means)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+        with autocast(device, precision):
+            _, loss = model(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
+        total, count = total + loss.item() * n_targets(batch), count + n_targets(batch)
+    model.train()
+    return total / count if count else float("nan")
+
+
+def write_torch(obj, path):
+    with open(path, "wb") as f:  # a file object: torch.save rejects atomic_write's dot-named temp path
+        torch.save(obj, f)
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def save_checkpoint(model, optimizer, scaler, step, cfg, out_dir):
+    """The model in save_pretrained format, plus train_state.pt: everything --resume needs.
+
+    train_state.pt holds its own copy of the weights, so a crash between the two writes can never
+    pair the weights of one step with the optimizer of another."""
+    model.save_pretrained(out_dir)
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "config": asdict(cfg), "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    atomic_write(os.path.join(out_dir, "train_state.pt"), lambda path: write_torch(state, path))
+
+
+def load_train_state(model, optimizer, scaler, cfg, out_dir):
+    """Restore a train_state.pt in place -> the number of optimizer steps already done."""
+    path = os.path.join(out_dir, "train_state.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: nothing to resume; run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("batch_size", "grad_accum", "seed"):  # they fix the data order, which resume replays
+        if state["config"][key] != getattr(cfg, key):
+            raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'][key]}, "
+                             f"not {getattr(cfg, key)}: resume with the same value")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc):
+    """Train `model` in place on encoded examples; checkpoints go to out_dir, metrics to log_path.
+
+    cfg is a TrainConfig whose lr fields are set (run_stage fills in the stage's defaults). Returns
+    {steps, wall_s, train_loss, val_loss, tokens_per_s}. Ctrl-C saves a checkpoint and re-raises
+    KeyboardInterrupt; a non-finite loss raises FloatingPointError and leaves the last checkpoint.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    pad_id = data.special_ids(model.tokenizer)["pad"] if model.tokenizer is not None else 0
+    optimizer = make_optimizer(model, cfg)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    scaler = make_scaler(device, cfg.precision)
+    forward = torch.compile(model) if cfg.compile else model  # the same weights, a faster forward
+
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    done = 0
+    if cfg.resume:
+        done = load_train_state(model, optimizer, scaler, cfg, out_dir)
+        if os.path.exists(log_path):  # drop lines of steps after the checkpoint (a crash may have logged them)
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= done]
+            atomic_write(log_path, lambda p: write_lines(p, kept))
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    saved, train_loss, val_loss, tokens, t_start = done, float("nan"), float("nan"), 0, time.time()
+    bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True)
+    try:
+        while done < total:
+            scale = lr_lambda(done, warmup, total, cfg.min_lr_ratio)
+            for group, peak in zip(optimizer.param_groups, peak_lrs):
+                group["lr"] = peak * scale
+            batches = [collate(micro_batch(train_examples, done * cfg.grad_accum + k, cfg.batch_size, cfg.seed), pad_id)
+                       for k in range(cfg.grad_accum)]
+            # Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
+            # gradient is that of one big batch even when micro-batches hold different token counts.
+            step_targets = sum(n_targets(b) for b in batches)
+            train_loss = 0.0
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(device, cfg.precision):
+                    # No attention_mask: with right padding the causal mask already hides the pads,
+                    # and without one SDPA takes its fused causal path.
+                    _, loss = forward(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
+                weighted = loss * (n_targets(batch) / step_targets)
+                scaler.scale(weighted).backward()
+                train_loss += weighted.item()
+                tokens += int(batch["attention_mask"].sum())
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # fp16's scaler skips a step whose gradients overflowed; anywhere else a NaN means divergence.
+            if not math.isfinite(train_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
+                raise FloatingPointError(f"loss {train_loss:.4g}, grad norm {grad_norm:.4g} at step {done + 1}: stopped; "
+                                         f"the last good checkpoint (step {saved}) is in {out_dir}; "
+                                         f"try a lower --lr or --precision fp32")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as we can
+            done += 1
+
+            tok_s = tokens / (time.time() - t_start)
+            record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale,
+                      "grad_norm": grad_norm.item(), "tok_s": tok_s}
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
+                val_loss = record["val_loss"] = evaluate(model, val_examples, cfg.batch_size, device, cfg.precision, pad_id)
+            log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tok_s:.0f}")
+            if (cfg.save_every and done % cfg.save_every == 0) or done == total:
+                save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)
+                saved = done
+    except KeyboardInterrupt:
+        save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)  # gradients of a half-done step are dropped
+        bar.close()
+        print(f"interrupted: saved step {done}/{total} to {out_dir}; continue with --resume")
+        raise
+    bar.close()
+    wall = time.time() - t_start
+    return {"steps": done, "wall_s": wall, "train_loss": train_loss, "val_loss": val_loss,
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+
+
+def load_examples(path, tok, model_cfg, task, max_len):
+    """Encode every row of a JSONL file once, up front (the synthetic world is small)."""
+    required = ("image", "question", "answer") + (() if task else ("task",))
+    examples, skipped, images = [], 0, {}
+    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {os.path.basename(path)}", leave=False):
+        ex = encode_row(row, tok, model_cfg, os.path.dirname(path), task)
+        if not (ex["targets"] != -100).any():
+            raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn (task {task or row['task']!r} "
+                             f"with chain {row.get('chain')!r})")
+        if len(ex["ids"]) > max_len:  # a cut-off target would teach the model to stop mid-sentence
+            skipped += 1
+            continue
+        ex["image"] = images.setdefault(row["image"], ex["image"])  # rows of one scene share one tensor
+        examples.append((row["image"], ex))
+    if skipped:
+        print(f"{path}: skipped {skipped} rows longer than --max-len {max_len}")
+    return examples
+
+
+def split_by_image(examples, fraction, seed):
+    """Hold out whole images for validation, so no val image was seen in training."""
+    images = sorted({image for image, _ in examples})
+    n_val = min(len(images) - 1, max(1, round(fraction * len(images)))) if fraction > 0 else 0
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {images[j] for j in order[:n_val]}
+    train = [ex for image, ex in examples if image not in held_out]
+    val = [ex for image, ex in examples if image in held_out]
+    return train, val
+
+
+def run_stage(stage, cfg):
+    """Everything `python train_sft.py --stage STAGE` does -> the checkpoint directory.
+
+    cfg is a TrainConfig; fields left None take the stage's defaults. Raises FileNotFoundError,
+    naming the command to run first, when the data or the previous stage is missing."""
+    spec = STAGES[stage]
+    cfg = replace(cfg, stage=stage, epochs=cfg.epochs or spec["epochs"], lr=cfg.lr or spec["lr"])
+    out_flag = "" if cfg.out == "out" else f" --out {cfg.out}"
+    data_dir = os.path.join(cfg.out, "data")
+    path = os.path.join(data_dir, spec["data"])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run `python data.py --out {data_dir}` first")
+    init = cfg.init or (stage_dir(cfg.out, spec["init"]) if spec["init"] else None)
+    if init and not os.path.isfile(os.path.join(init, "config.json")):
+        command = "pass an existing checkpoint" if cfg.init else f"run `python train_sft.py --stage {spec['init']}{out_flag}` first"
+        raise FileNotFoundError(f"{init} not found: {command}")
+
+    torch.manual_seed(cfg.seed)
+    if init:
+        model = VLM.from_pretrained(init)
+        if model.tokenizer is None:
+            raise FileNotFoundError(f"{init} has no tokenizer.json: the rows cannot be tokenized")
+    else:
+        tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+        model = VLM(get_config(cfg.preset, vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
+        model.tokenizer = tok
+    out_dir = stage_dir(cfg.out, stage)
+    print(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
+          f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
+    train, val = split_by_image(load_examples(path, model.tokenizer, model.config, spec["task"], cfg.max_len),
+                                cfg.val_fraction, cfg.seed)
+    summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)
+    print(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
+          f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} val rows), "
+          f"{summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
+    return out_dir
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description=__doc__.strip().splitlines()[0])
+    try:
+        run_stage(cfg.stage, cfg)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
