@@ -248,13 +248,14 @@ def build_missing_stages(cfg):
         print(f"[stage] data -> {data_dir}")
         data.build_world(data_dir)
     for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
-        ckpt = train_sft.stage_dir(cfg.out, stage)
-        if not cfg.force and os.path.isfile(os.path.join(ckpt, "model.safetensors")):
-            print(f"[stage] {stage}: cached at {ckpt}")
+        if not cfg.force and train_sft.stage_done(cfg.out, stage):
+            print(f"[stage] {stage}: cached at {train_sft.stage_dir(cfg.out, stage)}")
             continue
+        # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
+        resume = not cfg.force and os.path.isfile(os.path.join(train_sft.stage_dir(cfg.out, stage), "train_state.pt"))
         overrides = {"init": cfg.init} if stage == "base" and cfg.init else {}
         train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, precision=cfg.precision,
-                                                         device=cfg.device, **overrides))
+                                                         device=cfg.device, resume=resume, **overrides))
 
 
 def main(argv=None):

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import PRESETS, VLM, atomic_write, get_config, parse_config
+from model import PRESETS, VLM, atomic_write, get_config, parse_config, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Stages. Each reads one SFT file written by data.py and starts from a fresh model (base) or from
@@ -58,9 +58,16 @@ STAGES = {
 }
 
 
+STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
+
+
 def stage_dir(out, stage):
     """Where a stage's checkpoint lives (other scripts find the agents here)."""
     return os.path.join(out, stage)
+
+
+def stage_done(out, stage):
+    return os.path.isfile(os.path.join(stage_dir(out, stage), STAGE_DONE))
 
 
 @dataclass
@@ -425,6 +432,8 @@ def run_stage(stage, cfg):
     print(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
           f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} val rows), "
           f"{summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
+    # Written last: a checkpoint directory without stage.json is an interrupted run (--resume it).
+    atomic_write(os.path.join(out_dir, STAGE_DONE), lambda f: write_json({"stage": stage, **summary, "config": asdict(cfg)}, f))
     return out_dir
 
 

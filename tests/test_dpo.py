@@ -176,6 +176,8 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
     vlm.tokenizer = tok
     for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
         vlm.save_pretrained(train_sft.stage_dir(out, stage))
+        with open(os.path.join(train_sft.stage_dir(out, stage), train_sft.STAGE_DONE), "w") as f:
+            json.dump({"stage": stage}, f)  # a finished stage: the main job reuses it
 
     # A random micro policy writes gibberish, so every sample would tie. The real sampler still runs;
     # a few scripted-teacher chains (sound and flawed) are added so the round has pairs to learn from.
