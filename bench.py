@@ -25,23 +25,31 @@ Each figure is a warm-up followed by several repeats, printed as median (min-max
 are written to out/bench.md for the README's performance section, with the machine described.
 """
 
-import contextlib
-import json
-import multiprocessing
 import os
-import platform
-import statistics
-import tempfile
-import time
-from dataclasses import dataclass, field, replace
 
-import torch
-import transformers
-from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+# OpenMP threads that spin while they wait are fast on an idle machine and catastrophic on a busy
+# one: with more runnable threads than cores, one training step measured anywhere from 0.1 s to 7 s.
+# Sleeping waits keep the figures steady (both implementations alike). Must be set before torch
+# loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from generate import generate
-from model import VLM, atomic_write, get_config, parse_config
-from train_dpo import dpo_loss, sequence_logps
+import contextlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from generate import generate  # noqa: E402
+from model import VLM, atomic_write, get_config, parse_config  # noqa: E402
+from train_dpo import dpo_loss, sequence_logps  # noqa: E402
+from train_sft import resolve_device  # noqa: E402
 
 # Dense bf16 peak of the GPUs we know (NVIDIA datasheets, without sparsity); others need --peak-flops.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -60,6 +68,7 @@ class BenchConfig:
     prompt_text: int = field(default=32, metadata={"help": "text tokens in the decoding prompt, besides the image"})
     new_tokens: int = field(default=32, metadata={"help": "new tokens per decoded row"})
     dpo_pairs: int = field(default=1, metadata={"help": "preference pairs per DPO step (2x rows)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     peak_flops: float = field(default=0.0, metadata={"help": "accelerator peak FLOP/s for MFU (0: look up the GPU)"})
     out: str = field(default="out", metadata={"help": "pipeline output dir: logs are read from OUT/logs, bench.md written"})
     quick: bool = field(default=False, metadata={"help": "the tiny preset: a check that everything runs, in < 1 min"})
@@ -70,7 +79,7 @@ class BenchConfig:
 
 
 def idefics3_config(cfg):
-    """Our VLMConfig as the Idefics3Config of the same architecture (the fields model.py reads back)."""
+    """Our VLMConfig as Idefics3Config arguments for the same architecture (the fields model.py reads back)."""
     v, t = cfg.vision, cfg.text
     vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
                   num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
@@ -79,15 +88,20 @@ def idefics3_config(cfg):
                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
                 num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
                 rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, max_position_embeddings=8192)
-    return Idefics3Config(vision_config=vision, text_config=text, scale_factor=cfg.scale_factor,
-                          image_token_id=cfg.image_token_id, tie_word_embeddings=t.tie_word_embeddings)
+    return dict(vision_config=vision, text_config=text, scale_factor=cfg.scale_factor,
+                image_token_id=cfg.image_token_id, tie_word_embeddings=t.tie_word_embeddings)
 
 
 def build_models(preset, device, workdir):
     """(ours, reference, checkpoint dir): random Idefics3 weights, saved, then loaded by VLM.from_pretrained."""
+    # Imported here, where the reference is built, and nowhere else: the child processes that
+    # measure memory start seconds faster without it.
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     cfg = get_config(preset)
     torch.manual_seed(0)
-    ref = Idefics3ForConditionalGeneration(idefics3_config(cfg))
+    ref = transformers.Idefics3ForConditionalGeneration(transformers.Idefics3Config(**idefics3_config(cfg)))
     ref.set_attn_implementation("sdpa")
     ref.generation_config.eos_token_id = None  # decode exactly max_new_tokens, as ours does without stop ids
     ref.generation_config.pad_token_id = 0
@@ -119,7 +133,8 @@ def logits_max_diff(ours, ref, cfg, device):
     """Both implementations on one row in fp32: a large difference means the weights are not the same."""
     ids, px = make_rows(cfg, 1, 16, seed=1)
     ids, px = ids.to(device), px.to(device)
-    ours.eval(), ref.eval()
+    for model in (ours, ref):
+        model.eval()
     a = ours(ids, pixel_values=px)[0]
     b = ref(input_ids=ids, pixel_values=px[:, None]).logits
     return (a.float() - b.float()).abs().max().item()
@@ -138,27 +153,36 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def timed(fn, cfg, device):
-    """Seconds of each of cfg.repeats calls of fn(), after cfg.warmup untimed calls."""
-    for _ in range(cfg.warmup):
-        fn()
-    times = []
+def interleaved(runs, cfg):
+    """{name: [what each timed call of runs[name]() returned]}.
+
+    Every run is called cfg.warmup times untimed, then the runs take turns, one call each, for
+    cfg.repeats rounds: whatever else the machine is doing falls on every contender alike.
+    """
+    for run in runs.values():
+        for _ in range(cfg.warmup):
+            run()
+    results = {name: [] for name in runs}
     for _ in range(cfg.repeats):
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
+
+
+def seconds(fn, device):
+    """fn as a run that returns its own wall time."""
+    def run():
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+        return time.perf_counter() - t0
+    return run
 
 
 def spread(values):
     """(median, min, max) of a list of measurements."""
     return statistics.median(values), min(values), max(values)
-
-
-def rates(work, seconds):
-    return [work / s for s in seconds]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,18 +203,16 @@ def train_step(model, is_ref, ids, px, targets, device):
 def bench_training(ours, ref, cfg, device):
     """{"ours": [tokens/s, ...], "ref": [...], "shape": str} plus MFU on CUDA."""
     mcfg = ours.config
-    n_text = cfg.seq_len - mcfg.tokens_per_image - 1
-    if n_text < 2:
-        raise SystemExit(f"error: --seq-len {cfg.seq_len} leaves no text after the {mcfg.tokens_per_image} image tokens: raise it")
-    ids, px = make_rows(mcfg, cfg.train_batch, n_text, seed=2)
+    ids, px = make_rows(mcfg, cfg.train_batch, cfg.seq_len - mcfg.tokens_per_image - 1, seed=2)
     ids, px, targets = ids.to(device), px.to(device), text_targets(ids, mcfg.image_token_id).to(device)
     tokens = ids.numel()
-    result = {"shape": f"batch {cfg.train_batch} x {ids.shape[1]} tokens"}
-    for name, model, is_ref in (("ours", ours, False), ("ref", ref, True)):
+    for model in (ours, ref):
         model.train()
-        seconds = timed(lambda: train_step(model, is_ref, ids, px, targets, device), cfg, device)
+    times = interleaved({"ours": seconds(lambda: train_step(ours, False, ids, px, targets, device), device),
+                         "ref": seconds(lambda: train_step(ref, True, ids, px, targets, device), device)}, cfg)
+    for model in (ours, ref):
         model.zero_grad(set_to_none=True)
-        result[name] = rates(tokens, seconds)
+    result = {"shape": f"batch {cfg.train_batch} x {ids.shape[1]} tokens", **{k: [tokens / s for s in v] for k, v in times.items()}}
     if device.type == "cuda":
         # The 6N rule per tower: each parameter costs 6 FLOPs per token it sees, forward and backward;
         # vision parameters see every patch, the rest see the text-side tokens.
@@ -228,8 +250,8 @@ def decode_once(model, is_ref, ids, px, n_new, device):
     clock = Clock(skip_first_put=is_ref)
     sync(device)
     t0 = time.perf_counter()
-    if is_ref:
-        with torch.inference_mode(), autocast(device):
+    if is_ref:  # as a user calls it: its generate runs under torch.no_grad by itself
+        with autocast(device):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=px[:, None],
                                  max_new_tokens=n_new, do_sample=False, use_cache=True, streamer=clock)
         n_out = out.shape[1] - ids.shape[1]
@@ -247,15 +269,12 @@ def bench_decoding(ours, ref, cfg, device, batch):
     """{"ours": {"call": [new tokens/s], "decode": [...]}, "ref": {...}} at one batch size."""
     ids, px = make_rows(ours.config, 1, cfg.prompt_text, seed=3)
     ids, px = ids.repeat(batch, 1).to(device), px.repeat(batch, 1, 1, 1).to(device)  # one prompt, `batch` times
-    result = {}
-    for name, model, is_ref in (("ours", ours, False), ("ref", ref, True)):
+    for model in (ours, ref):
         model.eval()
-        for _ in range(cfg.warmup):
-            decode_once(model, is_ref, ids, px, cfg.new_tokens, device)
-        runs = [decode_once(model, is_ref, ids, px, cfg.new_tokens, device) for _ in range(cfg.repeats)]
-        result[name] = {"call": [batch * cfg.new_tokens / total for total, _ in runs],
-                        "decode": [batch / per_token for _, per_token in runs]}
-    return result
+    runs = interleaved({"ours": lambda: decode_once(ours, False, ids, px, cfg.new_tokens, device),
+                        "ref": lambda: decode_once(ref, True, ids, px, cfg.new_tokens, device)}, cfg)
+    return {name: {"call": [batch * cfg.new_tokens / total for total, _ in r],
+                   "decode": [batch / per_token for _, per_token in r]} for name, r in runs.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,15 +376,14 @@ def bench_dpo(ours, ckpt, cfg, device, workdir):
     batch = {k: v.to(device) for k, v in preference_batch(ours.config, cfg.dpo_pairs, cfg.seq_len).items()}
     ref = reference_logps(ours, batch, device)
     can_reset_peak = device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK)
-    result = {"shape": f"{cfg.dpo_pairs} pair(s) = {batch['input_ids'].shape[0]} rows x {batch['input_ids'].shape[1]} tokens"}
-    for kind in ("sft", "dpo"):
-        ours.train()
-        seconds = timed(lambda: one_step(kind, ours, batch, ref, device), cfg, device)
-        peaks = [peak_memory(kind, ours, batch, ref, ckpt, workdir, device)
-                 for _ in range(cfg.repeats)] if can_reset_peak else None
-        result[kind] = {"seconds": seconds, "peak": peaks}
+    ours.train()
+    kinds = ("sft", "dpo")
+    times = interleaved({k: seconds(lambda k=k: one_step(k, ours, batch, ref, device), device) for k in kinds}, cfg)
+    peaks = interleaved({k: lambda k=k: peak_memory(k, ours, batch, ref, ckpt, workdir, device) for k in kinds},
+                        replace(cfg, warmup=0)) if can_reset_peak else dict.fromkeys(kinds)
     ours.zero_grad(set_to_none=True)
-    return result
+    shape = f"{cfg.dpo_pairs} pair(s) = {batch['input_ids'].shape[0]} rows x {batch['input_ids'].shape[1]} tokens"
+    return {"shape": shape, **{k: {"seconds": times[k], "peak": peaks[k]} for k in kinds}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,15 +418,16 @@ def pipeline_times(log_dir):
 # Report
 
 
-def machine(device, ours):
+def machine(device, ours, load):
     if device.type == "cuda":
         hardware = f"GPU {torch.cuda.get_device_name()}"
     else:
         cpu = platform.processor() or "unknown CPU"
         with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-        hardware = f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return (f"{hardware}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        hardware = (f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                    f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end")
+    return (f"{hardware}; torch {torch.__version__}, transformers {importlib.metadata.version('transformers')}; "
             f"fp32 master weights, bf16 autocast; {ours.num_params() / 1e6:.1f}M parameters")
 
 
@@ -421,10 +440,10 @@ def ratio(a, b):
     return spread(a)[0] / spread(b)[0]
 
 
-def report(cfg, device, ours, max_diff, train, decoding, dpo, stages):
+def report(cfg, device, ours, max_diff, load, train, decoding, dpo, stages):
     """The markdown tables: speed against transformers, DPO against SFT, pipeline stages."""
     lines = [f"## Performance: preset `{cfg.preset}`, random weights, {device.type}", "",
-             f"Machine: {machine(device, ours)}.", f"Same weights checked: max |logits difference| in fp32 = {max_diff:.2e}.",
+             f"Machine: {machine(device, ours, load)}.", f"Same weights checked: max |logits difference| in fp32 = {max_diff:.2e}.",
              f"Each figure: {cfg.warmup} warm-up + {cfg.repeats} timed runs, median (min-max).", "",
              "| measurement | ours | transformers | ours / transformers | target |", "|---|---|---|---|---|",
              f"| training step, tokens/s ({train['shape']}, forward + backward) | {fmt(train['ours'])} | "
@@ -458,32 +477,41 @@ def report(cfg, device, ours, max_diff, train, decoding, dpo, stages):
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, description=__doc__.splitlines()[0])
     if cfg.quick:
-        cfg = replace(cfg, preset="tiny", decode_batches="1,16", new_tokens=16)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible: use --device cpu")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+        cfg = replace(cfg, preset="tiny", new_tokens=16)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if not all(b.strip().isdigit() and int(b) > 0 for b in cfg.decode_batches.split(",")):
+        raise SystemExit(f"error: --decode-batches {cfg.decode_batches!r}: give positive integers separated by commas, e.g. 1,16")
     batches = [int(b) for b in cfg.decode_batches.split(",")]
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    image_tokens = get_config(cfg.preset).tokens_per_image
+    if cfg.seq_len < image_tokens + 3 or cfg.new_tokens < 2:
+        raise SystemExit(f"error: --seq-len must leave text after the {image_tokens} image tokens of {cfg.preset} "
+                         f"(>= {image_tokens + 3}) and --new-tokens must be >= 2")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    load = [os.getloadavg()[0]]  # other processes on the machine: printed beside the figures
     with tempfile.TemporaryDirectory() as workdir:
         print(f"[bench] building random {cfg.preset} weights, saving as Idefics3, loading both ...", flush=True)
         ours, ref, ckpt = build_models(cfg.preset, device, workdir)
         max_diff = logits_max_diff(ours, ref, ours.config, device)
         print(f"[bench] {ours.num_params() / 1e6:.1f}M parameters; max |logits difference| {max_diff:.2e}", flush=True)
-        print("[bench] training step ...", flush=True)
         train = bench_training(ours, ref, cfg, device)
+        print(f"[bench] training step: ours / transformers = {ratio(train['ours'], train['ref']):.2f}x", flush=True)
         decoding = {}
         for b in batches:
-            print(f"[bench] decoding at batch {b} ...", flush=True)
-            decoding[b] = bench_decoding(ours, ref, cfg, device, b)
+            decoding[b] = d = bench_decoding(ours, ref, cfg, device, b)
+            print(f"[bench] decoding at batch {b}: ours / transformers = {ratio(d['ours']['decode'], d['ref']['decode']):.2f}x "
+                  f"(decode phase), {ratio(d['ours']['call'], d['ref']['call']):.2f}x (whole call)", flush=True)
         del ref
-        print("[bench] DPO step against SFT step ...", flush=True)
         dpo = bench_dpo(ours, ckpt, cfg, device, workdir)
-    table = report(cfg, device, ours, max_diff, train, decoding, dpo, pipeline_times(os.path.join(cfg.out, "logs")))
+        print(f"[bench] DPO step / SFT step: {ratio(dpo['dpo']['seconds'], dpo['sft']['seconds']):.2f}x time", flush=True)
+    load.append(os.getloadavg()[0])
+    table = report(cfg, device, ours, max_diff, load, train, decoding, dpo, pipeline_times(os.path.join(cfg.out, "logs")))
     print("\n" + table)
     os.makedirs(cfg.out, exist_ok=True)
-    atomic_write(os.path.join(cfg.out, "bench.md"), lambda path: open(path, "w").write(table))
+    atomic_write(os.path.join(cfg.out, "bench.md"), lambda path: Path(path).write_text(table))
     print(f"[bench] written to {os.path.join(cfg.out, 'bench.md')}")
     return table
 

@@ -83,10 +83,12 @@ def sequence_logps(model, batch, return_counts=False):
 def build_pairs(ranked, max_pairs_per_question=2):
     """(chosen, rejected) pairs for one question from its scored samples.
 
-    `ranked` is a list of dicts with `text` and a comparable `key` (higher is better: answer
-    correct first, then step score). Pairs take the best against the worst, then the second best
-    against the second worst, ... Ties and identical texts are skipped; a question whose samples
-    are all equal gives no pair (there is nothing to prefer).
+    `ranked` is a list of dicts with `text`, `correct` (the answer filter's verdict) and a
+    comparable `key` (higher is better: answer correct first, then step score). Pairs take the best
+    against the worst, then the second best against the second worst, ... A chosen chain must pass
+    the answer filter (the paper's coarse assessment discards wrong answers before any ranking), so
+    a question with no correct sample gives no pair. Ties and identical texts are skipped; a
+    question whose samples are all equal gives no pair (there is nothing to prefer).
     """
     unique = {}
     for s in sorted(ranked, key=lambda s: s["key"], reverse=True):
@@ -95,8 +97,8 @@ def build_pairs(ranked, max_pairs_per_question=2):
     pairs = []
     for i in range(min(max_pairs_per_question, len(ordered) // 2)):
         best, worst = ordered[i], ordered[-1 - i]
-        if best["key"] <= worst["key"]:
-            break  # a tie, and everything between is tied too
+        if not best["correct"] or best["key"] <= worst["key"]:
+            break  # no correct chain left to prefer, or a tie (everything between is tied too)
         pairs.append((best, worst))
     return pairs
 
@@ -111,7 +113,7 @@ class DPOConfig:
     out: str = field(default="out", metadata={"help": "where data, checkpoints, logs and results go"})
     init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint (any VLM.from_pretrained dir)"})
     force: bool = field(default=False, metadata={"help": "rebuild every stage even if cached"})
-    pool_size: int = field(default=600, metadata={"help": "training questions sampled per round"})
+    pool_size: int = field(default=400, metadata={"help": "training questions sampled per round"})
     samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)"})
@@ -121,7 +123,7 @@ class DPOConfig:
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or ipo", "choices": ["sigmoid", "ipo"]})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
     nll_weight: float = field(default=0.2, metadata={"help": "weight of the NLL term on the chosen chain (released trainer: 1)"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate of each round"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate of each round"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
@@ -229,7 +231,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
                    "logps/rejected": pol_r.mean().item(), "pairs": len(ref_c)}
         log({"round": round_idx, "step": step, "lr": sched.get_last_lr()[0], **metrics})
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + (v if k == "pairs" else v * len(ref_c))
+            totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * len(ref_c))
         steps += 1
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     policy.eval()

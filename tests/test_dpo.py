@@ -139,7 +139,7 @@ def test_policy_equals_reference_gives_ln2_and_a_step_raises_the_margin(micro):
 
 
 def s(text, correct, score):
-    return {"text": text, "key": (int(correct), score)}
+    return {"text": text, "correct": correct, "key": (int(correct), score)}
 
 
 def test_pairs_best_vs_worst_with_cap():
@@ -154,6 +154,12 @@ def test_pairs_skip_ties_and_identical_texts():
     assert build_pairs([s("same", True, 90), s("same", False, 10)]) == []  # identical texts
     pairs = build_pairs([s("x", True, 90), s("y", True, 60), s("z", True, 60), s("w", True, 60)], 3)
     assert [(c["text"], r["text"]) for c, r in pairs] == [("x", "w")]  # then y vs z is a tie: stop
+
+
+def test_pairs_need_a_correct_chosen_chain():
+    assert build_pairs([s("a", False, 80), s("b", False, 20)]) == []  # no correct sample: no pair
+    pairs = build_pairs([s("a", True, 60), s("b", False, 95), s("c", False, 30), s("d", False, 10)], 2)
+    assert [(c["text"], r["text"]) for c, r in pairs] == [("a", "d")]  # b is wrong, so it is never chosen
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def synthetic_examples(model, n, seed=0):
 
 def loop_config(**overrides):
     base = dict(device="cpu", precision="fp32", lr=3e-3, weight_decay=0.0, warmup_steps=0, eval_every=0,
-                save_every=0, batch_size=4, max_steps=4, seed=0)
+                save_every=0, batch_size=4, max_steps=4, seed=0, freeze_vision=False)  # every part trains
     return TrainConfig(**{**base, **overrides})
 
 
@@ -137,8 +137,10 @@ def test_param_groups_get_their_lr_and_decay():
         for p in group["params"]:
             assert (p.dim() >= 2) == (decay == "decay"), names[id(p)]
     assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))  # tied head counted once
-    frozen = make_optimizer(micro_model(), loop_config(freeze_vision=True))
+    frozen_model = micro_model()
+    frozen = make_optimizer(frozen_model, loop_config(freeze_vision=True))
     assert not any(g["name"].startswith("vision") for g in frozen.param_groups)
+    assert not any(p.requires_grad for p in frozen_model.vision_model.parameters())
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
@@ -212,7 +214,7 @@ def test_loss_counts_only_the_assistant_tokens(world, file, task):
 def test_stages_run_in_order_and_write_checkpoint_state_and_log(world):
     base_dir = run_stage("base", stage_config(world))
     assert base_dir == str(world / "base")
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt", train_sft.STAGE_DONE):
         assert os.path.isfile(os.path.join(base_dir, name)), name
     assert logged(world / "logs" / "base.jsonl", "step") == [1, 2]
     assert math.isfinite(json.loads((world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
