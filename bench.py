@@ -10,6 +10,7 @@ project's VLM from that directory, checks that both give the same logits, and th
 side by side:
 
   1. training step: tokens/s of forward + backward under bf16 autocast with fp32 master weights
+     (on a CPU without fast bf16 matmuls, where train_sft's `auto` trains in fp32, in fp32)
      (the optimizer step is left out of both: it is the same AdamW on the same parameters);
   2. decoding: new tokens/s of greedy decoding at batch 1 and batch 16, generate.generate against
      `transformers`' generate (KV cache on, no stop token, the same number of new tokens). Every
@@ -25,31 +26,24 @@ Each figure is a warm-up followed by several repeats, printed as median (min-max
 are written to out/bench.md for the README's performance section, with the machine described.
 """
 
+import contextlib
+import importlib.metadata
+import json
+import multiprocessing
 import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-# OpenMP threads that spin while they wait are fast on an idle machine and catastrophic on a busy
-# one: with more runnable threads than cores, one training step measured anywhere from 0.1 s to 7 s.
-# Sleeping waits keep the figures steady (both implementations alike). Must be set before torch
-# loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import contextlib  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-from generate import generate  # noqa: E402
-from model import VLM, atomic_write, get_config, parse_config  # noqa: E402
-from train_dpo import dpo_loss, sequence_logps  # noqa: E402
-from train_sft import resolve_device  # noqa: E402
+from generate import generate
+from model import VLM, atomic_write, get_config, parse_config
+from train_dpo import dpo_loss, sequence_logps
+from train_sft import resolve_device, resolve_precision
 
 # Dense bf16 peak of the GPUs we know (NVIDIA datasheets, without sparsity); others need --peak-flops.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -71,6 +65,8 @@ class BenchConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     peak_flops: float = field(default=0.0, metadata={"help": "accelerator peak FLOP/s for MFU (0: look up the GPU)"})
     out: str = field(default="out", metadata={"help": "pipeline output dir: logs are read from OUT/logs, bench.md written"})
+    precision: str = field(default="auto", metadata={"help": "auto (as train_sft: bf16 where it is faster than fp32), bf16 or fp32",
+                                                     "choices": ["auto", "bf16", "fp32"]})
     quick: bool = field(default=False, metadata={"help": "the tiny preset: a check that everything runs, in < 1 min"})
 
 
@@ -149,8 +145,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# "bf16" or "fp32", set once by main (and by the memory-measuring child) from --precision: the same
+# rule as train_sft's, so the benchmark measures the precision the pipeline really trains in.
+PRECISION = "bf16"
+
+
 def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=PRECISION == "bf16")
 
 
 def interleaved(runs, cfg):
@@ -186,7 +187,7 @@ def spread(values):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Training step: forward + backward under bf16 autocast
+# 1. Training step: forward + backward under autocast
 
 
 def train_step(model, is_ref, ids, px, targets, device):
@@ -256,7 +257,7 @@ def decode_once(model, is_ref, ids, px, n_new, device):
                                  max_new_tokens=n_new, do_sample=False, use_cache=True, streamer=clock)
         n_out = out.shape[1] - ids.shape[1]
     else:
-        out = generate(model, ids, px, max_new_tokens=n_new, temperature=0.0, dtype=torch.bfloat16, stream=clock)
+        out = generate(model, ids, px, max_new_tokens=n_new, temperature=0.0, dtype=torch.bfloat16 if PRECISION == "bf16" else None, stream=clock)
         n_out = min(len(r) for r in out)
     sync(device)
     total = time.perf_counter() - t0
@@ -329,7 +330,7 @@ def _rss_kib(field_name):
         return next(int(line.split()[1]) for line in f if line.startswith(field_name + ":"))
 
 
-def cpu_peak_child(kind, ckpt, batch_file, threads):
+def cpu_peak_child(kind, ckpt, batch_file, threads, precision):
     """Run in a fresh process: load the model, then the peak RSS increase (bytes) of one step.
 
     The reference log-probs are computed before the peak counter is reset, as train_dpo does before
@@ -337,6 +338,8 @@ def cpu_peak_child(kind, ckpt, batch_file, threads):
     kernel caches) are behind both counters. Linux resets the peak (VmHWM) when "5" is written
     to /proc/self/clear_refs.
     """
+    global PRECISION
+    PRECISION = precision
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     model, batch = VLM.from_pretrained(ckpt), torch.load(batch_file)
@@ -366,7 +369,7 @@ def peak_memory(kind, model, batch, ref, ckpt, workdir, device):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(cpu_peak_child, (kind, ckpt, batch_file, torch.get_num_threads()))
+            return pool.apply(cpu_peak_child, (kind, ckpt, batch_file, torch.get_num_threads(), PRECISION))
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
 
@@ -428,7 +431,7 @@ def machine(device, ours, load):
         hardware = (f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
                     f"load average {load[0]:.1f} at the start and {load[1]:.1f} at the end")
     return (f"{hardware}; torch {torch.__version__}, transformers {importlib.metadata.version('transformers')}; "
-            f"fp32 master weights, bf16 autocast; {ours.num_params() / 1e6:.1f}M parameters")
+            f"fp32 master weights, {'bf16 autocast' if PRECISION == 'bf16' else 'fp32 compute'}; {ours.num_params() / 1e6:.1f}M parameters")
 
 
 def fmt(values, unit="", scale=1.0, digits=1):
@@ -491,6 +494,8 @@ def main(argv=None):
                          f"(>= {image_tokens + 3}) and --new-tokens must be >= 2")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    global PRECISION
+    PRECISION = resolve_precision(device, cfg.precision)
     load = [os.getloadavg()[0]]  # other processes on the machine: printed beside the figures
     with tempfile.TemporaryDirectory() as workdir:
         print(f"[bench] building random {cfg.preset} weights, saving as Idefics3, loading both ...", flush=True)

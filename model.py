@@ -306,12 +306,13 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd), S = cached + T
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.n_kv != self.n_heads:  # GQA: each KV head is shared by n_heads / n_kv query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        # Either an explicit mask or is_causal, never both (SDPA's is_causal is top-left aligned,
-        # which is wrong as soon as queries and keys differ in length).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # GQA: each KV head is shared by n_heads / n_kv query heads. enable_gqa lets SDPA index the
+        # shared head instead of copying K and V n_heads / n_kv times (HF's repeat_kv): while decoding,
+        # that copy of the whole cache, every layer and every step, cost 6x the attention itself
+        # (smolvlm-256m shape, batch 16, CPU). Either an explicit mask or is_causal, never both
+        # (SDPA's is_causal is top-left aligned, wrong as soon as queries and keys differ in length).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
