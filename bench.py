@@ -297,7 +297,7 @@ def preference_batch(cfg, n_pairs, seq_len, seed=4):
 
 def reference_logps(model, batch, device):
     model.eval()
-    with torch.inference_mode(), autocast(device):
+    with torch.no_grad(), autocast(device):  # as train_dpo.py
         ref = sequence_logps(model, batch).chunk(2)
     model.train()
     return ref

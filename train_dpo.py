@@ -80,25 +80,33 @@ def sequence_logps(model, batch, return_counts=False):
 # Preference pairs from ranked samples
 
 
-def build_pairs(ranked, max_pairs_per_question=2):
+def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="worst"):
     """(chosen, rejected) pairs for one question from its scored samples.
 
     `ranked` is a list of dicts with `text`, `correct` (the answer filter's verdict) and a
     comparable `key` (higher is better: answer correct first, then step score). Pairs take the best
     against the worst, then the second best against the second worst, ... A chosen chain must pass
     the answer filter (the paper's coarse assessment discards wrong answers before any ranking), so
-    a question with no correct sample gives no pair. Ties and identical texts are skipped; a
-    question whose samples are all equal gives no pair (there is nothing to prefer).
+    a question with no correct sample gives no pair. It must also be sound: step score (key[1]) >=
+    min_chosen_score. A hot sample from a small policy often reaches the right answer through wrong
+    steps ("top left has a red square, so the answer is circle"); preferring those teaches the
+    chain that its answer need not follow its steps (on val, round 1 at lr 5e-5 took greedy chain
+    correctness from 0.438 to 0.292 with them allowed, to 0.358 with a floor of 90). Rejected
+    chains are the worst-ranked ones (the paper's best-vs-worst) or, with rejected="closest", the
+    best-ranked wrong ones (hard negatives). Ties and identical texts are skipped; a question whose
+    samples are all equal gives no pair (there is nothing to prefer).
     """
     unique = {}
     for s in sorted(ranked, key=lambda s: s["key"], reverse=True):
         unique.setdefault(s["text"], s)  # identical texts: keep one
     ordered = list(unique.values())
+    # "worst": the lowest-ranked samples; "closest": the best-ranked wrong answers (hard negatives).
+    rejects = ordered[::-1] if rejected == "worst" else [s for s in ordered if not s["correct"]]
     pairs = []
-    for i in range(min(max_pairs_per_question, len(ordered) // 2)):
-        best, worst = ordered[i], ordered[-1 - i]
-        if not best["correct"] or best["key"] <= worst["key"]:
-            break  # no correct chain left to prefer, or a tie (everything between is tied too)
+    for i in range(min(max_pairs_per_question, len(ordered) // 2, len(rejects))):
+        best, worst = ordered[i], rejects[i]
+        if not best["correct"] or best["key"][1] < min_chosen_score or best["key"] <= worst["key"]:
+            break  # no sound chain left to prefer, or a tie (everything between is tied too)
         pairs.append((best, worst))
     return pairs
 
@@ -113,17 +121,20 @@ class DPOConfig:
     out: str = field(default="out", metadata={"help": "where data, checkpoints, logs and results go"})
     init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint (any VLM.from_pretrained dir)"})
     force: bool = field(default=False, metadata={"help": "rebuild every stage even if cached"})
-    pool_size: int = field(default=400, metadata={"help": "training questions sampled per round"})
+    pool_size: int = field(default=1200, metadata={"help": "training questions sampled per round"})
     samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)"})
     max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length"})
     max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question"})
+    min_chosen_score: float = field(default=90, metadata={"help": "a chosen chain needs this step score (1-100; 90 = High) besides a right answer"})
+    rejected: str = field(default="worst", metadata={"help": "pair the best chains with the worst ones or with the closest wrong ones", "choices": ["worst", "closest"]})
     beta: float = field(default=0.1, metadata={"help": "DPO beta (paper: 0.1)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or ipo", "choices": ["sigmoid", "ipo"]})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
     nll_weight: float = field(default=0.2, metadata={"help": "weight of the NLL term on the chosen chain (released trainer: 1)"})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate of each round"})
+    epochs: int = field(default=1, metadata={"help": "passes over each round's pairs"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of each round"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
@@ -194,16 +205,18 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     # Reference log-probs once, from the round's starting policy, under the same precision and on the
     # very same batches: no second model is held in memory while training.
     policy.eval()
-    with torch.inference_mode(), train_sft.autocast(device, cfg.precision):
+    with torch.no_grad(), train_sft.autocast(device, cfg.precision):  # no_grad keeps autocast's weight cache
         refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
 
+    # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
+    order = [i for e in range(cfg.epochs) for i in torch.randperm(len(batches), generator=g).tolist()]
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(batches), 0.1))
+        opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
     policy.train()
     totals, steps = {}, 0
-    bar = tqdm(zip(batches, refs), total=len(batches), desc=f"  DPO round {round_idx}", leave=False)
+    bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False)
     for step, (batch, (ref_c, ref_r)) in enumerate(bar):
         with train_sft.autocast(device, cfg.precision):
             logps, counts = sequence_logps(policy, batch, return_counts=True)  # chosen and rejected in one forward
@@ -235,8 +248,8 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
         steps += 1
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     policy.eval()
-    n = max(1, totals.get("pairs", 0))
-    return {k: (v if k == "pairs" else v / n) for k, v in totals.items()}
+    n = max(1, totals.get("pairs", 0))  # pair-steps: each pair counts once per epoch
+    return {k: (len(pairs) if k == "pairs" else v / n) for k, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,9 +289,11 @@ def main(argv=None):
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
     log_path = os.path.join(cfg.out, "logs", "dpo.jsonl")
 
-    def log(record):
+    t_dpo = time.time()
+
+    def log(record):  # elapsed_s: seconds since the DPO part began (bench.py's per-stage wall time)
         with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "elapsed_s": round(time.time() - t_dpo, 3)}) + "\n")
 
     def report(name, stats):
         val = evaluation.evaluate_two_agent(policy, summary, val_rows, data_dir)
@@ -304,10 +319,10 @@ def main(argv=None):
             ranked = rank_samples(row, chains[row["id"]], answer_filter, scorer)
             n_correct += sum(s["correct"] for s in ranked)
             n_total += len(ranked)
-            pairs += [(row, c, r) for c, r in build_pairs(ranked, cfg.max_pairs_per_question)]
+            pairs += [(row, c, r) for c, r in build_pairs(ranked, cfg.max_pairs_per_question, cfg.min_chosen_score, cfg.rejected)]
         if not pairs:
-            raise SystemExit(f"error: round {t} produced no preference pairs (all samples tied); "
-                             f"raise --temperature or --samples-per-question")
+            raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
+                             f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
         stats = dpo_round(policy, pairs, cfg, device, log, t, data_dir)
         stats["sample_correct"] = n_correct / max(1, n_total)
         row = report(f"dpo{t}", stats)

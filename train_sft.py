@@ -322,13 +322,14 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-    done = 0
+    done, elapsed_before = 0, 0.0  # elapsed_before: wall seconds of the run(s) this one resumes
     if cfg.resume:
         done = load_train_state(model, optimizer, scaler, cfg, out_dir)
         if os.path.exists(log_path):  # drop lines of steps after the checkpoint (a crash may have logged them)
             with open(log_path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= done]
             atomic_write(log_path, lambda p: write_lines(p, kept))
+            elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
     elif os.path.exists(log_path):
         os.remove(log_path)
 
@@ -376,6 +377,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                       "grad_norm": grad_norm.item(), "tok_s": tok_s}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
                 val_loss = record["val_loss"] = evaluate(model, val_examples, cfg.batch_size, device, cfg.precision, pad_id)
+            record["elapsed_s"] = elapsed_before + time.time() - t_start  # bench.py's per-stage wall time
             log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tok_s:.0f}")

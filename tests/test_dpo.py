@@ -162,6 +162,22 @@ def test_pairs_need_a_correct_chosen_chain():
     assert [(c["text"], r["text"]) for c, r in pairs] == [("a", "d")]  # b is wrong, so it is never chosen
 
 
+def test_pairs_need_a_sound_chosen_chain():
+    # A right answer reached through wrong steps (score 1) is not preferred once a floor is set.
+    ranked = [s("sound", True, 95), s("lucky", True, 1), s("w1", False, 40), s("w2", False, 1)]
+    assert [(c["text"], r["text"]) for c, r in build_pairs(ranked, 2, min_chosen_score=90)] == [("sound", "w2")]
+    assert len(build_pairs(ranked, 2, min_chosen_score=0)) == 2  # without the floor, "lucky" is chosen too
+    assert build_pairs([s("lucky", True, 1), s("w", False, 1)], 2, min_chosen_score=90) == []
+
+
+def test_pairs_closest_wrong_chain_as_rejected():
+    ranked = [s("best", True, 95), s("good", True, 92), s("near", False, 80), s("far", False, 5), s("junk", False, 1)]
+    assert [(c["text"], r["text"]) for c, r in build_pairs(ranked, 2)] == [("best", "junk"), ("good", "far")]
+    pairs = build_pairs(ranked, 2, rejected="closest")
+    assert [(c["text"], r["text"]) for c, r in pairs] == [("best", "near"), ("good", "far")]
+    assert build_pairs([s("a", True, 95), s("b", True, 50)], 2, rejected="closest") == []  # no wrong chain
+
+
 # ----------------------------------------------------------------------------------------------
 # A micro end-to-end run of the main job: every stage cached as a micro model, one DPO round.
 
@@ -186,15 +202,16 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
             json.dump({"stage": stage}, f)  # a finished stage: the main job reuses it
 
     # A random micro policy writes gibberish, so every sample would tie. The real sampler still runs;
-    # a few scripted-teacher chains (sound and flawed) are added so the round has pairs to learn from.
+    # scripted-teacher chains (one sound, two flawed) are added so the round has pairs to learn from.
     real_sampler = train_dpo.sample_chains
 
     def sampler(policy, rows, image_root, cfg, seed):
         chains = real_sampler(policy, rows, image_root, cfg, seed)
-        teacher = data.ScriptedTeacher(data.ErrorRates(miscount=0.5, arithmetic_slip=0.5))
+        sound = data.ScriptedTeacher(data.ErrorRates(0, 0, 0, 0, 0))
+        flawed = data.ScriptedTeacher(data.ErrorRates(miscount=0.5, arithmetic_slip=0.5))
         rng = random.Random(seed)
-        return {r["id"]: chains[r["id"]] + [data.render_chain(p["steps"]) for p in teacher.generate(r, 3, rng)]
-                for r in rows}
+        paths = {r["id"]: sound.generate(r, 1, rng) + flawed.generate(r, 2, rng) for r in rows}
+        return {r["id"]: chains[r["id"]] + [data.render_chain(p["steps"]) for p in paths[r["id"]]] for r in rows}
 
     monkeypatch.setattr(train_dpo, "sample_chains", sampler)
     results = train_dpo.main(["--out", out, "--iters", "1", "--pool-size", "6", "--samples-per-question", "2",
@@ -204,6 +221,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
         events = [json.loads(line) for line in f]
     start = next(e for e in events if e.get("event") == "start_check")
     assert start["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all(e["elapsed_s"] >= 0 for e in events)  # bench.py's wall time of the DPO part
     steps = [e for e in events if "step" in e]
     assert steps and all(math.isfinite(e["loss"]) for e in steps)
     assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results.md"))

@@ -218,6 +218,9 @@ def test_stages_run_in_order_and_write_checkpoint_state_and_log(world):
         assert os.path.isfile(os.path.join(base_dir, name)), name
     assert logged(world / "logs" / "base.jsonl", "step") == [1, 2]
     assert math.isfinite(json.loads((world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
+    # every record carries the stage's elapsed wall time, which bench.py reports per stage
+    import bench
+    assert dict(bench.pipeline_times(str(world / "logs")))["base"] > 0
     agent_dir = run_stage("summary-only", stage_config(world, max_steps=1))
     agent = VLM.from_pretrained(agent_dir)
     assert agent.tokenizer is not None and agent.config.text.vocab_size == VLM.from_pretrained(base_dir).config.text.vocab_size
