@@ -125,6 +125,7 @@ class DPOConfig:
     samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)"})
+    sample_batch: int = field(default=1024, metadata={"help": "sequences decoded together when sampling (fewer calls, fewer steps; lower it for a big model)"})
     max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length"})
     max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question"})
     min_chosen_score: float = field(default=90, metadata={"help": "a chosen chain needs this step score (1-100; 90 = High) besides a right answer"})
@@ -152,7 +153,7 @@ class DPOConfig:
 def sample_chains(policy, rows, image_root, cfg, seed):
     """k chains per question from the current policy -> {row id: [chain text, ...]}."""
     k, out = cfg.samples_per_question, {}
-    per_batch = max(1, 256 // k)  # about 256 sequences decode together
+    per_batch = max(1, cfg.sample_batch // k)  # prompts per generate call: k samples each
     for i, (batch, images) in enumerate(agents.batches(rows, image_root, policy.config.vision.image_size, per_batch,
                                                        desc="  sampling chains")):
         texts = agents.complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
