@@ -210,7 +210,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
         refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
 
     # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
-    order = [i for e in range(cfg.epochs) for i in torch.randperm(len(batches), generator=g).tolist()]
+    order = [i for _ in range(cfg.epochs) for i in torch.randperm(len(batches), generator=g).tolist()]
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
