@@ -121,6 +121,14 @@ def describe(objects):
                      for o in objects) + "."
 
 
+def read_description(text):
+    """describe's text -> its objects [{cell, size, color, shape}]; sentences outside the grammar
+    are skipped. The labels of the vision tower's pretraining (train_sft.pretrain_vision)."""
+    claims = (parse_claim({"content": sentence}) for sentence in text.split(". "))
+    return [{k: c[k] for k in ("cell", "size", "color", "shape")} for c in claims
+            if c is not None and c["kind"] == "look" and c["shape"]]
+
+
 def matches(o, f):
     """Does object o pass filter f ({color?, shape?, rel?, cell?})?"""
     if any(k in f and o[k] != f[k] for k in ("color", "shape")):

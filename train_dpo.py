@@ -204,8 +204,10 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     batches = [to_device(b, device) for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
 
     # Reference log-probs once, from the round's starting policy, under the same precision and on the
-    # very same batches: no second model is held in memory while training.
-    policy.eval()
+    # very same batches: no second model is held in memory while training. Train mode (the model has
+    # no dropout) so that the attention kernels are the ones the training forward uses
+    # (model.attention): then the policy's first forward reproduces these numbers exactly.
+    policy.train()
     with torch.no_grad(), train_sft.autocast(device, cfg.precision):  # no_grad keeps autocast's weight cache
         refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
 

@@ -32,10 +32,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from model import PRESETS, VLM, atomic_write, get_config, parse_config, write_json
+from model import PRESETS, VLM, atomic_write, get_config, parse_config, pixel_shuffle, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Stages. Each reads one SFT file written by data.py and starts from a fresh model (base) or from
@@ -105,6 +106,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/<stage>/train_state.pt"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU)"})
     freeze_vision: bool = field(default=True, metadata={"help": "train only the projector and the language model (see STAGES)"})
+    vision_pretrain_steps: int = field(default=100, metadata={"help": "from scratch only: supervised steps for the vision "
+                                                                      "tower before the stage (see pretrain_vision); 0 = off"})
     seed: int = field(default=1337, metadata={"help": "seeds the initial weights, the val split and the data order"})
     max_len: int = field(default=1024, metadata={"help": "skip samples longer than this many tokens"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of the images held out for the validation loss"})
@@ -418,15 +421,84 @@ def load_examples(path, tok, model_cfg, task, max_len):
     return examples
 
 
-def split_by_image(examples, fraction, seed):
-    """Hold out whole images for validation, so no val image was seen in training."""
-    images = sorted({image for image, _ in examples})
+def held_out_images(images, fraction, seed):
+    """The images kept for validation: a seeded `fraction` of them, at least one, never all."""
+    images = sorted(set(images))
     n_val = min(len(images) - 1, max(1, round(fraction * len(images)))) if fraction > 0 else 0
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = {images[j] for j in order[:n_val]}
+    return {images[j] for j in order[:n_val]}
+
+
+def split_by_image(examples, fraction, seed):
+    """Hold out whole images for validation, so no val image was seen in training."""
+    held_out = held_out_images([image for image, _ in examples], fraction, seed)
     train = [ex for image, ex in examples if image not in held_out]
     val = [ex for image, ex in examples if image in held_out]
     return train, val
+
+
+# The vision tower of a base model trained from scratch. The paper starts from a pretrained vision
+# encoder; a randomly initialised one is a poor stand-in. Its features do keep each object's shape
+# linearly decodable (a probe on the image tokens scores 100%), but only in low-variance
+# directions: a base model trained on them for 3 epochs described colour, size and place right
+# 98-99% of the time and shape at chance (37% of the 394 objects of the val scenes). So before the base stage we
+# give the tower a few seconds of supervised pretraining, the world's analogue of SigLIP's: from
+# each image token (one per grid cell, see model.PRESETS["tiny"]) linear heads predict that
+# cell's shape, colour and size (or empty), with the labels read from the training images'
+# scene descriptions in base.jsonl. The heads are then dropped and the tower stays frozen. With
+# it the same base model described shape right 98% of the time, and its val loss fell from 0.22 to 0.09.
+VISION_LABELS = {"shape": list(data.SHAPES), "color": list(data.COLORS), "size": list(data.SIZES)}
+
+
+def cell_labels(description):
+    """A scene description -> (cells, 3) long: per cell the index + 1 of its shape, colour and
+    size in VISION_LABELS, 0 for an empty cell."""
+    labels = torch.zeros(len(data.CELLS), len(VISION_LABELS), dtype=torch.long)
+    for o in data.read_description(description):
+        labels[data.CELLS.index(o["cell"])] = torch.tensor([1 + VISION_LABELS[k].index(o[k]) for k in VISION_LABELS])
+    return labels
+
+
+def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64, lr=1e-3):
+    """Train model.vision_model in place on per-cell labels of describe rows -> held-out accuracy
+    per label ({shape, color, size}), or None when the model has no one token per grid cell."""
+    mcfg, device = model.config, resolve_device(cfg.device)
+    if mcfg.tokens_per_image != len(data.CELLS) or not rows:
+        print(f"[train_sft] vision pretraining skipped: it needs describe rows and one image token per "
+              f"grid cell ({len(data.CELLS)}; this model has {mcfg.tokens_per_image})")
+        return None
+
+    def load(rs):  # -> images (N, 3, H, W), labels (N, cells, 3)
+        return (torch.stack([data.load_image(os.path.join(image_root, r["image"]), mcfg.vision.image_size) for r in rs]),
+                torch.stack([cell_labels(r["answer"]) for r in rs]))
+
+    images, labels = load(rows)
+    width = mcfg.vision.hidden_size * mcfg.scale_factor**2  # one pixel-shuffled token per cell
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, 1 + len(v)) for v in VISION_LABELS.values()]).to(device)
+    vision = model.vision_model.to(device).train()
+    optimizer = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def logits(x):  # (N, 3, H, W) -> one (N, cells, classes) per label
+        with autocast(device, cfg.precision):
+            tokens = pixel_shuffle(vision(x.to(device)), mcfg.scale_factor)  # (N, cells, width)
+        return [head(tokens.float()) for head in heads]
+
+    for _ in tqdm(range(steps), desc="vision pretraining", leave=False):
+        idx = torch.randint(len(rows), (batch_size,), generator=generator)
+        y = labels[idx].to(device)  # (B, cells, 3)
+        loss = sum(F.cross_entropy(out.flatten(0, 1), y[..., k].flatten()) for k, out in enumerate(logits(images[idx])))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vision.eval()
+    with torch.no_grad():
+        x, y = load(val_rows) if val_rows else (images[:batch_size], labels[:batch_size])
+        accuracy = {k: (out.argmax(-1).cpu() == y[..., i]).float().mean().item()
+                    for i, (k, out) in enumerate(zip(VISION_LABELS, logits(x)))}
+    print(f"[train_sft] vision tower pretrained: {steps} steps on the cells of {len(rows)} scene descriptions; "
+          f"held-out cell accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    return accuracy
 
 
 def run_stage(stage, cfg):
@@ -458,8 +530,13 @@ def run_stage(stage, cfg):
     out_dir = stage_dir(cfg.out, stage)
     print(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
           f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
-    train, val = split_by_image(load_examples(path, model.tokenizer, model.config, spec["task"], cfg.max_len),
-                                cfg.val_fraction, cfg.seed)
+    examples = load_examples(path, model.tokenizer, model.config, spec["task"], cfg.max_len)
+    train, val = split_by_image(examples, cfg.val_fraction, cfg.seed)
+    if not init and cfg.vision_pretrain_steps and not cfg.resume:  # resumed: the tower is in the checkpoint
+        held_out = held_out_images([image for image, _ in examples], cfg.val_fraction, cfg.seed)
+        describe = [r for r in data.read_jsonl(path) if r.get("task") == "describe"]
+        pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
+                        [r for r in describe if r["image"] in held_out], data_dir, cfg, cfg.vision_pretrain_steps)
     if os.path.exists(os.path.join(out_dir, STAGE_DONE)):  # an earlier run's marker must not outlive this one
         os.remove(os.path.join(out_dir, STAGE_DONE))
     summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)

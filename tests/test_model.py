@@ -204,6 +204,25 @@ def test_vlm_matches_idefics3(refs, scale, tied):
     assert max_diff(got, want) <= TOL
 
 
+def test_train_mode_attention_kernel_gives_the_same_logits_and_gradients(refs):
+    # In training mode on the CPU, short sequences go through SDPA's math path (model.attention);
+    # it must be the same function as the fused kernel the parity test above runs in eval mode.
+    vlm = VLM.from_pretrained(refs["idefics_2_False_dir"])
+    ids, px, _ = idefics_batch(vlm.config.tokens_per_image)
+    targets = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    out = {}
+    for mode in ("eval", "train"):
+        getattr(vlm, mode)()
+        vlm.zero_grad(set_to_none=True)
+        logits, loss = vlm(ids, pixel_values=px, targets=targets)
+        loss.backward()
+        out[mode] = logits.detach(), [p.grad.clone() for p in vlm.parameters() if p.grad is not None]
+    assert max_diff(out["train"][0], out["eval"][0]) <= TOL
+    assert len(out["train"][1]) == len(out["eval"][1]) > 0
+    for a, b in zip(out["train"][1], out["eval"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_sharded_idefics3_loads_the_same(refs):
     single = VLM.from_pretrained(refs["idefics_4_False_dir"])
     sharded = VLM.from_pretrained(refs["idefics_sharded_dir"])

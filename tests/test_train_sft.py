@@ -249,3 +249,34 @@ def test_bad_data_line_names_file_and_line(world, tmp_path):
     (tmp_path / "data" / "base.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"base.jsonl:3: missing field 'answer'"):
         run_stage("base", stage_config(tmp_path))
+
+
+def test_cell_labels_read_a_scene_description():
+    objects = [{"cell": "top left", "size": "small", "color": "red", "shape": "circle"},
+               {"cell": "center", "size": "large", "color": "blue", "shape": "triangle"}]
+    labels = train_sft.cell_labels(data.describe(objects))
+    assert labels.shape == (9, 3)
+    values = train_sft.VISION_LABELS
+    assert labels[0].tolist() == [1 + values["shape"].index("circle"), 1 + values["color"].index("red"),
+                                  1 + values["size"].index("small")]
+    assert labels[4].tolist() == [1 + values["shape"].index("triangle"), 1 + values["color"].index("blue"),
+                                  1 + values["size"].index("large")]
+    assert labels[[1, 2, 3, 5, 6, 7, 8]].eq(0).all()  # empty cells
+
+
+def test_vision_pretraining_trains_only_the_tower_and_reports_held_out_accuracy(world):
+    tok = data.load_tokenizer(str(world / "data" / "tokenizer.json"))
+    torch.manual_seed(0)
+    model = VLM(get_config("tiny", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = [r for r in data.read_jsonl(str(world / "data" / "base.jsonl")) if r["task"] == "describe"]
+    accuracy = train_sft.pretrain_vision(model, rows[:-2], rows[-2:], str(world / "data"),
+                                         TrainConfig(device="cpu", precision="fp32"), steps=40, batch_size=8)
+    assert set(accuracy) == {"shape", "color", "size"} and all(0 <= a <= 1 for a in accuracy.values())
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("vision_model.") for k in changed)
+    # 40 steps on 10 scenes already read shape, colour and size of the 18 cells of 2 unseen scenes
+    assert min(accuracy.values()) >= 0.8, accuracy
+    # a model with other than one image token per grid cell skips it
+    micro = VLM(get_config("micro"))
+    assert train_sft.pretrain_vision(micro, rows, [], str(world / "data"), TrainConfig(device="cpu"), steps=1) is None
