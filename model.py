@@ -15,6 +15,7 @@ the VLM that joins them, then loading and saving.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -143,10 +144,9 @@ def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, traini
     fused kernel is kept. The choice follows the module's mode, not torch.is_grad_enabled(), so
     that DPO's reference log-probs (no_grad, train mode) take exactly the policy's kernels.
     """
-    if training and q.device.type == "cpu" and q.shape[-2] <= 256:
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+    math_path = training and q.device.type == "cpu" and q.shape[-2] <= 256
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if math_path else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 class SiglipAttention(nn.Module):

@@ -429,9 +429,8 @@ def held_out_images(images, fraction, seed):
     return {images[j] for j in order[:n_val]}
 
 
-def split_by_image(examples, fraction, seed):
-    """Hold out whole images for validation, so no val image was seen in training."""
-    held_out = held_out_images([image for image, _ in examples], fraction, seed)
+def split_by_image(examples, held_out):
+    """Hold out whole images (held_out_images) for validation, so no val image was seen in training."""
     train = [ex for image, ex in examples if image not in held_out]
     val = [ex for image, ex in examples if image in held_out]
     return train, val
@@ -531,9 +530,9 @@ def run_stage(stage, cfg):
     print(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
           f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
     examples = load_examples(path, model.tokenizer, model.config, spec["task"], cfg.max_len)
-    train, val = split_by_image(examples, cfg.val_fraction, cfg.seed)
+    held_out = held_out_images([image for image, _ in examples], cfg.val_fraction, cfg.seed)
+    train, val = split_by_image(examples, held_out)
     if not init and cfg.vision_pretrain_steps and not cfg.resume:  # resumed: the tower is in the checkpoint
-        held_out = held_out_images([image for image, _ in examples], cfg.val_fraction, cfg.seed)
         describe = [r for r in data.read_jsonl(path) if r.get("task") == "describe"]
         pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
                         [r for r in describe if r["image"] in held_out], data_dir, cfg, cfg.vision_pretrain_steps)
