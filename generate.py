@@ -130,7 +130,8 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
     else:
         generator.manual_seed(seed)
 
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != param.dtype):
+    # fused_projections: q, k, v (and gate, up) from one weight each while decoding (model.py)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != param.dtype), model.fused_projections(dtype):
         # 1. prefill: encode the images once and run every prompt once, filling the cache
         image_embeds = None if pixel_values is None else model.encode_images(pixel_values.to(device, param.dtype))
         cache = KVCache(model.config.text, batch_size=B, max_len=T + max_new_tokens, device=device, dtype=dtype)

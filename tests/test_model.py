@@ -9,6 +9,7 @@ the embedding: a wrong mask or rotary position would then move the logits by les
 tolerance. `randomize` gives every weight an O(1) effect first, so 1e-4 is a real check.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -24,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import VLM, KVCache, get_config  # noqa: E402
+from model import VLM, KVCache, Linear, get_config  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -425,6 +426,35 @@ def test_kv_cache_matches_full_forward(vlm_idefics, dtype, tol):
     assert cache.pos.tolist() == [sum(CHUNKS)] * 2
     assert max_diff(cached, full) <= tol
     assert max_diff(changed[:, -1], full[:, -1]) > 10 * tol  # the last token does attend to the first
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_single_row_decoding_matches_full_forward(vlm_idefics, fused):
+    # One row: every decoding projection takes model.linear's matrix-vector path; with fused
+    # projections (as generate.py decodes) q, k, v and gate, up are one product each.
+    vlm = vlm_idefics
+    ids = torch.randint(0, IMAGE_TOKEN, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full, _ = vlm(ids)
+        with vlm.fused_projections(torch.float32) if fused else contextlib.nullcontext():
+            assert all((layer.self_attn.qkv_weight is not None) == fused for layer in vlm.text_model.layers)
+            cached, _ = cached_logits(vlm, ids, CHUNKS)
+    assert max_diff(cached, full) <= TOL
+    # on exit the fused copies are gone: training only ever sees the separate parameters
+    assert all(layer.self_attn.qkv_weight is None and layer.mlp.gate_up_weight is None for layer in vlm.text_model.layers)
+
+
+def test_linear_single_row_is_the_same_product():
+    layer = Linear(24, 40, bias=False)
+    for shape in [(24,), (1, 24), (1, 1, 24), (3, 24)]:
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 40)
+        assert torch.allclose(y, F.linear(x, layer.weight), atol=1e-6)
+        y.sum().backward()  # the matrix-vector path is differentiable too
+        assert torch.allclose(x.grad, layer.weight.sum(0).expand(shape), atol=1e-6)
+    with torch.autocast("cpu", torch.bfloat16):  # autocast casts for it as for F.linear
+        assert layer(torch.randn(1, 24)).dtype == torch.bfloat16
 
 
 def test_kv_cache_with_images_in_the_prefill(vlm_idefics):
