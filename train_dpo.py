@@ -135,7 +135,7 @@ class DPOConfig:
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
     nll_weight: float = field(default=0.2, metadata={"help": "weight of the NLL term on the chosen chain (released trainer: 1)"})
     epochs: int = field(default=1, metadata={"help": "passes over each round's pairs"})
-    lr: float = field(default=1e-5, metadata={"help": "peak learning rate of each round"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate of each round (see the README: higher lowers chain correctness)"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
