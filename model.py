@@ -127,8 +127,17 @@ class SiglipEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values):  # (N, 3, H, W)
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)  # (N, P, D), patches in row-major order
+        # The patch convolution (kernel = stride = p) is one matrix product over flattened patches,
+        # and we compute it as one. The usual conv -> flatten -> transpose ends in a transposed view,
+        # and elementwise ops keep their input's memory layout, so the whole residual stream of
+        # the tower would run strided, with a copy in every LayerNorm. Row-major from the start,
+        # the smolvlm-256m training step is ~12% faster (bench.py), with the same numbers.
+        w = self.patch_embedding.weight  # (D, C, p, p): Conv2d's parameter, so checkpoints load as they are
+        D, C, p, _ = w.shape
+        N, _, H, W = pixel_values.shape
+        patches = pixel_values.to(w.dtype).reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(N, (H // p) * (W // p), C * p * p)  # (N, P, C*p*p), patches row-major
+        x = F.linear(patches, w.reshape(D, C * p * p), self.patch_embedding.bias)  # (N, P, D)
         return x + self.position_embedding.weight
 
 

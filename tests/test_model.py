@@ -457,6 +457,21 @@ def test_linear_single_row_is_the_same_product():
         assert layer(torch.randn(1, 24)).dtype == torch.bfloat16
 
 
+def test_patch_embedding_is_the_convolution_row_major():
+    from model import SiglipEmbeddings
+    torch.manual_seed(0)
+    vcfg = get_config("micro").vision
+    emb = SiglipEmbeddings(vcfg)
+    px = torch.randn(2, vcfg.num_channels, vcfg.image_size, vcfg.image_size)
+    x = emb(px)
+    conv = emb.patch_embedding(px).flatten(2).transpose(1, 2) + emb.position_embedding.weight  # the Conv2d route
+    assert x.shape == (2, vcfg.num_patches, vcfg.hidden_size) and x.is_contiguous()
+    assert torch.allclose(x, conv, atol=1e-5)
+    g = torch.randn_like(x)
+    grads = [torch.autograd.grad(y, emb.patch_embedding.weight, g)[0] for y in (x, conv)]
+    assert torch.allclose(*grads, atol=1e-4)
+
+
 def test_kv_cache_with_images_in_the_prefill(vlm_idefics):
     ids, px, _ = idefics_batch(vlm_idefics.config.tokens_per_image)
     # The prefill must hold all image tokens (row 0's second image ends 2 before the end).
