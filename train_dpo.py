@@ -144,6 +144,9 @@ class DPOConfig:
     val_size: int = field(default=300, metadata={"help": "val questions for the per-round report"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on only this many test questions (0 = all)"})
     seed: int = field(default=0, metadata={"help": "seed for pools, sampling and shuffling"})
+    sft_seed: int = field(default=1337, metadata={"help": "seed of every SFT stage (initial weights, val split, data order; "
+                                                          "the synthetic world stays the same): run the job with a few "
+                                                          "of these, each with its own --out, to see how far arms move"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,8 +275,8 @@ def build_missing_stages(cfg):
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
         resume = not cfg.force and os.path.isfile(os.path.join(train_sft.stage_dir(cfg.out, stage), "train_state.pt"))
         overrides = {"init": cfg.init} if stage == "base" and cfg.init else {}
-        train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, precision=cfg.precision,
-                                                         device=cfg.device, resume=resume, **overrides))
+        train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, precision=cfg.precision, device=cfg.device,
+                                                         resume=resume, seed=cfg.sft_seed, **overrides))
 
 
 def main(argv=None):

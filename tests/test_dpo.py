@@ -225,3 +225,17 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
     steps = [e for e in events if "step" in e]
     assert steps and all(math.isfinite(e["loss"]) for e in steps)
     assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results.md"))
+
+
+def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
+    import os
+
+    import train_dpo
+
+    os.makedirs(tmp_path / "data")
+    (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
+    seen = {}
+    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.seed))
+    train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), sft_seed=7))
+    assert seen == dict.fromkeys(("base", "reasoning", "summary", "vanilla", "summary-only"), 7)
+    assert train_dpo.DPOConfig().sft_seed == train_sft.TrainConfig().seed  # the default job is unchanged
