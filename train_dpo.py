@@ -268,7 +268,7 @@ def build_missing_stages(cfg):
     if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
         print(f"[stage] data -> {data_dir}")
         data.build_world(data_dir)
-    for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
+    for stage in train_sft.STAGES:  # base first: every other stage starts from it
         if not cfg.force and train_sft.stage_done(cfg.out, stage):
             print(f"[stage] {stage}: cached at {train_sft.stage_dir(cfg.out, stage)}")
             continue

@@ -237,5 +237,5 @@ def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.seed))
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), sft_seed=7))
-    assert seen == dict.fromkeys(("base", "reasoning", "summary", "vanilla", "summary-only"), 7)
+    assert seen == dict.fromkeys(train_sft.STAGES, 7)  # every stage, each with the given seed
     assert train_dpo.DPOConfig().sft_seed == train_sft.TrainConfig().seed  # the default job is unchanged

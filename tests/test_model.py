@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import VLM, KVCache, Linear, get_config  # noqa: E402
+from model import VLM, KVCache, Linear, SiglipEmbeddings, get_config  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -458,7 +458,6 @@ def test_linear_single_row_is_the_same_product():
 
 
 def test_patch_embedding_is_the_convolution_row_major():
-    from model import SiglipEmbeddings
     torch.manual_seed(0)
     vcfg = get_config("micro").vision
     emb = SiglipEmbeddings(vcfg)
