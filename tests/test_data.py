@@ -187,6 +187,18 @@ def test_each_mistake_lowers_the_score(world, mistake):
         assert p["errors"] == [mistake] and score < 100 and data.bucket(score) != "high"
 
 
+def test_wrong_conclusion_keeps_the_steps_and_changes_the_answer(world):
+    # The mistake the summary agent must learn to see through: every step is the flawless
+    # chain's, only the stated answer differs, and what the last step implies is the truth.
+    out, _ = world
+    for r, p, score, correct in teacher_paths(out, {"wrong_conclusion": 1.0}):
+        flawless = data.ScriptedTeacher(data.DataConfig(**NO_ERRORS)).path(r, random.Random(0))
+        implied = data.answer_of(data.parse_claim(p["steps"][-1]), r["spec"])
+        assert [data.parse_claim(s) for s in p["steps"]] == [data.parse_claim(s) for s in flawless["steps"]]
+        assert implied == r["answer"] and p["final_answer"] != r["answer"] and not correct
+        assert score == 51 and data.bucket(score) == "mid"
+
+
 def test_scorer_reads_text_and_penalises_garbage(world):
     out, _ = world
     r = next(x for x in rows(out, "train") if x["family"] == "compare")

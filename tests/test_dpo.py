@@ -183,6 +183,7 @@ def test_pairs_closest_wrong_chain_as_rejected():
 
 
 def test_micro_round_end_to_end(tmp_path, monkeypatch):
+    import dataclasses
     import json
     import os
     import random
@@ -207,7 +208,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
 
     def sampler(policy, rows, image_root, cfg, seed):
         chains = real_sampler(policy, rows, image_root, cfg, seed)
-        sound = data.ScriptedTeacher(data.ErrorRates(0, 0, 0, 0, 0))
+        sound = data.ScriptedTeacher(data.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(data.ErrorRates)}))
         flawed = data.ScriptedTeacher(data.ErrorRates(miscount=0.5, arithmetic_slip=0.5))
         rng = random.Random(seed)
         paths = {r["id"]: sound.generate(r, 1, rng) + flawed.generate(r, 2, rng) for r in rows}
