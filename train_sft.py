@@ -44,15 +44,17 @@ from model import PRESETS, VLM, atomic_write, get_config, parse_config, pixel_sh
 # data.task_messages); None keeps each row's own task. The ablation arms are the paper's design
 # table: the same rows and loop, only the rendering differs. Epochs and learning rates are tuned
 # for the tiny preset on a 2-core CPU; the paper's, for an 8B model, are 2 epochs at 5e-6
-# (reasoning) and 1 epoch at 1e-5 (summary). Our summary agent gets 2 epochs, like the reasoning
-# agent: after one it did not copy a colour from a right chain (on 1200 val questions it changed 34
-# of the 59 right `color_at` chains to a wrong colour; two agents 48.1%, perception 45.9%); after two
-# it kept right chains far more often (spoiled 37 right chains in all instead of 79; 49.9%,
-# perception 51.6%). The summary-only arm is the same loop on the same rows, so it gets 2 as well.
-# The reasoning agent gets 3: after 2 its val loss was still falling and landed anywhere between
-# 0.200 and 0.226 with nothing but float rounding changed; after 3 (0.166-0.174) its chains were
-# right more often on the 1200-question val from both of those starting points (49.1 -> 55.6% and
-# 43.7 -> 46.6%). `vanilla` trains on the same rows, so it gets 3 as well.
+# (reasoning) and 1 epoch at 1e-5 (summary). Ours are undertrained at fewer, as measured on the
+# 1200-question val (`python data.py --val-scenes 400`, never on test):
+#   - summary agent 1 -> 2 epochs: it stopped changing right `color_at` chains to a wrong colour
+#     (34 of 59 after one epoch); two agents 48.1% -> 49.9%, right chains spoiled 79 -> 37;
+#   - reasoning agent 2 -> 3 epochs: chains right 49.1 -> 55.6% and 43.7 -> 46.6% from two base models;
+#   - reasoning agent 3 -> 4 epochs (session 7, run 3's base model): chains right 45.8 -> 52.8%, and
+#     chains whose stated answer contradicts their own last step 170 -> 52 of 1200;
+#   - summary agent 2 -> 3 epochs, with that reasoning agent: right chains spoiled 73 -> 9, wrong ones
+#     rescued 23 -> 7, two agents 48.8 -> 52.8% (just the chains' own 52.9%).
+# Each ablation arm gets the epochs of the stage it mirrors (same loop, same rows): `vanilla` 4 like
+# the reasoning agent, `summary-only` 3 like the summary agent.
 #
 # Every stage keeps the vision tower frozen unless --no-freeze-vision. The paper does so for both
 # agents. For the base model trained from scratch it is our choice, and a measured one: a randomly
@@ -65,13 +67,13 @@ from model import PRESETS, VLM, atomic_write, get_config, parse_config, pixel_sh
 STAGES = {
     "base": dict(data="base.jsonl", init=None, task=None, epochs=3, lr=2e-3,
                  about="a general VLM from scratch: scene descriptions and direct answers"),
-    "reasoning": dict(data="reasoning_sft.jsonl", init="base", task=None, epochs=3, lr=1e-3,
+    "reasoning": dict(data="reasoning_sft.jsonl", init="base", task=None, epochs=4, lr=1e-3,
                       about="the reasoning agent: image + question -> chain only"),
-    "summary": dict(data="summary_sft.jsonl", init="base", task=None, epochs=2, lr=1e-3,
+    "summary": dict(data="summary_sft.jsonl", init="base", task=None, epochs=3, lr=1e-3,
                     about="the summary agent: image + question + chain (right or flawed) -> answer"),
-    "vanilla": dict(data="reasoning_sft.jsonl", init="base", task="vanilla", epochs=3, lr=1e-3,
+    "vanilla": dict(data="reasoning_sft.jsonl", init="base", task="vanilla", epochs=4, lr=1e-3,
                     about="ablation: one model writes the chain and then the answer in one response"),
-    "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
+    "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=3, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
 }
 
