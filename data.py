@@ -50,9 +50,10 @@ class ErrorRates:
     large yellow square, so the answer is green"). The teacher never makes it, so the summary
     agent only sees it at test time. At 0.15 the summary agent, retrained on 1200 val questions
     with the same base model and reasoning agent, rescued 63 wrong chains instead of 27 (two
-    agents 45.7% -> 47.9%); but over three seeds of the whole job it also spoiled more right
-    chains (78 instead of 41 on average), and the two agents' test accuracy came out 47.5% against
-    49.4% without it (README, "What we tried"). So it stays an option: --wrong-conclusion 0.15."""
+    agents 45.7% -> 47.9%); but over three seeds of the whole job (with session 6's epochs) it
+    also spoiled more right chains (78 instead of 41 on average), and the two agents' test
+    accuracy came out 47.5% against 49.4% without it (README, "What we tried"). So it stays an
+    option: --wrong-conclusion 0.15."""
     miscount: float = 0.15          # a Count step drops or adds one object
     wrong_attribute: float = 0.10   # a Look / Find / Count step misreads a colour, shape or place
     arithmetic_slip: float = 0.10   # a Compare / Add / Subtract result is off

@@ -191,8 +191,9 @@ def test_wrong_conclusion_keeps_the_steps_and_changes_the_answer(world):
     # The mistake the summary agent must learn to see through: every step is the flawless
     # chain's, only the stated answer differs, and what the last step implies is the truth.
     out, _ = world
+    teacher = data.ScriptedTeacher(data.DataConfig(**NO_ERRORS))
     for r, p, score, correct in teacher_paths(out, {"wrong_conclusion": 1.0}):
-        flawless = data.ScriptedTeacher(data.DataConfig(**NO_ERRORS)).path(r, random.Random(0))
+        flawless = teacher.path(r, random.Random(0))
         implied = data.answer_of(data.parse_claim(p["steps"][-1]), r["spec"])
         assert [data.parse_claim(s) for s in p["steps"]] == [data.parse_claim(s) for s in flawless["steps"]]
         assert implied == r["answer"] and p["final_answer"] != r["answer"] and not correct
