@@ -443,31 +443,44 @@ def ratio(a, b):
     return spread(a)[0] / spread(b)[0]
 
 
+def ratio_cell(a, b):
+    """A table's ratio, e.g. "1.17x (1.08-1.22)": the ratio of the medians, then the range of the
+    per-round ratios.
+
+    a[i] and b[i] come from the same round of `interleaved`, run back to back, so a[i] / b[i] is
+    what the machine's slow and fast spells disturb least: its range is the ratio's own noise,
+    which the ratio of two medians hides.
+    """
+    per_round = [x / y for x, y in zip(a, b)]
+    return f"{ratio(a, b):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+
+
 def report(cfg, device, ours, max_diff, load, train, decoding, dpo, stages):
     """The markdown tables: speed against transformers, DPO against SFT, pipeline stages."""
     lines = [f"## Performance: preset `{cfg.preset}`, random weights, {device.type}", "",
              f"Machine: {machine(device, ours, load)}.", f"Same weights checked: max |logits difference| in fp32 = {max_diff:.2e}.",
-             f"Each figure: {cfg.warmup} warm-up + {cfg.repeats} timed runs, median (min-max).", "",
+             f"Each figure: {cfg.warmup} warm-up + {cfg.repeats} timed runs, median (min-max). A ratio: the ratio of "
+             "the medians (min-max of the ratios within each round, whose two runs were back to back).", "",
              "| measurement | ours | transformers | ours / transformers | target |", "|---|---|---|---|---|",
              f"| training step, tokens/s ({train['shape']}, forward + backward) | {fmt(train['ours'])} | "
-             f"{fmt(train['ref'])} | {ratio(train['ours'], train['ref']):.2f}x | >= 1.3x on CPU |"]
+             f"{fmt(train['ref'])} | {ratio_cell(train['ours'], train['ref'])} | >= 1.3x on CPU |"]
     if train.get("mfu"):
         lines.append(f"| training step, model FLOPs utilisation | {fmt(train['mfu']['ours'], '%', 100)} | "
-                     f"{fmt(train['mfu']['ref'], '%', 100)} | {ratio(train['mfu']['ours'], train['mfu']['ref']):.2f}x | - |")
+                     f"{fmt(train['mfu']['ref'], '%', 100)} | {ratio_cell(train['mfu']['ours'], train['mfu']['ref'])} | - |")
     for batch, d in decoding.items():
         target = ">= 2x on CPU" if batch == 1 else "more than at batch 1"
         lines.append(f"| decode batch {batch}, new tokens/s, decode phase ({cfg.new_tokens} new) | {fmt(d['ours']['decode'])} | "
-                     f"{fmt(d['ref']['decode'])} | {ratio(d['ours']['decode'], d['ref']['decode']):.2f}x | {target} |")
+                     f"{fmt(d['ref']['decode'])} | {ratio_cell(d['ours']['decode'], d['ref']['decode'])} | {target} |")
         lines.append(f"| decode batch {batch}, new tokens/s, whole call with prefill | {fmt(d['ours']['call'])} | "
-                     f"{fmt(d['ref']['call'])} | {ratio(d['ours']['call'], d['ref']['call']):.2f}x | - |")
+                     f"{fmt(d['ref']['call'])} | {ratio_cell(d['ours']['call'], d['ref']['call'])} | - |")
     lines += ["", f"One DPO step (reference log-probs precomputed) against one SFT step on the same pairs, ours, {dpo['shape']}:", "",
               "| step | seconds | peak memory added by the step |", "|---|---|---|"]
     peaks = {k: dpo[k]["peak"] for k in ("sft", "dpo")}
     for kind, label in (("sft", "SFT (targets on chosen and rejected rows)"), ("dpo", "DPO (chosen + rejected in one forward)")):
         mem = fmt(peaks[kind], " MiB", 1 / 2**20, 0) if peaks[kind] else "n/a (needs Linux /proc or CUDA)"
         lines.append(f"| {label} | {fmt(dpo[kind]['seconds'], ' s', digits=2)} | {mem} |")
-    mem_ratio = f"{ratio(peaks['dpo'], peaks['sft']):.2f}x (target <= 1.2x)" if peaks["dpo"] else "n/a"
-    lines.append(f"| DPO / SFT | {ratio(dpo['dpo']['seconds'], dpo['sft']['seconds']):.2f}x | {mem_ratio} |")
+    mem_ratio = f"{ratio_cell(peaks['dpo'], peaks['sft'])} (target <= 1.2x)" if peaks["dpo"] else "n/a"
+    lines.append(f"| DPO / SFT | {ratio_cell(dpo['dpo']['seconds'], dpo['sft']['seconds'])} | {mem_ratio} |")
     lines += ["", f"Pipeline wall time per stage, from the last run's logs in `{cfg.out}/logs/`:", ""]
     if stages:
         lines += ["| stage | wall time |", "|---|---|"]

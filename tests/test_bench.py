@@ -75,3 +75,8 @@ def test_pipeline_times_reads_whatever_logs_exist(tmp_path):
     (logs / "dpo.jsonl").write_text(json.dumps({"time": 1000.0}) + "\nnot json\n" + json.dumps({"time": 1060.5}) + "\n")
     (logs / "eval.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     assert dict(bench.pipeline_times(str(logs))) == {"base": 30.0, "dpo": 60.5, "eval": None}
+
+
+def test_ratio_cell_pairs_the_runs_of_each_round():
+    # Rounds 1-3: ours 2, 4, 6 against the reference's 1, 1, 4: medians 4 / 1, per round 2, 4, 1.5.
+    assert bench.ratio_cell([2.0, 4.0, 6.0], [1.0, 1.0, 4.0]) == "4.00x (1.50-4.00)"
