@@ -145,18 +145,57 @@ class SiglipEmbeddings(nn.Module):
 def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, training=False):
     """F.scaled_dot_product_attention, with one choice of kernel. (B, H, T, hd) -> (B, H, T, hd).
 
-    When a module in training mode runs on the CPU with short sequences we ask SDPA for its math
-    path (matmul, softmax, matmul) instead of the fused flash kernel: the flash kernel's backward
-    is slow at these shapes (tiny preset, 32 rows x ~100 tokens, 6 heads of 32: 24 ms per layer
-    call, a third of the whole step), and the math path makes the training step ~30% faster. With
-    long sequences the fused kernel wins (1024 SigLIP patches at smolvlm-256m: step 6.4 s fused,
-    10.5 s math), and in eval mode (decoding: at batch 16 the math path decodes 2x slower) the
-    fused kernel is kept. The choice follows the module's mode, not torch.is_grad_enabled(), so
-    that DPO's reference log-probs (no_grad, train mode) take exactly the policy's kernels.
+    When a module in training mode runs on the CPU with short sequences we take SDPA's math path
+    (matmul, softmax, matmul) instead of the fused flash kernel: the flash kernel's backward is
+    slow at these shapes (tiny preset, 32 rows x ~100 tokens, 6 heads of 32: 24 ms per layer call,
+    a third of the whole step), and the math path makes the training step ~30% faster. With long
+    sequences the fused kernel wins (1024 SigLIP patches at smolvlm-256m: step 6.4 s fused, 10.5 s
+    math), and in eval mode (decoding: at batch 16 the math path decodes 2x slower) the fused kernel
+    is kept. The choice follows the module's mode, not torch.is_grad_enabled(), so that DPO's
+    reference log-probs (no_grad, train mode) take exactly the policy's kernels.
     """
-    math_path = training and q.device.type == "cpu" and q.shape[-2] <= 256
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if math_path else contextlib.nullcontext():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+    if training and q.device.type == "cpu" and q.shape[-2] <= 256:
+        if attn_mask is None:
+            return math_attention(q, k, v, is_causal, enable_gqa)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+
+
+_CAUSAL_MASKS = {}  # (T, device) -> (T, T) additive mask: 0 on and below the diagonal, -inf above
+
+
+def math_attention(q, k, v, is_causal=False, enable_gqa=False):
+    """SDPA's math path without a mask other than the causal one, op for op, so bit for bit.
+
+    What ATen's _scaled_dot_product_attention_math does (tests/test_model.py holds us to it, values
+    and gradients): autocast hands it low-precision inputs, it computes in fp32 with q and k each
+    scaled by hd**-1/4, adds the causal mask, softmaxes and returns the input dtype. Done here, we
+    skip two things it does on every call: building the causal mask (we keep one per length), and
+    checking every row for "all keys masked" (_safe_softmax), which a causal mask never does.
+    Together they were ~30% of the math path's forward and backward at the tiny preset's shapes.
+    """
+    device = q.device.type
+    if torch.is_autocast_enabled(device):  # SDPA is on autocast's lower-precision list
+        low = torch.get_autocast_dtype(device)
+        q, k, v = q.to(low), k.to(low), v.to(low)
+    dtype = q.dtype
+    with torch.autocast(device, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        if enable_gqa and k.shape[-3] != q.shape[-3]:  # each KV head serves n_heads / n_kv query heads
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+        scores = (q * scale) @ (k.transpose(-2, -1) * scale)  # (B, H, T, S)
+        if is_causal:
+            T = scores.shape[-1]
+            mask = _CAUSAL_MASKS.get((T, q.device))
+            if mask is None:
+                mask = torch.zeros(T, T, device=q.device).masked_fill(
+                    torch.ones(T, T, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
+                _CAUSAL_MASKS[(T, q.device)] = mask
+            scores = scores + mask
+        return (scores.softmax(dim=-1) @ v).to(dtype)
 
 
 class SiglipAttention(nn.Module):

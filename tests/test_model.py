@@ -224,6 +224,32 @@ def test_train_mode_attention_kernel_gives_the_same_logits_and_gradients(refs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("causal, n_kv", [(True, 2), (False, 6)])
+def test_math_attention_is_sdpa_math_path_bit_for_bit(causal, n_kv, autocast):
+    # model.math_attention replaces SDPA's math path in training on the CPU (the tiny preset's SFT and
+    # DPO); it must give the very same bits, values and gradients, or every run's numbers would move.
+    # The decoder's inputs under autocast: q and k fp32 (after rotary), v bf16, 6 query heads on 2 KV heads.
+    from model import math_attention
+    g = torch.Generator().manual_seed(0)
+    q0, k0 = torch.randn(3, 6, 17, 8, generator=g), torch.randn(3, n_kv, 17, 8, generator=g)
+    v0 = torch.randn(3, n_kv, 17, 8, generator=g).to(torch.bfloat16 if autocast else torch.float32)
+    grad = torch.randn(3, 6, 17, 8, generator=g)
+    out = []
+    for fn in ("sdpa", "ours"):
+        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            if fn == "sdpa":
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=n_kv != 6)
+            else:
+                y = math_attention(q, k, v, is_causal=causal, enable_gqa=n_kv != 6)
+        y.backward(grad.to(y.dtype))
+        out.append([y, q.grad, k.grad, v.grad])
+    for a, b in zip(*out):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_sharded_idefics3_loads_the_same(refs):
     single = VLM.from_pretrained(refs["idefics_4_False_dir"])
     sharded = VLM.from_pretrained(refs["idefics_sharded_dir"])
