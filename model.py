@@ -152,17 +152,18 @@ def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, traini
     sequences the fused kernel wins (1024 SigLIP patches at smolvlm-256m: step 6.4 s fused, 10.5 s
     math), and in eval mode (decoding: at batch 16 the math path decodes 2x slower) the fused kernel
     is kept. The choice follows the module's mode, not torch.is_grad_enabled(), so that DPO's
-    reference log-probs (no_grad, train mode) take exactly the policy's kernels.
+    reference log-probs (no_grad, train mode) take exactly the policy's kernels. Without an explicit
+    mask, the math path is math_attention below: the same bits, a little faster.
     """
     if training and q.device.type == "cpu" and q.shape[-2] <= 256:
         if attn_mask is None:
             return math_attention(q, k, v, is_causal, enable_gqa)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
-_CAUSAL_MASKS = {}  # (T, device) -> (T, T) additive mask: 0 on and below the diagonal, -inf above
+_CAUSAL_MASKS = {}  # (L, S, device) -> (L, S) additive mask: 0 where key j <= query i, -inf elsewhere
 
 
 def math_attention(q, k, v, is_causal=False, enable_gqa=False):
@@ -173,7 +174,8 @@ def math_attention(q, k, v, is_causal=False, enable_gqa=False):
     scaled by hd**-1/4, adds the causal mask, softmaxes and returns the input dtype. Done here, we
     skip two things it does on every call: building the causal mask (we keep one per length), and
     checking every row for "all keys masked" (_safe_softmax), which a causal mask never does.
-    Together they were ~30% of the math path's forward and backward at the tiny preset's shapes.
+    At the tiny preset's shapes (32 rows x 100 tokens, 6 heads on 2 KV heads) a forward and backward
+    takes 11-14 ms instead of 15-17, and a training step ~6% less (README, performance section).
     """
     device = q.device.type
     if torch.is_autocast_enabled(device):  # SDPA is on autocast's lower-precision list
@@ -187,13 +189,13 @@ def math_attention(q, k, v, is_causal=False, enable_gqa=False):
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
         scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
         scores = (q * scale) @ (k.transpose(-2, -1) * scale)  # (B, H, T, S)
-        if is_causal:
-            T = scores.shape[-1]
-            mask = _CAUSAL_MASKS.get((T, q.device))
-            if mask is None:
-                mask = torch.zeros(T, T, device=q.device).masked_fill(
-                    torch.ones(T, T, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
-                _CAUSAL_MASKS[(T, q.device)] = mask
+        if is_causal:  # top-left aligned, as SDPA's (training has as many queries as keys)
+            L, S = scores.shape[-2:]
+            mask = _CAUSAL_MASKS.get((L, S, q.device))
+            if mask is None:  # one per length, at most 256 x 256 floats
+                mask = torch.zeros(L, S, device=q.device).masked_fill(
+                    torch.ones(L, S, dtype=torch.bool, device=q.device).tril().logical_not(), float("-inf"))
+                _CAUSAL_MASKS[(L, S, q.device)] = mask
             scores = scores + mask
         return (scores.softmax(dim=-1) @ v).to(dtype)
 

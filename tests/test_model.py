@@ -225,16 +225,17 @@ def test_train_mode_attention_kernel_gives_the_same_logits_and_gradients(refs):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("causal, n_kv", [(True, 2), (False, 6)])
-def test_math_attention_is_sdpa_math_path_bit_for_bit(causal, n_kv, autocast):
+@pytest.mark.parametrize("causal, n_kv, q_len", [(True, 2, 17), (False, 6, 17), (True, 2, 9)])
+def test_math_attention_is_sdpa_math_path_bit_for_bit(causal, n_kv, q_len, autocast):
     # model.math_attention replaces SDPA's math path in training on the CPU (the tiny preset's SFT and
     # DPO); it must give the very same bits, values and gradients, or every run's numbers would move.
-    # The decoder's inputs under autocast: q and k fp32 (after rotary), v bf16, 6 query heads on 2 KV heads.
+    # The decoder's inputs under autocast: q and k fp32 (after rotary), v bf16, 6 query heads on 2 KV heads;
+    # and fewer queries than keys, where causal means SDPA's top-left alignment.
     from model import math_attention
     g = torch.Generator().manual_seed(0)
-    q0, k0 = torch.randn(3, 6, 17, 8, generator=g), torch.randn(3, n_kv, 17, 8, generator=g)
+    q0, k0 = torch.randn(3, 6, q_len, 8, generator=g), torch.randn(3, n_kv, 17, 8, generator=g)
     v0 = torch.randn(3, n_kv, 17, 8, generator=g).to(torch.bfloat16 if autocast else torch.float32)
-    grad = torch.randn(3, 6, 17, 8, generator=g)
+    grad = torch.randn(3, 6, q_len, 8, generator=g)
     out = []
     for fn in ("sdpa", "ours"):
         q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
