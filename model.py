@@ -155,12 +155,11 @@ def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, traini
     reference log-probs (no_grad, train mode) take exactly the policy's kernels. Without an explicit
     mask, the math path is math_attention below: the same bits, a little faster.
     """
-    if training and q.device.type == "cpu" and q.shape[-2] <= 256:
-        if attn_mask is None:
-            return math_attention(q, k, v, is_causal, enable_gqa)
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+    math_path = training and q.device.type == "cpu" and q.shape[-2] <= 256
+    if math_path and attn_mask is None:
+        return math_attention(q, k, v, is_causal, enable_gqa)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if math_path else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 _CAUSAL_MASKS = {}  # (L, S, device) -> (L, S) additive mask: 0 where key j <= query i, -inf elsewhere

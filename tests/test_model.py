@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import VLM, KVCache, Linear, SiglipEmbeddings, get_config  # noqa: E402
+from model import VLM, KVCache, Linear, SiglipEmbeddings, get_config, math_attention  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -231,7 +231,6 @@ def test_math_attention_is_sdpa_math_path_bit_for_bit(causal, n_kv, q_len, autoc
     # DPO); it must give the very same bits, values and gradients, or every run's numbers would move.
     # The decoder's inputs under autocast: q and k fp32 (after rotary), v bf16, 6 query heads on 2 KV heads;
     # and fewer queries than keys, where causal means SDPA's top-left alignment.
-    from model import math_attention
     g = torch.Generator().manual_seed(0)
     q0, k0 = torch.randn(3, 6, q_len, 8, generator=g), torch.randn(3, n_kv, 17, 8, generator=g)
     v0 = torch.randn(3, n_kv, 17, 8, generator=g).to(torch.bfloat16 if autocast else torch.float32)
