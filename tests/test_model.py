@@ -25,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import VLM, KVCache, Linear, SiglipEmbeddings, get_config, math_attention  # noqa: E402
+from model import (PACKED_MAX_ROWS, VLM, KVCache, Linear, SiglipEmbeddings, can_pack, get_config, linear,  # noqa: E402
+                   math_attention, pack_weight)
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -481,6 +482,47 @@ def test_linear_single_row_is_the_same_product():
         assert torch.allclose(x.grad, layer.weight.sum(0).expand(shape), atol=1e-6)
     with torch.autocast("cpu", torch.bfloat16):  # autocast casts for it as for F.linear
         assert layer(torch.randn(1, 24)).dtype == torch.bfloat16
+
+
+needs_packing = pytest.mark.skipif(not can_pack(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 products")
+
+
+@needs_packing
+def test_packed_linear_gives_the_bits_of_F_linear():
+    # The decoder projections of micro, tiny and smolvlm-256m (fused q/k/v, o, fused gate/up, down,
+    # head), at every row count the packed path takes: the same kernel, so the same bits.
+    g = torch.Generator().manual_seed(8)
+    for out_f, in_f in [(128, 64), (64, 128), (256, 64), (320, 192), (192, 192), (1024, 192), (192, 512),
+                        (512, 192), (960, 576), (576, 576), (3072, 576), (576, 1536), (49280, 576)]:
+        w = (torch.randn(out_f, in_f, generator=g) * 0.05).bfloat16()
+        packed = pack_weight(w)
+        for rows in range(2, PACKED_MAX_ROWS + 1):
+            x = torch.randn(rows, in_f, generator=g).bfloat16()
+            assert torch.equal(linear(x, w, packed), F.linear(x, w)), (out_f, in_f, rows)
+    # fp32 weights and inputs under autocast, batched (B, T, in): the cast autocast makes for F.linear
+    w = torch.randn(96, 64, generator=g) * 0.05
+    x = torch.randn(16, 1, 64, generator=g)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = linear(x, w, pack_weight(w))
+        assert y.shape == (16, 1, 96) and torch.equal(y, F.linear(x, w))
+
+
+@needs_packing
+def test_decoding_with_packed_weights_is_bit_for_bit(vlm_idefics):
+    # Three rows, as generate decodes several samples: the prefill, the 4-token chunk and the single
+    # tokens all take the packed products (<= PACKED_MAX_ROWS rows), and change nothing.
+    ids = torch.randint(0, IMAGE_TOKEN, (3, sum(CHUNKS)), generator=torch.Generator().manual_seed(9))
+    logits = {}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for pack in (False, True):
+            with vlm_idefics.fused_projections(torch.bfloat16, pack=pack):
+                assert (vlm_idefics.lm_head.packed is not None) == pack
+                assert all((layer.mlp.down_proj.packed is not None) == pack for layer in vlm_idefics.text_model.layers)
+                logits[pack], _ = cached_logits(vlm_idefics, ids, CHUNKS, dtype=torch.bfloat16)
+    assert torch.equal(logits[True], logits[False])
+    assert vlm_idefics.lm_head.packed is None  # dropped on exit, with the fused weights
+    assert all(layer.self_attn.qkv_packed is None and layer.self_attn.o_proj.packed is None
+               for layer in vlm_idefics.text_model.layers)
 
 
 def test_patch_embedding_is_the_convolution_row_major():
