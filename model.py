@@ -362,10 +362,10 @@ def rotary_cos_sin(positions, head_dim, theta, dtype):  # positions (B, T) long 
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x, cos, sin):  # x (B, H, T, hd); cos, sin (B, T, hd)
+def apply_rotary(x, cos, sin):  # x (B, H, T, hd); cos, sin (B, 1, T, hd), shared by the heads
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # HF's rotate_half
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -374,6 +374,8 @@ class KVCache:
     k, v: (n_layers, B, n_kv_heads, max_len, head_dim). All rows share `length`, the number of slots
     filled so far; a left-padded row simply has `key_mask` False at its padding slots. `pos` holds
     each row's next rotary position, which differs between rows when their prompts differ in length.
+    `padded` says whether any slot so far is padding; until one is, a single new token may attend to
+    every cached key, and needs no mask at all.
     """
 
     def __init__(self, cfg: TextConfig, batch_size, max_len, device=None, dtype=torch.float32):
@@ -383,23 +385,27 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
+        self.padded = False
 
     @property
     def max_len(self):
         return self.k.shape[3]
 
     def update(self, layer, k, v):  # k, v (B, n_kv, T, hd) for the new chunk -> all keys so far
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        # narrow() rather than [layer, :, :, a:b]: the same views, in fewer ops (this runs twice per
+        # layer per decode step, where per-op overhead is most of the time at batch 1)
+        T, end = k.shape[2], self.length + k.shape[2]
+        keys, values = self.k[layer], self.v[layer]  # (B, n_kv, max_len, hd)
+        keys.narrow(2, self.length, T).copy_(k)
+        values.narrow(2, self.length, T).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def repeat_interleave(self, n):
         """A new cache with every row repeated n times: prefill a prompt once, sample n paths."""
         new = KVCache.__new__(KVCache)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         new.key_mask, new.pos = self.key_mask.repeat_interleave(n, dim=0), self.pos.repeat_interleave(n, dim=0)
-        new.length = self.length
+        new.length, new.padded = self.length, self.padded
         return new
 
     def select(self, rows):
@@ -438,12 +444,13 @@ class LlamaAttention(nn.Module):
         # shared head instead of copying K and V n_heads / n_kv times (HF's repeat_kv): while decoding,
         # that copy of the whole cache, every layer and every step, cost 6x the attention itself
         # (smolvlm-256m shape, batch 16, CPU). Either an explicit mask or is_causal, never both
-        # (SDPA's is_causal is top-left aligned, wrong as soon as queries and keys differ in length).
+        # (SDPA's is_causal is top-left aligned, wrong as soon as queries and keys differ in length);
+        # with a cache and no mask, neither: the one new token sees every key (LlamaModel.forward).
         # Attention runs in the cache's dtype: under autocast the rotary output q is fp32 while the
         # cache is bf16, and casting the one new query down (what autocast's SDPA does anyway, so
         # the numbers are the same) replaces casting every cached key and value up and back down,
         # every layer and every step (batch 16: ~5 copies of the whole cache per layer).
-        y = attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=KV != H,
+        y = attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and cache is None, enable_gqa=KV != H,
                       training=self.training).to(q.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.hd))
 
@@ -496,14 +503,17 @@ class LlamaModel(nn.Module):
         first = 0 if cache is None else cache.pos[:, None]
         positions = (first + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): every head, once for all layers
 
         mask = None  # plain causal attention: training and unpadded full forwards take SDPA's fast path
-        if cache is not None or attention_mask is not None:
-            if cache is not None:
-                cache.key_mask[:, start:start + T] = real
-                key_real = cache.key_mask[:, :start + T]  # (B, S)
-            else:
-                key_real = real
+        if cache is not None:
+            cache.key_mask[:, start:start + T] = real
+            cache.padded = cache.padded or (attention_mask is not None and not bool(real.all()))
+        # One new token after unpadded rows attends to every key: no mask at all (and SDPA's fused
+        # kernel is faster without one; the attention then gets neither a mask nor is_causal).
+        one_token_unpadded = cache is not None and T == 1 and not cache.padded
+        if (cache is not None or attention_mask is not None) and not one_token_unpadded:
+            key_real = real if cache is None else cache.key_mask[:, :start + T]  # (B, S)
             # Causal and bottom-right aligned: query i (at slot start+i) sees key slots <= start+i.
             q_slot = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
             k_slot = torch.arange(start + T, device=x.device)[None, :]  # (1, S)

@@ -589,6 +589,26 @@ def test_kv_cache_with_left_padding(vlm_idefics, dtype, tol):
     assert max_diff(cached[1, 4:], want_short[0]) <= tol
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_one_token_after_unpadded_rows_needs_no_mask(vlm_idefics, autocast):
+    # A decode step of one token after unpadded rows runs attention without any mask (a faster
+    # kernel call); forcing the explicit all-True mask must give the same bits.
+    ids = torch.randint(1, IMAGE_TOKEN, (2, 9), generator=torch.Generator().manual_seed(10))
+    logits = {}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for padded in (False, True):
+            cache = KVCache(vlm_idefics.config.text, batch_size=2, max_len=9)
+            vlm_idefics(ids[:, :8], cache=cache)
+            assert not cache.padded
+            cache.padded = padded  # True takes the explicit mask, as after a left-padded prefill
+            logits[padded], _ = vlm_idefics(ids[:, 8:], cache=cache)
+    assert torch.equal(logits[False], logits[True])
+    cache = KVCache(vlm_idefics.config.text, batch_size=2, max_len=9)
+    with torch.no_grad():
+        vlm_idefics(ids[:, :8], attention_mask=torch.tensor([[1] * 8, [0] + [1] * 7]), cache=cache)
+    assert cache.padded and cache.repeat_interleave(2).padded  # a padded prefill keeps the mask
+
+
 def test_cache_repeat_interleave_and_select(vlm_idefics):
     g = torch.Generator().manual_seed(9)
     prompt, nxt = torch.randint(1, IMAGE_TOKEN, (2, 7), generator=g), torch.randint(1, IMAGE_TOKEN, (6, 1), generator=g)
