@@ -297,7 +297,7 @@ def linear(x, weight, packed=None):  # x (..., in), weight (out, in) -> (..., ou
       takes 1.3-1.8x longer on these shapes (129 vs 172-208 us for 1536 x 576). Autocast casts the
       weight for it exactly as for F.linear.
     - A few rows (2 to PACKED_MAX_ROWS, e.g. 16 samples decoding together) with `packed`, the same
-      weight prepacked once into oneDNN's blocked layout (pack_weight). F.linear hands bf16
+      weight prepacked once into oneDNN's blocked layout (PackedWeight). F.linear hands bf16
       products to oneDNN too, but with the plain weight, which oneDNN reorders on every call: with
       the reorder done once, the products of a 16-row decode step take 1.4-1.9x less time, with
       the same bits (tests/test_model.py compares them for 2 to 64 rows). Inference only: the
@@ -308,7 +308,8 @@ def linear(x, weight, packed=None):  # x (..., in), weight (out, in) -> (..., ou
         return torch.matmul(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     if packed is not None and rows <= PACKED_MAX_ROWS and not x.requires_grad:
         # x.to(bf16) is the cast autocast would make for F.linear; the output is bf16, as there
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1).to(packed.dtype), packed, None, "none", [], "")
+        w = packed.get()
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1).to(w.dtype), w, None, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
@@ -324,14 +325,23 @@ def can_pack(dtype, device):
             and torch.backends.mkldnn.enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_weight(weight):  # (out, in) -> the bf16 weight in oneDNN's blocked layout, for linear()
-    # The second argument is the batch size the layout is chosen for: a decode step's few rows.
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 32)
+class PackedWeight:
+    """A weight (out, in) as bf16 in oneDNN's blocked layout, for linear(), packed on first use: a
+    decode that never has 2 to PACKED_MAX_ROWS rows (one sequence) never pays for it (~0.1 s for
+    the whole smolvlm-256m decoder and head)."""
+
+    def __init__(self, weight):
+        self.weight, self.packed = weight, None
+
+    def get(self):
+        if self.packed is None:  # the layout is chosen for a batch of 32 rows: a decode step's few
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(torch.bfloat16), 32)
+        return self.packed
 
 
 class Linear(nn.Linear):
     """nn.Linear (same weights, same state-dict names) whose bias-free forward is linear() above.
-    `packed` is its weight prepacked for decoding, set only inside VLM.fused_projections."""
+    `packed` is its PackedWeight for decoding, set only inside VLM.fused_projections."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -568,7 +578,7 @@ class VLM(nn.Module):
            smolvlm-256m shape on the CPU. Same products, same numbers: each output row of a matrix
            product depends only on its own weight row.
         2. Packed (when can_pack(dtype), unless pack=False): every decoder projection and the head
-           also get a copy prepacked for oneDNN, which linear() uses for steps of 2 to
+           also get a copy prepacked for oneDNN (on first use), which linear() uses for steps of 2 to
            PACKED_MAX_ROWS rows. Same bits again; at batch 16 a decode step is ~15% faster.
         """
         packing = pack and can_pack(dtype, next(self.parameters()).device)
@@ -577,10 +587,10 @@ class VLM(nn.Module):
             a.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
             mlp.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
             if packing:
-                a.qkv_packed, mlp.gate_up_packed = pack_weight(a.qkv_weight), pack_weight(mlp.gate_up_weight)
-                a.o_proj.packed, mlp.down_proj.packed = pack_weight(a.o_proj.weight), pack_weight(mlp.down_proj.weight)
+                a.qkv_packed, mlp.gate_up_packed = PackedWeight(a.qkv_weight), PackedWeight(mlp.gate_up_weight)
+                a.o_proj.packed, mlp.down_proj.packed = PackedWeight(a.o_proj.weight), PackedWeight(mlp.down_proj.weight)
         if packing:
-            self.lm_head.packed = pack_weight(self.lm_head.weight)
+            self.lm_head.packed = PackedWeight(self.lm_head.weight)
         try:
             yield self
         finally:

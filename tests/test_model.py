@@ -26,7 +26,7 @@ from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Llam
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
 from model import (PACKED_MAX_ROWS, VLM, KVCache, Linear, SiglipEmbeddings, can_pack, get_config, linear,  # noqa: E402
-                   math_attention, pack_weight)
+                   math_attention, PackedWeight)
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -495,7 +495,7 @@ def test_packed_linear_gives_the_bits_of_F_linear():
     for out_f, in_f in [(128, 64), (64, 128), (256, 64), (320, 192), (192, 192), (1024, 192), (192, 512),
                         (512, 192), (960, 576), (576, 576), (3072, 576), (576, 1536), (49280, 576)]:
         w = (torch.randn(out_f, in_f, generator=g) * 0.05).bfloat16()
-        packed = pack_weight(w)
+        packed = PackedWeight(w)
         for rows in range(2, PACKED_MAX_ROWS + 1):
             x = torch.randn(rows, in_f, generator=g).bfloat16()
             assert torch.equal(linear(x, w, packed), F.linear(x, w)), (out_f, in_f, rows)
@@ -503,7 +503,7 @@ def test_packed_linear_gives_the_bits_of_F_linear():
     w = torch.randn(96, 64, generator=g) * 0.05
     x = torch.randn(16, 1, 64, generator=g)
     with torch.autocast("cpu", torch.bfloat16):
-        y = linear(x, w, pack_weight(w))
+        y = linear(x, w, PackedWeight(w))
         assert y.shape == (16, 1, 96) and torch.equal(y, F.linear(x, w))
 
 
@@ -519,6 +519,14 @@ def test_decoding_with_packed_weights_is_bit_for_bit(vlm_idefics):
                 assert (vlm_idefics.lm_head.packed is not None) == pack
                 assert all((layer.mlp.down_proj.packed is not None) == pack for layer in vlm_idefics.text_model.layers)
                 logits[pack], _ = cached_logits(vlm_idefics, ids, CHUNKS, dtype=torch.bfloat16)
+        with vlm_idefics.fused_projections(torch.bfloat16):  # one row: matrix-vector products, nothing packed
+            cached_logits(vlm_idefics, ids[:1, :6], [6], dtype=torch.bfloat16)  # prefill of 6 rows would pack
+            assert vlm_idefics.lm_head.packed.packed is not None
+        with vlm_idefics.fused_projections(torch.bfloat16):
+            cache = KVCache(vlm_idefics.config.text, batch_size=1, max_len=4, dtype=torch.bfloat16)
+            for t in range(4):
+                vlm_idefics(ids[:1, t:t + 1], cache=cache)
+            assert vlm_idefics.lm_head.packed.packed is None  # packed on first use only
     assert torch.equal(logits[True], logits[False])
     assert vlm_idefics.lm_head.packed is None  # dropped on exit, with the fused weights
     assert all(layer.self_attn.qkv_packed is None and layer.self_attn.o_proj.packed is None
