@@ -461,7 +461,9 @@ class LlamaAttention(nn.Module):
         # the numbers are the same) replaces casting every cached key and value up and back down,
         # every layer and every step (batch 16: ~5 copies of the whole cache per layer).
         y = attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=mask is None and cache is None, enable_gqa=KV != H,
-                      training=self.training).to(q.dtype)
+                      training=self.training)
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast o_proj casts y to bf16 anyway:
+            y = y.to(q.dtype)  # an fp32 round trip there would be two exact, useless copies
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.hd))
 
 
