@@ -288,6 +288,9 @@ class Connector(nn.Module):
 # attention, SwiGLU, no biases.
 
 
+PACKED_MAX_ROWS = 64  # up to here the packed product's bits are checked equal to F.linear's
+
+
 def linear(x, weight, packed=None):  # x (..., in), weight (out, in) -> (..., out), no bias
     """F.linear, with two faster routes for the few rows of a decode step, both measured on the CPU
     at the smolvlm-256m shape in bf16:
@@ -312,9 +315,6 @@ def linear(x, weight, packed=None):  # x (..., in), weight (out, in) -> (..., ou
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1).to(w.dtype), w, None, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
-
-
-PACKED_MAX_ROWS = 64  # up to here the packed product's bits are checked equal to F.linear's
 
 
 def can_pack(dtype, device):
@@ -591,8 +591,7 @@ class VLM(nn.Module):
             if packing:
                 a.qkv_packed, mlp.gate_up_packed = PackedWeight(a.qkv_weight), PackedWeight(mlp.gate_up_weight)
                 a.o_proj.packed, mlp.down_proj.packed = PackedWeight(a.o_proj.weight), PackedWeight(mlp.down_proj.weight)
-        if packing:
-            self.lm_head.packed = PackedWeight(self.lm_head.weight)
+        self.lm_head.packed = PackedWeight(self.lm_head.weight) if packing else None
         try:
             yield self
         finally:

@@ -519,10 +519,10 @@ def test_decoding_with_packed_weights_is_bit_for_bit(vlm_idefics):
                 assert (vlm_idefics.lm_head.packed is not None) == pack
                 assert all((layer.mlp.down_proj.packed is not None) == pack for layer in vlm_idefics.text_model.layers)
                 logits[pack], _ = cached_logits(vlm_idefics, ids, CHUNKS, dtype=torch.bfloat16)
-        with vlm_idefics.fused_projections(torch.bfloat16):  # one row: matrix-vector products, nothing packed
-            cached_logits(vlm_idefics, ids[:1, :6], [6], dtype=torch.bfloat16)  # prefill of 6 rows would pack
+        with vlm_idefics.fused_projections(torch.bfloat16):  # a prefill of 6 rows packs, on first use
+            cached_logits(vlm_idefics, ids[:1, :6], [6], dtype=torch.bfloat16)
             assert vlm_idefics.lm_head.packed.packed is not None
-        with vlm_idefics.fused_projections(torch.bfloat16):
+        with vlm_idefics.fused_projections(torch.bfloat16):  # one row at a time: matrix-vector products only
             cache = KVCache(vlm_idefics.config.text, batch_size=1, max_len=4, dtype=torch.bfloat16)
             for t in range(4):
                 vlm_idefics(ids[:1, t:t + 1], cache=cache)
