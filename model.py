@@ -291,29 +291,34 @@ class Connector(nn.Module):
 PACKED_MAX_ROWS = 64  # up to here the packed product's bits are checked equal to F.linear's
 
 
-def linear(x, weight, packed=None):  # x (..., in), weight (out, in) -> (..., out), no bias
-    """F.linear, with two faster routes for the few rows of a decode step, both measured on the CPU
-    at the smolvlm-256m shape in bf16:
+def linear(x, weight, decode=None):  # x (..., in), weight (out, in) -> (..., out), no bias
+    """F.linear, with faster routes for the few rows of a decode step, all measured on the CPU at
+    the smolvlm-256m shape in bf16:
 
     - A single input row is a matrix-vector product. Decoding one sequence feeds every projection
       one row; torch.mv then reads the weight once at memory speed, where the GEMM path of F.linear
-      takes 1.3-1.8x longer on these shapes (129 vs 172-208 us for 1536 x 576). Autocast casts the
-      weight for it exactly as for F.linear.
-    - A few rows (2 to PACKED_MAX_ROWS, e.g. 16 samples decoding together) with `packed`, the same
-      weight prepacked once into oneDNN's blocked layout (PackedWeight). F.linear hands bf16
+      takes 1.3-1.8x longer on these shapes (129 vs 172-208 us for 1536 x 576).
+    - While decoding, `decode` is the weight's DecodeWeight: cast once to the compute dtype, so the
+      one-row product is torch.mv itself (autocast does not wrap mv on the CPU; without the cast,
+      torch.matmul is the op autocast casts for). x.to(w.dtype) is the cast autocast makes.
+    - A few rows (2 to PACKED_MAX_ROWS, e.g. 16 samples decoding together): the same weight
+      prepacked once into oneDNN's blocked layout (DecodeWeight.packed). F.linear hands bf16
       products to oneDNN too, but with the plain weight, which oneDNN reorders on every call: with
       the reorder done once, the products of a 16-row decode step take 1.4-1.9x less time, with
-      the same bits (tests/test_model.py compares them for 2 to 64 rows). Inference only: the
-      packed product has no backward.
+      the same bits (tests/test_model.py compares them for 2 to 64 rows).
+    Inference only: the decoding routes have no backward.
     """
-    rows = x.numel() // weight.shape[1]
-    if rows == 1:
+    if decode is not None and not x.requires_grad:
+        w = decode.weight
+        rows = x.numel() // w.shape[1]
+        if rows == 1:
+            return torch.mv(w, x.reshape(-1).to(w.dtype)).view(*x.shape[:-1], w.shape[0])
+        if decode.pack and rows <= PACKED_MAX_ROWS:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1).to(w.dtype), decode.packed(), None, "none", [], "")
+            return y.view(*x.shape[:-1], w.shape[0])
+        return F.linear(x.to(w.dtype), w)
+    if x.numel() == weight.shape[1]:  # one row outside decoding (autocast casts for matmul)
         return torch.matmul(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
-    if packed is not None and rows <= PACKED_MAX_ROWS and not x.requires_grad:
-        # x.to(bf16) is the cast autocast would make for F.linear; the output is bf16, as there
-        w = packed.get()
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1).to(w.dtype), w, None, "none", [], "")
-        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
 
@@ -325,30 +330,31 @@ def can_pack(dtype, device):
             and torch.backends.mkldnn.enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class PackedWeight:
-    """A weight (out, in) as bf16 in oneDNN's blocked layout, for linear(), packed on first use: a
-    decode that never has 2 to PACKED_MAX_ROWS rows (one sequence) never pays for it (~0.1 s for
-    the whole smolvlm-256m decoder and head)."""
+class DecodeWeight:
+    """A weight (out, in) as decoding reads it in linear(): `weight`, cast once to the compute
+    dtype (it replaces the copy autocast would cache), and, when `pack` (bf16, can_pack), the same
+    in oneDNN's blocked layout, packed on first use: a decode that never has 2 to PACKED_MAX_ROWS
+    rows (one sequence) never pays for it (~0.1 s for the whole smolvlm-256m decoder and head)."""
 
-    def __init__(self, weight):
-        self.weight, self.packed = weight, None
+    def __init__(self, weight, dtype, pack=False):
+        self.weight, self.pack, self._packed = weight.detach().to(dtype), pack, None
 
-    def get(self):
-        if self.packed is None:  # the layout is chosen for a batch of 32 rows: a decode step's few
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(torch.bfloat16), 32)
-        return self.packed
+    def packed(self):
+        if self._packed is None:  # the layout is chosen for a batch of 32 rows: a decode step's few
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
+        return self._packed
 
 
 class Linear(nn.Linear):
     """nn.Linear (same weights, same state-dict names) whose bias-free forward is linear() above.
-    `packed` is its PackedWeight for decoding, set only inside VLM.fused_projections."""
+    `decode` is its DecodeWeight, set only inside VLM.fused_projections."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.packed = None
+        self.decode = None
 
     def forward(self, x):
-        return super().forward(x) if self.bias is not None else linear(x, self.weight, self.packed)
+        return super().forward(x) if self.bias is not None else linear(x, self.weight, self.decode)
 
 
 class RMSNorm(nn.Module):
@@ -359,8 +365,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # The statistic is computed in fp32 even under bf16: a sum of squares loses precision fast.
+        # (add_ and rsqrt_ in place: the same numbers, two fewer allocations per call)
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return self.weight * h.to(x.dtype)
 
 
@@ -368,14 +375,17 @@ def rotary_cos_sin(positions, head_dim, theta, dtype):  # positions (B, T) long 
     # Computed in fp32 from integer positions so that cached decoding and a full forward agree.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)  # Llama's split-halves layout, not interleaved pairs
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    # Llama's split-halves layout, not interleaved pairs. sin comes with its first half negated, so
+    # that apply_rotary can rotate with one roll (see there).
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rotary(x, cos, sin):  # x (B, H, T, hd); cos, sin (B, 1, T, hd), shared by the heads
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)  # HF's rotate_half
-    return x * cos + rotated * sin
+def apply_rotary(x, cos, sin):  # x (B, H, T, hd); cos, sin (B, 1, T, hd) from rotary_cos_sin, shared by the heads
+    # HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) for the halves x1, x2.
+    # roll(x) = cat(x2, x1), and sin's negated first half supplies the minus sign: the same numbers
+    # (a sign flip is exact) in one op instead of four (chunk, neg, cat).
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
@@ -434,13 +444,13 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(d, self.n_kv * self.hd, bias=False)
         self.v_proj = Linear(d, self.n_kv * self.hd, bias=False)
         self.o_proj = Linear(self.n_heads * self.hd, d, bias=False)
-        self.qkv_weight = self.qkv_packed = None  # (H + 2 KV) * hd x D, only inside VLM.fused_projections
+        self.qkv = None  # DecodeWeight of the (H + 2 KV) * hd x D fused weight, only inside VLM.fused_projections
 
     def forward(self, x, cos, sin, mask, cache):  # x (B, T, D)
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv
-        if self.qkv_weight is not None:  # one matmul and one rotary call instead of three and two
-            qkv = linear(x, self.qkv_weight, self.qkv_packed).view(B, T, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, T, hd)
+        if self.qkv is not None:  # one matmul and one rotary call instead of three and two
+            qkv = linear(x, self.qkv.weight, self.qkv).view(B, T, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, T, hd)
             q, k = apply_rotary(qkv[:, :H + KV], cos, sin).split([H, KV], dim=1)
             v = qkv[:, H + KV:]
         else:
@@ -473,11 +483,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_weight = self.gate_up_packed = None  # 2 * intermediate x D, only inside VLM.fused_projections
+        self.gate_up = None  # DecodeWeight of the 2 * intermediate x D fused weight, only inside VLM.fused_projections
 
     def forward(self, x):
-        if self.gate_up_weight is not None:
-            gate, up = linear(x, self.gate_up_weight, self.gate_up_packed).chunk(2, dim=-1)
+        if self.gate_up is not None:
+            gate, up = linear(x, self.gate_up.weight, self.gate_up).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
@@ -579,27 +589,26 @@ class VLM(nn.Module):
            instead of three (two) saves the per-call cost, about a tenth of a decode step at the
            smolvlm-256m shape on the CPU. Same products, same numbers: each output row of a matrix
            product depends only on its own weight row.
-        2. Packed (when can_pack(dtype), unless pack=False): every decoder projection and the head
-           also get a copy prepacked for oneDNN (on first use), which linear() uses for steps of 2 to
+        2. Cast and packed: every decoder projection (fused or not) and the head get a DecodeWeight,
+           the weight cast once to `dtype` (the copy autocast would otherwise cache), which lets a
+           one-row product call torch.mv directly; and, when can_pack(dtype) unless pack=False, a
+           copy prepacked for oneDNN on first use, which linear() uses for steps of 2 to
            PACKED_MAX_ROWS rows. Same bits again; at batch 16 a decode step is ~15% faster.
         """
-        packing = pack and can_pack(dtype, next(self.parameters()).device)
+        pack = pack and can_pack(dtype, next(self.parameters()).device)
         for layer in self.text_model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            a.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dtype)
-            mlp.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dtype)
-            if packing:
-                a.qkv_packed, mlp.gate_up_packed = PackedWeight(a.qkv_weight), PackedWeight(mlp.gate_up_weight)
-                a.o_proj.packed, mlp.down_proj.packed = PackedWeight(a.o_proj.weight), PackedWeight(mlp.down_proj.weight)
-        self.lm_head.packed = PackedWeight(self.lm_head.weight) if packing else None
+            a.qkv = DecodeWeight(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dtype, pack)
+            mlp.gate_up = DecodeWeight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype, pack)
+            a.o_proj.decode, mlp.down_proj.decode = DecodeWeight(a.o_proj.weight, dtype, pack), DecodeWeight(mlp.down_proj.weight, dtype, pack)
+        self.lm_head.decode = DecodeWeight(self.lm_head.weight, dtype, pack)
         try:
             yield self
         finally:
             for layer in self.text_model.layers:
                 a, mlp = layer.self_attn, layer.mlp
-                a.qkv_weight = a.qkv_packed = mlp.gate_up_weight = mlp.gate_up_packed = None
-                a.o_proj.packed = mlp.down_proj.packed = None
-            self.lm_head.packed = None
+                a.qkv = mlp.gate_up = a.o_proj.decode = mlp.down_proj.decode = None
+            self.lm_head.decode = None
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -26,7 +26,7 @@ from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Llam
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
 from model import (PACKED_MAX_ROWS, VLM, KVCache, Linear, SiglipEmbeddings, can_pack, get_config, linear,  # noqa: E402
-                   math_attention, PackedWeight)
+                   math_attention, DecodeWeight, apply_rotary, rotary_cos_sin)
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -464,11 +464,12 @@ def test_single_row_decoding_matches_full_forward(vlm_idefics, fused):
     with torch.no_grad():
         full, _ = vlm(ids)
         with vlm.fused_projections(torch.float32) if fused else contextlib.nullcontext():
-            assert all((layer.self_attn.qkv_weight is not None) == fused for layer in vlm.text_model.layers)
+            assert all((layer.self_attn.qkv is not None) == fused for layer in vlm.text_model.layers)
             cached, _ = cached_logits(vlm, ids, CHUNKS)
     assert max_diff(cached, full) <= TOL
     # on exit the fused copies are gone: training only ever sees the separate parameters
-    assert all(layer.self_attn.qkv_weight is None and layer.mlp.gate_up_weight is None for layer in vlm.text_model.layers)
+    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None and layer.self_attn.o_proj.decode is None
+               for layer in vlm.text_model.layers)
 
 
 def test_linear_single_row_is_the_same_product():
@@ -482,6 +483,9 @@ def test_linear_single_row_is_the_same_product():
         assert torch.allclose(x.grad, layer.weight.sum(0).expand(shape), atol=1e-6)
     with torch.autocast("cpu", torch.bfloat16):  # autocast casts for it as for F.linear
         assert layer(torch.randn(1, 24)).dtype == torch.bfloat16
+        # while decoding, the weight cast once (DecodeWeight) makes it torch.mv itself: the same bits
+        x = torch.randn(1, 1, 24)
+        assert torch.equal(linear(x, layer.weight, DecodeWeight(layer.weight, torch.bfloat16)), layer(x))
 
 
 needs_packing = pytest.mark.skipif(not can_pack(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 products")
@@ -495,7 +499,7 @@ def test_packed_linear_gives_the_bits_of_F_linear():
     for out_f, in_f in [(128, 64), (64, 128), (256, 64), (320, 192), (192, 192), (1024, 192), (192, 512),
                         (512, 192), (960, 576), (576, 576), (3072, 576), (576, 1536), (49280, 576)]:
         w = (torch.randn(out_f, in_f, generator=g) * 0.05).bfloat16()
-        packed = PackedWeight(w)
+        packed = DecodeWeight(w, torch.bfloat16, pack=True)
         for rows in range(2, PACKED_MAX_ROWS + 1):
             x = torch.randn(rows, in_f, generator=g).bfloat16()
             assert torch.equal(linear(x, w, packed), F.linear(x, w)), (out_f, in_f, rows)
@@ -503,7 +507,7 @@ def test_packed_linear_gives_the_bits_of_F_linear():
     w = torch.randn(96, 64, generator=g) * 0.05
     x = torch.randn(16, 1, 64, generator=g)
     with torch.autocast("cpu", torch.bfloat16):
-        y = linear(x, w, PackedWeight(w))
+        y = linear(x, w, DecodeWeight(w, torch.bfloat16, pack=True))
         assert y.shape == (16, 1, 96) and torch.equal(y, F.linear(x, w))
 
 
@@ -516,21 +520,42 @@ def test_decoding_with_packed_weights_is_bit_for_bit(vlm_idefics):
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         for pack in (False, True):
             with vlm_idefics.fused_projections(torch.bfloat16, pack=pack):
-                assert (vlm_idefics.lm_head.packed is not None) == pack
-                assert all((layer.mlp.down_proj.packed is not None) == pack for layer in vlm_idefics.text_model.layers)
+                assert vlm_idefics.lm_head.decode.pack == pack
+                assert all(layer.mlp.down_proj.decode.pack == pack for layer in vlm_idefics.text_model.layers)
                 logits[pack], _ = cached_logits(vlm_idefics, ids, CHUNKS, dtype=torch.bfloat16)
         with vlm_idefics.fused_projections(torch.bfloat16):  # a prefill of 6 rows packs, on first use
             cached_logits(vlm_idefics, ids[:1, :6], [6], dtype=torch.bfloat16)
-            assert vlm_idefics.lm_head.packed.packed is not None
+            assert vlm_idefics.lm_head.decode._packed is not None
         with vlm_idefics.fused_projections(torch.bfloat16):  # one row at a time: matrix-vector products only
             cache = KVCache(vlm_idefics.config.text, batch_size=1, max_len=4, dtype=torch.bfloat16)
             for t in range(4):
                 vlm_idefics(ids[:1, t:t + 1], cache=cache)
-            assert vlm_idefics.lm_head.packed.packed is None  # packed on first use only
+            assert vlm_idefics.lm_head.decode._packed is None  # packed on first use only
     assert torch.equal(logits[True], logits[False])
-    assert vlm_idefics.lm_head.packed is None  # dropped on exit, with the fused weights
-    assert all(layer.self_attn.qkv_packed is None and layer.self_attn.o_proj.packed is None
+    assert vlm_idefics.lm_head.decode is None  # dropped on exit, with the fused weights
+    assert all(layer.self_attn.qkv is None and layer.self_attn.o_proj.decode is None
                for layer in vlm_idefics.text_model.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_with_one_roll_is_rotate_half_bit_for_bit(dtype):
+    # apply_rotary rolls x and takes the minus sign of rotate_half from sin's negated first half:
+    # the same numbers as HF's x * cos + rotate_half(x) * sin, for values and gradients.
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 3, 5, 16, generator=g).to(dtype).requires_grad_()
+    positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 2, 7]])
+    cos, sin = rotary_cos_sin(positions, 16, 10000.0, torch.float32)
+    cos, sin = cos[:, None], sin[:, None]
+    assert torch.equal(cos[..., :8], cos[..., 8:]) and torch.equal(sin[..., :8], -sin[..., 8:])
+    y = apply_rotary(x, cos, sin)
+    x2 = x.detach().clone().requires_grad_()
+    plain_sin = torch.cat((sin[..., 8:], sin[..., 8:]), dim=-1)  # HF's sin: both halves positive
+    y2 = x2 * cos + torch.cat((-x2[..., 8:], x2[..., :8]), dim=-1) * plain_sin
+    assert torch.equal(y, y2)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    y2.backward(grad)
+    assert torch.equal(x.grad, x2.grad)
 
 
 def test_patch_embedding_is_the_convolution_row_major():
