@@ -600,7 +600,8 @@ class VLM(nn.Module):
             a, mlp = layer.self_attn, layer.mlp
             a.qkv = DecodeWeight(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dtype, pack)
             mlp.gate_up = DecodeWeight(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype, pack)
-            a.o_proj.decode, mlp.down_proj.decode = DecodeWeight(a.o_proj.weight, dtype, pack), DecodeWeight(mlp.down_proj.weight, dtype, pack)
+            a.o_proj.decode = DecodeWeight(a.o_proj.weight, dtype, pack)
+            mlp.down_proj.decode = DecodeWeight(mlp.down_proj.weight, dtype, pack)
         self.lm_head.decode = DecodeWeight(self.lm_head.weight, dtype, pack)
         try:
             yield self

@@ -25,8 +25,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import (PACKED_MAX_ROWS, VLM, KVCache, Linear, SiglipEmbeddings, can_pack, get_config, linear,  # noqa: E402
-                   math_attention, DecodeWeight, apply_rotary, rotary_cos_sin)
+from model import (PACKED_MAX_ROWS, VLM, DecodeWeight, KVCache, Linear, SiglipEmbeddings, apply_rotary,  # noqa: E402
+                   can_pack, get_config, linear, math_attention, rotary_cos_sin)
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
