@@ -1,35 +1,35 @@
 """The two agents of Insight-V, and how they answer questions together.
 
-Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.2) splits visual reasoning between two models
-fine-tuned from one base MLLM:
-  - the reasoning agent reads the image and the question and writes only a long structured chain,
-    `<thoughts>` ... `</thoughts>` with one `Title: content` line per step (the official code's
-    format; data.render_chain writes it, data.parse_chain reads it back);
-  - the summary agent reads the image, the question and that chain, judges silently whether the
-    chain is sound, and gives a short final answer: from the chain when it is right, from the image
-    directly when it is not. Its training set holds flawed chains on purpose (data.py), so a wrong
-    chain need not mean a wrong answer.
+Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.2) splits visual reasoning between two models fine-tuned
+from one base MLLM:
+  - the reasoning agent reads the image and the question and writes only a long structured chain, `<thoughts>` ...
+    `</thoughts>` with one `Title: content` line per step (the official code's format, data.render_chain's);
+  - the summary agent reads the image, the question and that chain, judges silently whether the chain is sound, and
+    gives a short final answer: from the chain when it is right, from the image directly when it is not. Its
+    training set holds flawed chains on purpose (data.py), so a wrong chain need not mean a wrong answer.
 The prompts of both agents (and of the single-model arms) are defined once, in data.task_messages.
 
-Small models write untidy chains: the end tag may be missing, the last step cut off by the token
-limit, or nothing written at all. data.parse_chain keeps every line it can read as a step, and the
-summary agent always gets a chain in exactly the format it was trained on (the parsed steps
-rendered again, possibly with no steps), so it can still answer.
+Small models write untidy chains: the end tag may be missing, the last step cut off by the token limit, or nothing
+written at all. data.parse_chain keeps every line it can read as a step, and the summary agent always gets a chain
+in exactly the format it was trained on (the parsed steps rendered again, maybe none), so it can still answer.
 
-Decoding: the paper samples the reasoning agent at temperature 0.2-0.7 and the summary agent at
-0.2. Our default is greedy for both: evaluation then gives the same numbers on every run and every
-machine, which a table with confidence intervals needs. `temperature` turns sampling back on.
+Decoding: the paper samples the reasoning agent at temperature 0.2-0.7 and the summary agent at 0.2. Our default
+is greedy for both, so evaluation gives the same numbers on every run and machine, as a table with confidence
+intervals needs; `temperature` turns sampling back on.
 
-Reading order: the one batched-generation helper every caller uses, the agents, the two-agent
-system, the single-model arms (direct answer, summary agent without chains, vanilla), the CLI.
+Reading order: the batched-generation helper every caller uses, the agents, the two-agent system, the single-model
+arms (direct, summary agent without chains, vanilla), a loaded VLM as real data's generator and judge, the CLI.
 
-    python agents.py --image out/data/images/test-00000.png --question "How many circles and triangles are there in total?"
+    python agents.py --image out/data/images/test-00000.png --question "How many circles are there?"
+    python agents.py --real bench.jsonl --generator CKPT [--judge CKPT] --data-out out/real
 """
 
 import glob
+import json
 import os
+import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm import tqdm
@@ -37,11 +37,10 @@ from tqdm import tqdm
 import data
 import train_sft
 from generate import generate
-from model import VLM, parse_config
+from model import VLM
 
-# Token budgets. A chain of the synthetic world is under 100 tokens (data.py's card.json reports the
-# longest); the margin leaves room for longer chains on real data. An answer is a word or a number,
-# a real benchmark's answer a short phrase.
+# Token budgets. A chain of the synthetic world is under 100 tokens (data.py's card.json reports the longest); the
+# margin leaves room for longer chains on real data. An answer is a word or a number, on a benchmark a short phrase.
 CHAIN_TOKENS = 256
 ANSWER_TOKENS = 32
 
@@ -53,9 +52,9 @@ ANSWER_TOKENS = 32
 def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
     """The assistant's reply to each conversation, all decoded in one batched call -> list[str].
 
-    conversations[i] is a message list from data.task_messages (no assistant turn); images is
-    (B, 3, H, W), images[i] the image of conversation i. Rows are prompt-major when num_samples > 1.
-    Decoding stops at <end_of_utterance>, which is cut from the text.
+    conversations[i] is a message list without the assistant turn (data.task_messages, or plain user messages);
+    images is (B, 3, H, W), images[i] the image of conversation i, or None when no message has an image. Rows are
+    prompt-major when num_samples > 1. Decoding stops at <end_of_utterance>, which is cut from the text.
     """
     tok = vlm.tokenizer
     if tok is None:
@@ -64,9 +63,9 @@ def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=
     prompts = [data.render_conversation(tok, messages, vlm.config.tokens_per_image, add_generation_prompt=True)[0]
                for messages in conversations]
     device = next(vlm.parameters()).device
-    new = generate(vlm, prompts, images.to(device), max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_p=top_p, num_samples=num_samples, stop_ids=[ids["eou"]], seed=seed, pad_id=ids["pad"],
-                   dtype=torch.bfloat16 if device.type == "cuda" else None)
+    new = generate(vlm, prompts, None if images is None else images.to(device), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, num_samples=num_samples, stop_ids=[ids["eou"]], seed=seed,
+                   pad_id=ids["pad"], dtype=torch.bfloat16 if device.type == "cuda" else None)
     return [tok.decode([t for t in row if t != ids["eou"]]).strip() for row in new]
 
 
@@ -79,6 +78,11 @@ def batches(rows, image_root, image_size, batch_size, desc=None):
         yield batch, images
         bar.update(len(batch))
     bar.close()
+
+
+def format_question(rec):
+    """The question as shown to a model, with lettered options when it has choices."""
+    return rec["question"] + "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(rec.get("choices") or []))
 
 
 def read_chain(text):
@@ -95,7 +99,8 @@ class ReasoningAgent:
     """Image + question + the reasoning instruction -> a chain of steps, and no answer of its own."""
 
     def __init__(self, vlm, max_new_tokens=CHAIN_TOKENS, temperature=0.0, top_p=None, seed=0):
-        self.vlm, self.max_new_tokens, self.temperature, self.top_p, self.seed = vlm, max_new_tokens, temperature, top_p, seed
+        self.vlm, self.max_new_tokens, self.seed = vlm, max_new_tokens, seed
+        self.temperature, self.top_p = temperature, top_p
 
     def reason(self, questions, images):  # images (B, 3, H, W) -> [{chain, steps, chain_answer}]
         texts = complete(self.vlm, [data.task_messages("reasoning", q) for q in questions], images,
@@ -107,11 +112,11 @@ class SummaryAgent:
     """Image + question + a chain -> a short final answer (from the chain if it is sound, else directly)."""
 
     def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0):
-        self.vlm, self.max_new_tokens, self.temperature, self.top_p, self.seed = vlm, max_new_tokens, temperature, top_p, seed
+        self.vlm, self.max_new_tokens, self.seed = vlm, max_new_tokens, seed
+        self.temperature, self.top_p = temperature, top_p
 
     def summarize(self, questions, steps, images):  # steps: one list of steps per question -> [answer]
-        # Rendered again from the parsed steps: a chain without its end tag or with a half-written
-        # last step reaches the summary agent in the exact format of its training data.
+        # Rendered again from the parsed steps, so even a cut-off chain arrives in the format of its training data.
         messages = [data.task_messages("summary", q, data.render_chain(s)) for q, s in zip(questions, steps)]
         return complete(self.vlm, messages, images, self.max_new_tokens, self.temperature, self.top_p, seed=self.seed)
 
@@ -128,7 +133,7 @@ class TwoAgentSystem:
         """rows with image (relative to image_root) and question -> [{chain, steps, chain_answer, answer}]."""
         size = self.reasoner.vlm.config.vision.image_size
         return [result for batch, images in batches(rows, image_root, size, self.batch_size, desc)
-                for result in self.answer_batch([data.format_question(r) for r in batch], images)]
+                for result in self.answer_batch([format_question(r) for r in batch], images)]
 
     def answer_batch(self, questions, images):  # images (B, 3, H, W), each used by both agents
         chains = self.reasoner.reason(questions, images)
@@ -145,23 +150,21 @@ class TwoAgentSystem:
 
 def read_vanilla(text):
     """A vanilla reply (chain, then the answer after its end tag) -> {chain, steps, chain_answer, answer}.
-    A reply cut off inside its chain gave no answer (data.response_answer)."""
-    return {**read_chain(text), "answer": data.response_answer(text)}
+    A reply cut off inside its chain gave no answer."""
+    cut_off = "<thoughts>" in text and "</thoughts>" not in text
+    return {**read_chain(text), "answer": "" if cut_off else text.split("</thoughts>", 1)[-1].strip()}
 
 
 def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_tokens=None, temperature=0.0, desc=None):
-    """One model answers every row on its own -> [{chain, steps, chain_answer, answer}].
-
-    task: "direct" or "summary_only" (a short answer; no chain, so chain fields are None), or
-    "vanilla" (chain then answer in one reply; max_new_tokens covers both).
-    """
+    """One model answers every row on its own -> [{chain, steps, chain_answer, answer}]; the chain fields are None
+    unless task is "vanilla" (a chain, then the answer, in one reply whose max_new_tokens covers both)."""
     if task not in ("direct", "summary_only", "vanilla"):
         raise ValueError(f"unknown single-model task {task!r}: choose direct, summary_only or vanilla")
     if max_new_tokens is None:
         max_new_tokens = CHAIN_TOKENS + ANSWER_TOKENS if task == "vanilla" else ANSWER_TOKENS
     results = []
     for batch, images in batches(rows, image_root, vlm.config.vision.image_size, batch_size, desc):
-        questions = [data.format_question(r) for r in batch]  # with lettered options for multiple choice
+        questions = [format_question(r) for r in batch]  # with lettered options for multiple choice
         texts = complete(vlm, [data.task_messages(task, q) for q in questions], images, max_new_tokens, temperature)
         no_chain = {"chain": None, "steps": None, "chain_answer": None}
         results += [read_vanilla(t) if task == "vanilla" else {**no_chain, "answer": t} for t in texts]
@@ -169,13 +172,116 @@ def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_t
 
 
 # ----------------------------------------------------------------------------------------------
-# Loading checkpoints, and the CLI for one image
+# Real data (paper Sec. 3.1): a loaded VLM writes and judges reasoning paths behind the interfaces data.assess_and_write
+# calls for the world: data.ScriptedTeacher (generate), data.AnswerFilter (judge) and data.SceneStepScorer (score).
+
+STEP_PROMPT = ('Think about the next step only. Reply with one JSON object: {"title": ..., '
+               '"content": ..., "next_action": "continue" or "final_answer"}.')
+FINAL_PROMPT = "Given these steps, give only the final answer."
+
+
+class _VLMClient:
+    """Plain questions to a loaded VLM, about one image or none, decoded through complete."""
+
+    def __init__(self, vlm, root=".", temperature=0.7, top_p=0.95, max_new_tokens=128):
+        self.vlm, self.root = vlm, root
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+
+    def ask(self, texts, rng, image=None, temperature=None, max_new_tokens=None):
+        images = None
+        if image is not None:  # the same image under every text
+            images = data.load_image(os.path.join(self.root, image), self.vlm.config.vision.image_size)
+            images = images.expand(len(texts), -1, -1, -1)
+        messages = [[{"role": "user", "content": t, "image": image is not None}] for t in texts]
+        return complete(self.vlm, messages, images, max_new_tokens or self.max_new_tokens,
+                        self.temperature if temperature is None else temperature, self.top_p,
+                        seed=rng.randrange(2 ** 31))
+
+
+class ModelGenerator(_VLMClient):
+    """The paper's progressive generator: the VLM writes one JSON step per call, a question's N paths together in one
+    batch; malformed JSON is retried, then the path ends; a final answer is requested after the last step."""
+
+    def __init__(self, vlm, max_steps=16, retries=2, **kw):
+        super().__init__(vlm, **kw)
+        self.max_steps, self.retries = max_steps, retries
+
+    def generate(self, rec, n, rng):
+        paths = [{"steps": [], "final_answer": ""} for _ in range(n)]
+        fails, live = [0] * n, list(range(n))
+        while live:
+            prompts = [f"{format_question(rec)}\nSteps so far:\n" + "".join(
+                json.dumps(s) + "\n" for s in paths[i]["steps"]) + STEP_PROMPT for i in live]
+            for i, reply in zip(list(live), self.ask(prompts, rng, rec["image"])):
+                step = parse_step_json(reply)
+                if step is None:
+                    fails[i] += 1
+                else:
+                    paths[i]["steps"].append(step)
+                if (fails[i] > self.retries or len(paths[i]["steps"]) >= self.max_steps
+                        or (step and step["next_action"] == "final_answer")):
+                    live.remove(i)
+        todo = [p for p in paths if data.chain_answer(p["steps"]) is None]
+        texts = [f"{format_question(rec)}\n{data.render_chain(p['steps'])}\n{FINAL_PROMPT}" for p in todo]
+        for p, reply in zip(todo, self.ask(texts, rng, rec["image"], max_new_tokens=16) if todo else []):
+            p["final_answer"] = reply
+        for p in paths:
+            p["final_answer"] = p["final_answer"] or data.chain_answer(p["steps"]) or ""
+        return paths
+
+
+def parse_step_json(text):
+    """The first {...} in a reply as a step record, or None when it is not one."""
+    try:
+        step = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    except ValueError:
+        return None
+    if not (isinstance(step, dict) and isinstance(step.get("content"), str)):
+        return None
+    action = step.get("next_action")
+    return {"title": str(step.get("title", "")).replace("\n", " "), "content": step["content"].replace("\n", " "),
+            "next_action": action if action in ("continue", "final_answer") else "continue"}
+
+
+class ModelJudge(_VLMClient):
+    """Both assessment roles, with a loaded model reading text only: the paper's "same meaning as the
+    ground truth?" check, and one call that scores all N paths together, so their scores compare."""
+
+    def __init__(self, vlm, retries=2, **kw):
+        super().__init__(vlm, **{"temperature": 0.0, **kw})
+        self.retries = retries
+
+    def judge(self, rec, answer):
+        if data.is_correct(answer, rec["answer"], rec.get("choices")):
+            return True
+        question = (f"Question: {format_question(rec)}\nGround truth: {rec['answer']}\nAnswer: {answer}\n"
+                    "Does the answer have the same meaning as the ground truth? Reply 1 or 0.")
+        return self.ask([question], random.Random(0), max_new_tokens=4)[0].strip().startswith("1")
+
+    def score(self, rec, paths):
+        paths = [data.as_path(p) for p in paths]
+        text = (f"Question: {format_question(rec)}\nGround truth: {rec['answer']}\n" + "".join(
+            f"Path {i + 1}:\n{data.render_chain(p['steps'])}\n" for i, p in enumerate(paths)) +
+            f"Score each path from 1 to 100 for correct, complete, relevant steps. Reply with "
+            f"a JSON list of {len(paths)} integers.")
+        rng = random.Random(0)
+        for attempt in range(self.retries + 1):
+            reply = self.ask([text], rng, temperature=0.0 if attempt == 0 else 0.7)[0]
+            m = re.search(r"\[[\d\s,.]*\]", reply)
+            scores = [int(float(x)) for x in re.findall(r"\d+(?:\.\d+)?", m[0])] if m else []
+            if len(scores) == len(paths):
+                return [max(1, min(100, s)) for s in scores]
+        return [100 if self.judge(rec, p["final_answer"]) else 1 for p in paths]  # unreadable: the coarse verdict
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading checkpoints, and the CLI
 
 
 def load_vlm(path, device=None):
     """A checkpoint directory -> VLM in eval mode on the device, with a clear error when it is not there."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no checkpoint at {path}: train it first (python train_dpo.py --iters 3 builds every stage)")
+        raise FileNotFoundError(f"no checkpoint at {path}: train it with python train_dpo.py --iters 3 (every stage)")
     vlm = VLM.from_pretrained(path)
     if vlm.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer.json: save the checkpoint together with its tokenizer")
@@ -200,30 +306,69 @@ def latest_reasoning_dir(out_dir):
 
 @dataclass
 class AgentsConfig:
-    image: str = field(default=None, metadata={"help": "image file (png, jpg, ...)"})
-    question: str = field(default=None, metadata={"help": "the question about the image"})
-    out: str = field(default="out", metadata={"help": "the run directory whose agents are used by default"})
-    reasoning: str = field(default=None, metadata={"help": "reasoning agent checkpoint (default: the last DPO round in --out, else its SFT agent)"})
-    summary: str = field(default=None, metadata={"help": "summary agent checkpoint (default: the summary agent in --out)"})
-    max_new_tokens: int = field(default=CHAIN_TOKENS, metadata={"help": "token limit of the chain"})
-    temperature: float = field(default=0.0, metadata={"help": "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)"})
-    seed: int = field(default=0, metadata={"help": "random seed when sampling"})
+    """One image and question for the two agents; or, with --real, reasoning paths and the two SFT sets for a real
+    JSONL, shaped by --seed and the --real data options (the data.DataConfig fields of the same names)."""
+    image: str = data.option(None, "image file (png, jpg, ...)")
+    question: str = data.option(None, "the question about the image")
+    out: str = data.option("out", "the run directory whose agents are used by default")
+    reasoning: str = data.option(None, "reasoning agent checkpoint (default: the last DPO round in --out, else SFT)")
+    summary: str = data.option(None, "summary agent checkpoint (default: the summary agent in --out)")
+    max_new_tokens: int = data.option(CHAIN_TOKENS, "token limit of the chain")
+    temperature: float = data.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)")
+    seed: int = data.option(0, "random seed when sampling, and of the --real paths")
+    real: str = data.option(None, "JSONL of image, question, answer (optional choices)")
+    generator: str = data.option(None, "checkpoint that writes the --real reasoning paths")
+    judge: str = data.option(None, "checkpoint that judges the paths (default: the generator)")
+    data_out: str = data.option("out/real", "directory for the --real paths and SFT sets")
+    skip_bad: bool = data.option(False, "skip and count bad --real lines")
+    paths_per_question: int = data.option(data.DataConfig.paths_per_question, "--real: N reasoning paths per question")
+    max_steps: int = data.option(data.DataConfig.max_steps, "--real: step cap of a path")
+    high: int = data.option(data.DataConfig.high, "--real: judge score >= high is High")
+    mid: int = data.option(data.DataConfig.mid, "--real: mid <= score < high is Mid; below is Low")
+    reasoning_per_question: int = data.option(data.DataConfig.reasoning_per_question,
+                                              "--real: distinct High correct chains kept per question")
+    flawed_per_sound: float = data.option(data.DataConfig.flawed_per_sound, "--real: flawed summary rows per sound one")
+    summary_perception: float = data.option(data.DataConfig.summary_perception,
+                                            "--real: perception rows in the summary set, per chain row")
+
+
+def write_real_sets(cfg):
+    """--real: the generator writes N paths per question, the judge assesses them, data.assess_and_write writes
+    paths.jsonl, reasoning_sft.jsonl and summary_sft.jsonl to --data-out (image paths relative to it)."""
+    if not cfg.generator:
+        raise SystemExit("error: pass --generator CKPT with --real (python data.py --real FILE only checks the file)")
+    shared = [f.name for f in fields(data.DataConfig) if hasattr(cfg, f.name)]  # --seed and the --real data options
+    data_cfg = data.DataConfig(**{name: getattr(cfg, name) for name in shared})
+    try:
+        rows = data.read_jsonl(cfg.real, cfg.skip_bad, ("image", "question", "answer"), check_images=True)
+        print(f"{cfg.real}: {len(rows)} usable examples")
+        generator = ModelGenerator(load_vlm(cfg.generator), cfg.max_steps, root=cfg.data_out)
+        judge = ModelJudge(load_vlm(cfg.judge) if cfg.judge else generator.vlm)
+        root = os.path.dirname(os.path.abspath(cfg.real))
+        os.makedirs(cfg.data_out, exist_ok=True)
+        for i, r in enumerate(rows):
+            r.setdefault("id", str(i))
+            r["image"] = os.path.relpath(os.path.join(root, r["image"]), cfg.data_out)
+        reasoning, summary, paths = data.assess_and_write(rows, generator, judge, judge, cfg.data_out, data_cfg)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {len(paths)} paths, {len(reasoning)} reasoning and {len(summary)} summary samples to {cfg.data_out}")
 
 
 def main(argv=None):
-    cfg = parse_config(AgentsConfig, argv, description="Answer a question about an image with the two agents.")
+    cfg = data.parse_config(AgentsConfig, argv, description="Answer a question about an image with the two agents, or "
+                       "write reasoning paths and SFT sets for a real JSONL with a loaded generator and judge.")
+    if cfg.real:
+        return write_real_sets(cfg)
     if not cfg.image or not cfg.question:
-        raise SystemExit("error: pass both --image PATH and --question TEXT")
+        raise SystemExit("error: pass both --image PATH and --question TEXT (or --real FILE --generator CKPT)")
     reasoning_dir = cfg.reasoning or latest_reasoning_dir(cfg.out)
     summary_dir = cfg.summary or train_sft.stage_dir(cfg.out, "summary")
-    try:
+    try:  # a missing checkpoint or image: a one-line message that names it
         reasoner = ReasoningAgent(load_vlm(reasoning_dir), cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
         summarizer = SummaryAgent(load_vlm(summary_dir))
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    try:
         image = data.load_image(cfg.image, reasoner.vlm.config.vision.image_size)  # (3, H, W)
-    except (OSError, ValueError) as e:  # data.load_image's message names the file
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     [result] = TwoAgentSystem(reasoner, summarizer).answer_batch([cfg.question], image[None])
     print(f"reasoning agent: {reasoning_dir}\nsummary agent:   {summary_dir}\n")

@@ -1,25 +1,22 @@
 """data.py: the synthetic visual reasoning world and the whole Insight-V data pipeline.
 
-Insight-V (Dong et al., arXiv 2411.14432, Sec. 3.1) builds its training data in three moves, and
-this file makes all three, plus the tokenizer and the chat format every other file reads:
+Insight-V (Dong et al., arXiv 2411.14432, Sec. 3.1) builds its training data in three moves, and this file makes
+all three, plus the tokenizer and the chat format every other file reads:
 
-1. progressive long-chain generation: a generator writes a reasoning path one structured step at
-   a time, {"title", "content", "next_action": "continue" | "final_answer"}, N paths per question;
-2. multi-granularity assessment: a coarse answer filter, then a fine step scorer that grades all
-   N paths of a question 1-100, bucketed High / Mid / Low;
-3. two SFT sets: High correct paths for the reasoning agent; paths from every bucket plus
-   wrong-answer paths (target = the correct answer) for the summary agent.
+1. progressive long-chain generation: a generator writes a reasoning path one structured step at a time,
+   {"title", "content", "next_action": "continue" | "final_answer"}, N paths per question;
+2. multi-granularity assessment: a coarse answer filter, then a fine step score 1-100 (High / Mid / Low);
+3. two SFT sets: High correct paths for the reasoning agent; paths from every bucket plus wrong-answer paths
+   (target = the correct answer) for the summary agent.
 
-The embedded default is a synthetic world: 48x48 scenes on a 3x3 grid of 16 px cells, at most one
-object per cell. The tiny ViT (patch 8, pixel shuffle 2) turns each cell into exactly one image
-token. Every answer and every step can be checked exactly against the scene graph, so the paper's
-LLM teacher and scoring agent become a scripted teacher with injected mistakes and an exact step
-checker. Both sit behind small interfaces a loaded VLM also implements for real data
-(ModelGenerator, ModelJudge).
+The default is a synthetic world: 48x48 scenes on a 3x3 grid of 16 px cells, at most one object per cell, which the
+tiny ViT (patch 8, pixel shuffle 2) sees as one image token per cell. Every answer and step can be checked exactly
+against the scene graph, so the paper's LLM teacher and scoring agent become a scripted teacher with injected
+mistakes and an exact step checker. For real data a loaded VLM fills the same two roles (agents.ModelGenerator and
+agents.ModelJudge; `python agents.py --real` writes those sets).
 
-    python data.py --out out/data                                # the world, defaults below
-    python data.py --real bench.jsonl --skip-bad                 # check a real JSONL
-    python data.py --real bench.jsonl --generator CKPT --out DIR # paths and SFT sets for it
+    python data.py --out out/data                     # the world, defaults below
+    python data.py --real bench.jsonl --skip-bad      # check a real JSONL
 """
 import argparse
 import json
@@ -28,7 +25,7 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
 from PIL import Image, ImageDraw
@@ -36,49 +33,63 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: one dataclass, every field is also a command-line flag (--train-scenes 500).
+# Configuration: dataclasses whose fields are also command-line flags (--train-scenes 500).
+
+def parse_config(cls, argv=None, description=None):
+    """The one configuration mechanism of every script: a dataclass whose fields become --flags.
+
+    A field's default is the flag's default and its type; `field(metadata={"help": ...})` documents
+    it. Booleans get --flag / --no-flag. Fields defaulting to None take strings unless their
+    metadata names a "type".
+    """
+    parser = argparse.ArgumentParser(description=description)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = f.metadata.get("type", type(default) if default is not None else str)
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                choices=f.metadata.get("choices"))
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def option(default, text):
+    """A field with a default and the help text of its --flag (parse_config)."""
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
 class ErrorRates:
-    """How often the scripted teacher slips, per path (each mistake at most once per path, and
-    only where the chain has a step it fits). Defaults leave ~70% of paths flawless, so the N
-    paths of a question usually mix sound and flawed reasoning, as sampled LLM paths do.
-
-    wrong_conclusion (off by default) is the mistake our own tiny reasoning agents make most: the
-    last step reads the scene right and the chain then states another answer ("bottom left has a
-    large yellow square, so the answer is green"). The teacher never makes it, so the summary
-    agent only sees it at test time. At 0.15 the summary agent, retrained on 1200 val questions
-    with the same base model and reasoning agent, rescued 63 wrong chains instead of 27 (two
-    agents 45.7% -> 47.9%); but over three seeds of the whole job (with session 6's epochs) it
-    also spoiled more right chains (78 instead of 41 on average), and the two agents' test
-    accuracy came out 47.5% against 49.4% without it (README, "What we tried"). So it stays an
-    option: --wrong-conclusion 0.15."""
-    miscount: float = 0.15          # a Count step drops or adds one object
-    wrong_attribute: float = 0.10   # a Look / Find / Count step misreads a colour, shape or place
-    arithmetic_slip: float = 0.10   # a Compare / Add / Subtract result is off
-    skip_step: float = 0.10         # a step is left out (its fact used silently)
-    premature_answer: float = 0.05  # the chain stops early and guesses
-    wrong_conclusion: float = 0.0   # the answer stated does not follow from the last step
+    """How often the scripted teacher slips, per path (each mistake at most once, where it fits). Defaults leave ~70%
+    of paths flawless, so a question's N paths mix sound and flawed reasoning, as sampled LLM paths do. wrong_conclusion
+    (right steps, another answer), our agents' main mistake, is off: it did not help them (docs/experiments.md)."""
+    miscount: float = option(0.15, "rate: a Count step drops or adds one object")
+    wrong_attribute: float = option(0.10, "rate: a step misreads a colour, shape or place")
+    arithmetic_slip: float = option(0.10, "rate: a Compare / Add / Subtract result is off")
+    skip_step: float = option(0.10, "rate: a step is left out (its fact used silently)")
+    premature_answer: float = option(0.05, "rate: the chain stops early and guesses")
+    wrong_conclusion: float = option(0.0, "rate: the answer does not follow from the last step")
 
 
 @dataclass
 class DataConfig(ErrorRates):
-    seed: int = 0
-    train_scenes: int = 2000
-    val_scenes: int = 80
-    test_scenes: int = 400            # x questions_per_scene = 1200 test questions (>= 1000)
-    questions_per_scene: int = 3      # distinct families per scene
-    min_objects: int = 3
-    max_objects: int = 7
-    paths_per_question: int = 4       # N (our choice; the paper does not say)
-    max_steps: int = 16               # step cap, as in the paper
-    high: int = 90                    # score >= high -> High bucket (only flawless world paths)
-    mid: int = 50                     # mid <= score < high -> Mid; below -> Low
-    reasoning_per_question: int = 1   # distinct High correct chains per question kept for SFT
-    flawed_per_sound: float = 0.5     # summary set: flawed paths per sound one (correct:flawed 2:1)
-    summary_perception: float = 0.25  # perception QA mixed into the summary set, per chain sample
-    vocab_size: int = 512             # tiny BPE: 256 bytes + specials + merges for world words
+    seed: int = option(0, "seed of the scenes, questions and paths")
+    train_scenes: int = option(2000, "training scenes")
+    val_scenes: int = option(80, "validation scenes")
+    test_scenes: int = option(400, "test scenes (x questions per scene >= 1000 questions)")
+    questions_per_scene: int = option(3, "distinct question families per scene")
+    min_objects: int = option(3, "fewest objects in a scene")
+    max_objects: int = option(7, "most objects in a scene (9 cells)")
+    paths_per_question: int = option(4, "N reasoning paths per question (the paper: unstated)")
+    max_steps: int = option(16, "step cap of a path, as in the paper")
+    high: int = option(90, "score >= high is High (only flawless world paths)")
+    mid: int = option(50, "mid <= score < high is Mid; below is Low")
+    reasoning_per_question: int = option(1, "distinct High correct chains per question kept")
+    flawed_per_sound: float = option(0.5, "summary set: flawed paths per sound one (2:1)")
+    summary_perception: float = option(0.25, "perception QA in the summary set, per chain row")
+    vocab_size: int = option(512, "tiny BPE: 256 bytes + specials + merges for world words")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,13 +99,12 @@ COLORS = {"red": (230, 50, 50), "green": (40, 190, 70), "blue": (50, 100, 240),
           "yellow": (240, 220, 40), "purple": (170, 60, 210)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 4, "large": 6}  # half-extent in pixels: the object never leaves its cell
-CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
-         "bottom left", "bottom center", "bottom right")  # row-major, 16 px each
+CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right", "bottom left",
+         "bottom center", "bottom right")  # row-major, 16 px each
 RELATIONS = ("left of", "right of", "above", "below")
 IMAGE_PX, CELL_PX, BACKGROUND = 48, 16, (30, 30, 30)
-FAMILIES = {"color_at": "perception", "shape_at": "perception", "exists": "perception",
-            "count": "reasoning", "compare": "reasoning", "sum": "reasoning",
-            "difference": "reasoning", "most_color": "reasoning", "spatial_count": "reasoning"}
+FAMILIES = {**dict.fromkeys(("color_at", "shape_at", "exists"), "perception"),
+            **dict.fromkeys(("count", "compare", "sum", "difference", "most_color", "spatial_count"), "reasoning")}
 DESCRIBE_QUESTION = "Describe the scene."
 
 
@@ -103,9 +113,8 @@ def make_scene(rng, cfg):
     objects = []
     for i in sorted(rng.sample(range(9), rng.randint(cfg.min_objects, cfg.max_objects))):
         row, col = divmod(i, 3)
-        objects.append({"cell": CELLS[i], "shape": rng.choice(SHAPES),
-                        "color": rng.choice(list(COLORS)), "size": rng.choice(list(SIZES)),
-                        "x": col * CELL_PX + 8 + rng.randint(-1, 1),
+        objects.append({"cell": CELLS[i], "shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)),
+                        "size": rng.choice(list(SIZES)), "x": col * CELL_PX + 8 + rng.randint(-1, 1),
                         "y": row * CELL_PX + 8 + rng.randint(-1, 1)})
     return objects
 
@@ -128,16 +137,14 @@ def render_scene(objects):
 
 def describe(objects):
     """The scene in words, in reading order; the same phrase as a Look step, so it transfers."""
-    return ". ".join(f"{o['cell']} has a {o['size']} {o['color']} {o['shape']}"
-                     for o in objects) + "."
+    return ". ".join(f"{o['cell']} has a {o['size']} {o['color']} {o['shape']}" for o in objects) + "."
 
 
 def read_description(text):
-    """describe's text -> its objects [{cell, size, color, shape}]; sentences outside the grammar
-    are skipped. The labels of the vision tower's pretraining (train_sft.pretrain_vision)."""
+    """describe's text -> its objects [{cell, size, color, shape}], the labels of train_sft.pretrain_vision."""
     claims = (parse_claim({"content": sentence}) for sentence in text.split(". "))
-    return [{k: c[k] for k in ("cell", "size", "color", "shape")} for c in claims
-            if c is not None and c["kind"] == "look" and c["shape"]]
+    return [{k: c[k] for k in ("cell", "size", "color", "shape")} for c in claims if c is not None and
+            c["kind"] == "look" and c["shape"]]
 
 
 def matches(o, f):
@@ -160,14 +167,10 @@ def noun(f):
     return " ".join(w for w in words + [f.get("rel"), f.get("cell")] if w)
 
 
-QUESTIONS = {"color_at": "What color is the object at {cell}?",
-             "shape_at": "What shape is the object at {cell}?",
-             "exists": "Is there a {color} {shape}?",
-             "count": "How many {filter} are there?",
-             "compare": "Are there more {a} than {b}?",
-             "sum": "How many {a} and {b} are there in total?",
-             "difference": "How many more {a} than {b} are there?",
-             "most_color": "Which color has the most objects?",
+QUESTIONS = {"color_at": "What color is the object at {cell}?", "shape_at": "What shape is the object at {cell}?",
+             "exists": "Is there a {color} {shape}?", "count": "How many {filter} are there?",
+             "compare": "Are there more {a} than {b}?", "sum": "How many {a} and {b} are there in total?",
+             "difference": "How many more {a} than {b} are there?", "most_color": "Which color has the most objects?",
              "spatial_count": "How many objects are {rel} the {color} {shape}?"}
 
 
@@ -180,13 +183,11 @@ def candidates(family, objects):
     if family == "exists":
         return [{"color": c, "shape": s} for c in COLORS for s in SHAPES]
     if family == "count":
-        return [{"filter": g} for g in groups] + [
-            {"filter": {"color": c, "shape": s}} for c in COLORS for s in SHAPES]
+        return [{"filter": g} for g in groups] + [{"filter": {"color": c, "shape": s}} for c in COLORS for s in SHAPES]
     if family in ("compare", "sum", "difference"):
-        return [{"a": a, "b": b} for a in groups for b in groups if a != b and (
-            family == "compare" or  # sum: same attribute, so the two groups never overlap
-            family == "sum" and a.keys() == b.keys() or
-            family == "difference" and n[json.dumps(a)] >= n[json.dumps(b)])]
+        return [{"a": a, "b": b} for a in groups for b in groups if a != b and (family == "compare" or
+                family == "sum" and a.keys() == b.keys() or  # same attribute: the two groups never overlap
+                family == "difference" and n[json.dumps(a)] >= n[json.dumps(b)])]
     if family == "most_color":
         top = Counter(o["color"] for o in objects).most_common(2)
         return [{}] if len(top) == 1 or top[0][1] > top[1][1] else []  # one clear winner
@@ -195,8 +196,7 @@ def candidates(family, objects):
 
 
 def make_question(family, objects, rng):
-    """(question, spec, answer), or None when the scene cannot host the family. The answer is
-    drawn uniformly from those the scene allows, so no answer is a safe guess."""
+    """(question, spec, answer) or None; the answer is uniform over those the scene allows, so none is a safe guess."""
     by_answer = {}
     for spec in candidates(family, objects):
         spec = {"family": family, **spec}
@@ -210,9 +210,7 @@ def make_question(family, objects, rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# Claims: what one reasoning step asserts. Each step states one short, checkable fact; the
-# same grammar writes teacher steps, parses any chain (teacher or model samples in DPO), and
-# checks it against the scene. `solve` is the correct chain, and its end is the gold answer.
+# Claims: one checkable fact per step. One grammar writes teacher steps, parses any chain and checks it (Sec. 3.1).
 
 def look(objects, cell):
     o = next((o for o in objects if o["cell"] == cell), {})
@@ -221,8 +219,7 @@ def look(objects, cell):
 
 def find(objects, color, shape, article="a"):
     cells = select(objects, {"color": color, "shape": shape})
-    return {"kind": "find", "article": article, "color": color, "shape": shape,
-            "cell": cells[0] if cells else None}
+    return {"kind": "find", "article": article, "color": color, "shape": shape, "cell": cells[0] if cells else None}
 
 
 def count(objects, f):
@@ -232,10 +229,8 @@ def count(objects, f):
 
 def arith(family, a, b):
     if family == "compare":
-        return {"kind": "compare", "a": a, "b": b, "rel": "more" if a > b else "less" if a < b
-                else "equal"}
-    return {"kind": "add" if family == "sum" else "subtract", "a": a, "b": b,
-            "n": a + b if family == "sum" else a - b}
+        return {"kind": "compare", "a": a, "b": b, "rel": "more" if a > b else "less" if a < b else "equal"}
+    return {"kind": "add" if family == "sum" else "subtract", "a": a, "b": b, "n": a + b if family == "sum" else a - b}
 
 
 def most(counts):
@@ -277,21 +272,20 @@ def answer_of(claim, spec):
 
 
 REL_WORDS = {"more": "is more than", "less": "is less than", "equal": "equals"}
-TITLES = {"look": "Look", "find": "Find", "count": "Count", "compare": "Compare", "add": "Add",
-          "subtract": "Subtract", "most": "Compare"}
+TITLES = {"look": "Look", "find": "Find", "count": "Count", "compare": "Compare", "add": "Add", "subtract": "Subtract",
+          "most": "Compare"}
 
 
 def claim_text(c):
     kind = c["kind"]
     if kind == "look":
-        return (f"{c['cell']} has a {c['size']} {c['color']} {c['shape']}" if c["shape"]
-                else f"{c['cell']} is empty")
+        return f"{c['cell']} has a {c['size']} {c['color']} {c['shape']}" if c["shape"] else f"{c['cell']} is empty"
     if kind == "find":
-        return (f"{c['article']} {c['color']} {c['shape']} is at {c['cell']}" if c["cell"]
-                else f"there is no {c['color']} {c['shape']}")
+        return (f"{c['article']} {c['color']} {c['shape']} is at {c['cell']}" if c["cell"] else
+                f"there is no {c['color']} {c['shape']}")
     if kind == "count":
-        return (f"{noun(c['filter'])} at {', '.join(c['cells'])}, total {c['n']}" if c["cells"]
-                else f"no {noun(c['filter'])}, total {c['n']}")
+        return (f"{noun(c['filter'])} at {', '.join(c['cells'])}, total {c['n']}" if c["cells"] else
+                f"no {noun(c['filter'])}, total {c['n']}")
     if kind == "compare":
         return f"{c['a']} {REL_WORDS[c['rel']]} {c['b']}"
     if kind in ("add", "subtract"):
@@ -311,33 +305,27 @@ _NOUN = rf"(?:({_C}) )?((?:{_S})s|objects)(?: ({_R}) ({_L}))?"
 
 
 def _filter(color, head, rel, cell):
-    f = {"color": color, "shape": None if head == "objects" else head[:-1], "rel": rel,
-         "cell": cell}
+    f = {"color": color, "shape": None if head == "objects" else head[:-1], "rel": rel, "cell": cell}
     return {k: v for k, v in f.items() if v}
 
 
 _GRAMMAR = [(re.compile(p), build) for p, build in [
     (rf"({_L}) has a (small|large) ({_C}) ({_S})", lambda m: {
         "kind": "look", "cell": m[1], "size": m[2], "color": m[3], "shape": m[4]}),
-    (rf"({_L}) is empty", lambda m: {
-        "kind": "look", "cell": m[1], "size": None, "color": None, "shape": None}),
+    (rf"({_L}) is empty", lambda m: {"kind": "look", "cell": m[1], "size": None, "color": None, "shape": None}),
     (rf"(a|the) ({_C}) ({_S}) is at ({_L})", lambda m: {
         "kind": "find", "article": m[1], "color": m[2], "shape": m[3], "cell": m[4]}),
     (rf"there is no ({_C}) ({_S})", lambda m: {
         "kind": "find", "article": "a", "color": m[1], "shape": m[2], "cell": None}),
     (rf"{_NOUN} at ((?:{_L})(?:, (?:{_L}))*), total (\d+)", lambda m: {
-        "kind": "count", "filter": _filter(*m.groups()[:4]), "cells": m[5].split(", "),
-        "n": int(m[6])}),
+        "kind": "count", "filter": _filter(*m.groups()[:4]), "cells": m[5].split(", "), "n": int(m[6])}),
     (rf"no {_NOUN}, total (\d+)", lambda m: {
         "kind": "count", "filter": _filter(*m.groups()[:4]), "cells": [], "n": int(m[5])}),
     (r"(\d+) (is more than|is less than|equals) (\d+)", lambda m: {
-        "kind": "compare", "a": int(m[1]), "b": int(m[3]),
-        "rel": {v: k for k, v in REL_WORDS.items()}[m[2]]}),
+        "kind": "compare", "a": int(m[1]), "b": int(m[3]), "rel": {v: k for k, v in REL_WORDS.items()}[m[2]]}),
     (r"(\d+) ([+-]) (\d+) = (\d+)", lambda m: {
-        "kind": "add" if m[2] == "+" else "subtract", "a": int(m[1]), "b": int(m[3]),
-        "n": int(m[4])}),
-    (rf"({_C}) has the most with (\d+)", lambda m: {"kind": "most", "color": m[1],
-                                                    "n": int(m[2])}),
+        "kind": "add" if m[2] == "+" else "subtract", "a": int(m[1]), "b": int(m[3]), "n": int(m[4])}),
+    (rf"({_C}) has the most with (\d+)", lambda m: {"kind": "most", "color": m[1], "n": int(m[2])}),
 ]]
 _ANSWER = re.compile(r",? ?so the answer is (.+?)\.?\s*$")
 
@@ -376,22 +364,18 @@ def check_claim(c, objects, reference):
         return sorted(c["cells"]) == sorted(cells) and c["n"] == len(cells)
     if kind == "most":
         counts = Counter(o["color"] for o in objects).most_common()
-        return (counts[0][0], counts[0][1]) == (c["color"], c["n"]) and (
-            len(counts) == 1 or counts[1][1] < c["n"])
+        return (counts[0][0], counts[0][1]) == (c["color"], c["n"]) and (len(counts) == 1 or counts[1][1] < c["n"])
     ref = next((r for r in reference if r["kind"] == kind), None)
     if ref is not None:  # operands must be the question's true counts
         return c == ref
-    return c == arith({"compare": "compare", "add": "sum"}.get(kind, "difference"),
-                      c["a"], c["b"])
+    return c == arith({"compare": "compare", "add": "sum"}.get(kind, "difference"), c["a"], c["b"])
 
 
 # ----------------------------------------------------------------------------------------------
-# Chains as text: one rendering used everywhere (SFT targets, prompts, DPO), as the official
-# code's `<thoughts>` wrapper with one "Title: content" line per step.
+# Chains as text (SFT targets, prompts, DPO): the official code's `<thoughts>` block, one "Title: content" per step.
 
 def render_chain(steps):
-    return "<thoughts>\n" + "".join(f"{s['title']}: {s['content']}\n" for s in steps) + \
-        "</thoughts>"
+    return "<thoughts>\n" + "".join(f"{s['title']}: {s['content']}\n" for s in steps) + "</thoughts>"
 
 
 def parse_chain(text):
@@ -400,8 +384,7 @@ def parse_chain(text):
     steps = []
     for line in filter(None, (l.strip() for l in body.splitlines())):
         title, sep, content = line.partition(": ")
-        steps.append({"title": title, "content": content} if sep else
-                     {"title": "", "content": line})
+        steps.append({"title": title, "content": content} if sep else {"title": "", "content": line})
     return steps
 
 
@@ -414,13 +397,6 @@ def chain_answer(chain):
     return None
 
 
-def response_answer(text):
-    """The answer in a `vanilla` response (chain, then the answer) or a plain answer."""
-    if "<thoughts>" in text and "</thoughts>" not in text:
-        return ""  # cut off inside the chain: no answer given
-    return text.split("</thoughts>", 1)[-1].strip()
-
-
 def as_path(p):
     """A path record from a path dict or a rendered chain (what a policy samples in DPO)."""
     if isinstance(p, str):
@@ -431,8 +407,7 @@ def as_path(p):
 # ----------------------------------------------------------------------------------------------
 # Answers: normalised exact match (numbers, colours, yes/no, option letters).
 
-NUMBER_WORDS = dict(zip("zero one two three four five six seven eight nine ten".split(),
-                        map(str, range(11))))
+NUMBER_WORDS = dict(zip("zero one two three four five six seven eight nine ten".split(), map(str, range(11))))
 
 
 def normalize_answer(s):
@@ -450,15 +425,13 @@ def is_correct(pred, gold, choices=None):
 
         def letter(x):
             m = re.match(r"^([a-z])(?:[.):]\s.*)?$", x)
-            return m[1] if m and m[1] in letters else (
-                letters[options.index(x)] if x in options else x)
+            return m[1] if m and m[1] in letters else (letters[options.index(x)] if x in options else x)
         pred, gold = letter(pred), letter(gold)
     return pred != "" and pred == gold
 
 
 # ----------------------------------------------------------------------------------------------
-# Progressive generation (paper Sec. 3.1): each step is written conditioned on the image, the
-# question and the steps so far, until a final_answer step or the step cap.
+# Progressive generation (Sec. 3.1): step by step, each given the image, question and steps so far, up to the cap.
 
 FITS = {"miscount": ("count",), "wrong_attribute": ("look", "find", "count"),
         "arithmetic_slip": ("compare", "add", "subtract", "most")}
@@ -467,8 +440,7 @@ GUESSES = {"color_at": list(COLORS), "most_color": list(COLORS), "shape_at": lis
 
 
 class ScriptedTeacher:
-    """The world's stand-in for the paper's LLM generator: reads the scene graph, writes the
-    correct steps one at a time, and slips at the configured rates."""
+    """The paper's LLM generator, scripted: writes the scene graph's correct steps one by one, slipping at set rates."""
 
     def __init__(self, error_rates=ErrorRates(), max_steps=16):
         self.rates, self.max_steps = error_rates, max_steps
@@ -504,7 +476,7 @@ class ScriptedTeacher:
             if i == len(plan) - 1:
                 options = GUESSES.get(spec["family"], "01234567")
                 answer = rng.choice(options) if guess else answer_of(claim, spec)
-                # No draw at rate 0: the default world stays the one every earlier run used.
+                # Drawn only when on, so the default world's random stream stays the same.
                 if not guess and self.rates.wrong_conclusion and rng.random() < self.rates.wrong_conclusion:
                     answer = rng.choice([a for a in options if a != answer])
                     errors.append("wrong_conclusion")
@@ -513,21 +485,17 @@ class ScriptedTeacher:
 
     @staticmethod
     def next_claim(planned, objects, spec, said):
-        """The planned step, redone from what earlier steps *said*: a miscount or a wrong place
-        earlier carries into the arithmetic and the answer, as it would for a real model."""
+        """The planned step, redone from what earlier steps *said*: an earlier slip carries on into the answer."""
         kind = planned["kind"]
         if kind == "count" and "rel" in planned["filter"]:
-            cell = next((c["cell"] for c in said if c["kind"] == "find" and c["cell"]),
-                        planned["filter"]["cell"])
+            cell = next((c["cell"] for c in said if c["kind"] == "find" and c["cell"]), planned["filter"]["cell"])
             return count(objects, dict(planned["filter"], cell=cell))
-        stated = {json.dumps(c["filter"], sort_keys=True): c["n"] for c in said
-                  if c["kind"] == "count"}
+        stated = {json.dumps(c["filter"], sort_keys=True): c["n"] for c in said if c["kind"] == "count"}
         if kind in ("compare", "add", "subtract"):
             a, b = (stated.get(json.dumps(spec[k], sort_keys=True), planned[k]) for k in "ab")
             return arith(spec["family"], a, b)
         if kind == "most":  # colours it did not count are used silently
-            return most({c: stated.get(json.dumps({"color": c}), len(select(objects, {"color": c})))
-                         for c in COLORS})
+            return most({c: stated.get(json.dumps({"color": c}), len(select(objects, {"color": c}))) for c in COLORS})
         return planned
 
 
@@ -546,11 +514,9 @@ def slip(name, claim, objects, rng):
         return dict(claim, cells=cells, n=len(cells))
     if kind == "look" and claim["shape"]:
         attr = rng.choice(["color", "shape"])
-        return dict(claim, **{attr: rng.choice(
-            [v for v in (COLORS if attr == "color" else SHAPES) if v != claim[attr]])})
+        return {**claim, attr: rng.choice([v for v in (COLORS if attr == "color" else SHAPES) if v != claim[attr]])}
     if kind == "find":
-        wrong = [c for c in occupied
-                 if c not in select(objects, {"color": claim["color"], "shape": claim["shape"]})]
+        wrong = [c for c in occupied if c not in select(objects, {"color": claim["color"], "shape": claim["shape"]})]
         if claim["cell"] and claim["article"] == "a" and rng.random() < 0.5:
             return dict(claim, cell=None)  # overlooks it
         return dict(claim, cell=rng.choice(wrong)) if wrong else None
@@ -560,96 +526,8 @@ def slip(name, claim, objects, rng):
         return dict(claim, n=claim["n"] + (1 if claim["n"] == 0 else rng.choice([-1, 1])))
     if kind == "most":
         others = Counter(o["color"] for o in objects if o["color"] != claim["color"])
-        return {**claim, **dict(zip(("color", "n"), rng.choice(sorted(others.items()))))} \
-            if others else None
+        return {**claim, **dict(zip(("color", "n"), rng.choice(sorted(others.items()))))} if others else None
     return None
-
-
-class _VLMClient:
-    """Shared plumbing for the model-driven generator and judge: render prompts in the
-    checkpoint's chat format, decode with generate.py, return the replies as text."""
-
-    def __init__(self, vlm, root=".", temperature=0.7, top_p=0.95, max_new_tokens=128):
-        self.vlm, self.root, self.tok = vlm, root, vlm.tokenizer
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-
-    def ask(self, texts, rng, image=None, temperature=None, max_new_tokens=None):
-        from generate import generate  # only the model path needs the decoder
-        cfg = self.vlm.config
-        ids = [render_conversation(self.tok, [{"role": "user", "content": t,
-                                               "image": image is not None}],
-                                   cfg.tokens_per_image, add_generation_prompt=True)[0]
-               for t in texts]
-        pixels = None
-        if image is not None:
-            pixels = load_image(os.path.join(self.root, image), cfg.vision.image_size)
-            pixels = pixels.expand(len(texts), -1, -1, -1).to(next(self.vlm.parameters()).device)
-        out = generate(self.vlm, ids, pixel_values=pixels,
-                       max_new_tokens=max_new_tokens or self.max_new_tokens,
-                       temperature=self.temperature if temperature is None else temperature,
-                       top_p=self.top_p, stop_ids=[special_ids(self.tok)["eou"]],
-                       seed=rng.randrange(2 ** 31))
-        return [self.tok.decode(o, skip_special_tokens=True).strip() for o in out]
-
-
-STEP_PROMPT = ('Think about the next step only. Reply with one JSON object: {"title": ..., '
-               '"content": ..., "next_action": "continue" or "final_answer"}.')
-FINAL_PROMPT = "Given these steps, give only the final answer."
-
-
-class ModelGenerator(_VLMClient):
-    """The paper's generator on real data: a loaded VLM writes one JSON step per call (the N
-    paths of a question advance together in one batch); malformed JSON is retried, then the
-    path ends; a final answer is requested after the last step."""
-
-    def __init__(self, vlm, max_steps=16, retries=2, **kw):
-        super().__init__(vlm, **kw)
-        self.max_steps, self.retries = max_steps, retries
-
-    def generate(self, rec, n, rng):
-        paths = [{"steps": [], "final_answer": ""} for _ in range(n)]
-        fails, live = [0] * n, list(range(n))
-        while live:
-            prompts = [f"{format_question(rec)}\nSteps so far:\n" + "".join(
-                json.dumps(s) + "\n" for s in paths[i]["steps"]) + STEP_PROMPT for i in live]
-            for i, reply in zip(list(live), self.ask(prompts, rng, rec["image"])):
-                step = parse_step_json(reply)
-                if step is None:
-                    fails[i] += 1
-                else:
-                    paths[i]["steps"].append(step)
-                if (fails[i] > self.retries or len(paths[i]["steps"]) >= self.max_steps
-                        or (step and step["next_action"] == "final_answer")):
-                    live.remove(i)
-        todo = [p for p in paths if chain_answer(p["steps"]) is None]
-        texts = [f"{format_question(rec)}\n{render_chain(p['steps'])}\n{FINAL_PROMPT}"
-                 for p in todo]
-        for p, reply in zip(todo, self.ask(texts, rng, rec["image"], max_new_tokens=16) if todo
-                            else []):
-            p["final_answer"] = reply
-        for p in paths:
-            p["final_answer"] = p["final_answer"] or chain_answer(p["steps"]) or ""
-        return paths
-
-
-def parse_step_json(text):
-    """The first {...} in a reply as a step record, or None when it is not one."""
-    try:
-        step = json.loads(text[text.index("{"):text.rindex("}") + 1])
-    except ValueError:
-        return None
-    if not (isinstance(step, dict) and isinstance(step.get("content"), str)):
-        return None
-    action = step.get("next_action")
-    return {"title": str(step.get("title", "")).replace("\n", " "),
-            "content": step["content"].replace("\n", " "),
-            "next_action": action if action in ("continue", "final_answer") else "continue"}
-
-
-def format_question(rec):
-    """The question as shown to a model, with lettered options when it has choices."""
-    options = "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(rec.get("choices") or []))
-    return rec["question"] + options
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,15 +542,10 @@ class AnswerFilter:
 
 class SceneStepScorer:
     """Fine, for the world: parse every step into a claim and check it against the scene graph.
-
-    score = 1 + 99 * precision * recall * (1 if the answer is right else 0.5), where precision =
-    share of steps whose claim is true (an unparseable step counts as false) and recall = share
-    of the facts the question needs (the keys of its correct chain) that true steps establish.
-    A flawless path scores 100; a slip lowers precision, a skipped step or a premature answer
-    lowers recall, and a wrong conclusion after right steps halves the score (51, Mid). The
-    scores are absolute, so all N paths of a question, judged against the same reference chain,
-    are directly comparable (the paper scores them together for that).
-    """
+    score = 1 + 99 * precision * recall * (1 if the answer is right else 0.5): precision is the share of true claims
+    (unparseable counts as false), recall the share of the facts the question needs (its `solve` chain's keys) that
+    true steps establish. A slip lowers precision, a skipped step or early answer recall; a wrong conclusion after
+    right steps halves it (51, Mid). Scores are absolute, so a question's N paths compare directly (as in the paper)."""
 
     def __init__(self, answer_filter=None):
         self.answer_filter = answer_filter or AnswerFilter()
@@ -691,48 +564,15 @@ class SceneStepScorer:
         return scores
 
 
-class ModelJudge(_VLMClient):
-    """Both assessment roles for real data, with a loaded (text) model as the judge: the
-    paper's "same meaning as the ground truth?" check, and one call scoring all N paths."""
-
-    def __init__(self, vlm, retries=2, **kw):
-        super().__init__(vlm, **{"temperature": 0.0, **kw})
-        self.retries = retries
-
-    def judge(self, rec, answer):
-        if is_correct(answer, rec["answer"], rec.get("choices")):
-            return True
-        reply = self.ask([f"Question: {format_question(rec)}\nGround truth: {rec['answer']}\n"
-                          f"Answer: {answer}\nDoes the answer have the same meaning as the "
-                          "ground truth? Reply 1 or 0."], random.Random(0), max_new_tokens=4)
-        return reply[0].strip().startswith("1")
-
-    def score(self, rec, paths):
-        paths = [as_path(p) for p in paths]
-        text = (f"Question: {format_question(rec)}\nGround truth: {rec['answer']}\n" + "".join(
-            f"Path {i + 1}:\n{render_chain(p['steps'])}\n" for i, p in enumerate(paths)) +
-            f"Score each path from 1 to 100 for correct, complete, relevant steps. Reply with "
-            f"a JSON list of {len(paths)} integers.")
-        rng = random.Random(0)
-        for attempt in range(self.retries + 1):
-            reply = self.ask([text], rng, temperature=0.0 if attempt == 0 else 0.7)[0]
-            m = re.search(r"\[[\d\s,.]*\]", reply)
-            scores = [int(float(x)) for x in re.findall(r"\d+(?:\.\d+)?", m[0])] if m else []
-            if len(scores) == len(paths):
-                return [max(1, min(100, s)) for s in scores]
-        # unparseable judge: fall back to the coarse verdict
-        return [100 if self.judge(rec, p["final_answer"]) else 1 for p in paths]
-
-
 def bucket(score, high=DataConfig.high, mid=DataConfig.mid):
     return "high" if score >= high else "mid" if score >= mid else "low"
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer, prompts and the chat format (identical for the tiny preset and SmolVLM).
+# Tokenizer, the agents' prompts (defined here only) and the chat format (the same for the tiny preset and SmolVLM).
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
-                  "<fake_token_around_image>", "<global-img>")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                  "<global-img>")
 IMAGE_MEAN = IMAGE_STD = 0.5
 DIRECT_PROMPT = "Answer with one word or number."
 REASONING_PROMPT = "Reason step by step. Give only the reasoning."
@@ -768,14 +608,11 @@ def special_ids(tok):
 
 
 def task_messages(task, question, chain=None, answer=None):
-    """The conversation for one task; answer=None (chain=None for `reasoning`) leaves the
-    assistant turn out, for generation. The agents' prompts live here and only here."""
+    """The conversation of a task, without the assistant turn when answer=None (chain=None for `reasoning`)."""
     empty = render_chain([])
-    user = {"direct": f"{question}\n{DIRECT_PROMPT}", "describe": question,
-            "reasoning": f"{question}\n{REASONING_PROMPT}",
-            "summary": f"{question}\n{chain or empty}\n{SUMMARY_PROMPT}",
-            "summary_only": f"{question}\n{DIRECT_PROMPT}",
-            "vanilla": f"{question}\n{VANILLA_PROMPT}"}
+    user = {"direct": f"{question}\n{DIRECT_PROMPT}", "summary_only": f"{question}\n{DIRECT_PROMPT}",
+            "describe": question, "reasoning": f"{question}\n{REASONING_PROMPT}",
+            "summary": f"{question}\n{chain or empty}\n{SUMMARY_PROMPT}", "vanilla": f"{question}\n{VANILLA_PROMPT}"}
     if task not in user:
         raise ValueError(f"unknown task {task!r}: use one of {sorted(user)}")
     target = chain if task == "reasoning" else answer
@@ -786,9 +623,8 @@ def task_messages(task, question, chain=None, answer=None):
 
 
 def render_conversation(tok, messages, image_seq_len, add_generation_prompt=False):
-    """(ids, mask): mask is 1 exactly on the assistant text and its <end_of_utterance>.
-    Text is encoded piece by piece at the chat boundaries, so a generation prompt is always a
-    prefix of the training ids (SmolVLM's template, one image per user turn)."""
+    """(ids, mask), mask 1 exactly on the assistant text and its <end_of_utterance>. Encoded piece by piece at chat
+    boundaries, so a generation prompt is always a prefix of the training ids (SmolVLM's template, one image a turn)."""
     ids, mask = [], []
 
     def add(text, learn):
@@ -796,8 +632,7 @@ def render_conversation(tok, messages, image_seq_len, add_generation_prompt=Fals
         ids.extend(new)
         mask.extend([int(learn)] * len(new))
 
-    image = ("<fake_token_around_image><global-img>" + "<image>" * image_seq_len +
-             "<fake_token_around_image>")
+    image = "<fake_token_around_image><global-img>" + "<image>" * image_seq_len + "<fake_token_around_image>"
     add("<|im_start|>", False)
     for m in messages:
         if m["role"] == "assistant":
@@ -805,8 +640,7 @@ def render_conversation(tok, messages, image_seq_len, add_generation_prompt=Fals
             add(f" {m['content']}<end_of_utterance>", True)
             add("\n", False)
         else:
-            add(f"{m['role'].capitalize()}:{image if m.get('image') else ' '}"
-                f"{m['content']}<end_of_utterance>\n", False)
+            add(f"{m['role'].capitalize()}:{image if m.get('image') else ' '}{m['content']}<end_of_utterance>\n", False)
     if add_generation_prompt:
         add("Assistant:", False)
     return ids, mask
@@ -823,17 +657,16 @@ def load_image(path, image_size):
         raise ValueError(f"cannot read image {path}: {e}") from None
     if im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BICUBIC)
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    x = x.view(image_size, image_size, 3).permute(2, 0, 1).float()
-    return (x / 255 - IMAGE_MEAN) / IMAGE_STD
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
+    return (x.float() / 255 - IMAGE_MEAN) / IMAGE_STD
 
 
 # ----------------------------------------------------------------------------------------------
 # Files: JSONL in, JSONL out. Errors a user can cause name the file and line.
 
 def read_jsonl(path, skip_bad=False, required=(), check_images=False):
-    """Rows of a JSONL file. A malformed line, a missing field or (with check_images) a missing
-    or corrupt image raises ValueError naming file:line; skip_bad skips and counts them."""
+    """Rows of a JSONL file. A malformed line, a missing field or (with check_images) a missing or corrupt image
+    raises ValueError naming file:line; skip_bad skips and counts them."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     rows, bad = [], []
@@ -848,8 +681,7 @@ def read_jsonl(path, skip_bad=False, required=(), check_images=False):
                 lacking = [k for k in required if row.get(k) in (None, "")]
                 if lacking:
                     raise ValueError(f"missing field {lacking[0]!r}")
-                if row.get("choices") is not None and not (
-                        isinstance(row["choices"], list) and row["choices"]):
+                if row.get("choices") is not None and not (isinstance(row["choices"], list) and row["choices"]):
                     raise ValueError("'choices' must be a non-empty list")
                 if check_images:
                     image = os.path.join(os.path.dirname(path), row["image"])
@@ -881,31 +713,26 @@ def write_jsonl(path, rows):
 
 def sft_row(rec, task, chain=None, answer=None, **extra):
     keep = {k: rec.get(k) for k in ("id", "image", "question", "family", "kind")}
-    return {**keep, "answer": rec["answer"] if answer is None else answer, "task": task,
-            "chain": chain, **extra}
+    return {**keep, "answer": rec["answer"] if answer is None else answer, "task": task, "chain": chain, **extra}
 
 
 def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
-    """Generate N paths per question, assess them, write paths.jsonl, reasoning_sft.jsonl and
-    summary_sft.jsonl. Returns the rows of the two sets and the assessed paths."""
+    """Generate and assess N paths per question; write paths.jsonl and the two SFT sets; return their rows."""
     paths, reasoning, sound, flawed = [], [], [], []
     for rec in tqdm(rows, desc="reasoning paths", unit="q"):
         rng = random.Random(f"{cfg.seed}/paths/{rec['id']}")
         group = [as_path(p) for p in generator.generate(rec, cfg.paths_per_question, rng)]
         for k, (p, s) in enumerate(zip(group, scorer.score(rec, group))):
-            paths.append({"id": rec["id"], "path": k, "steps": p["steps"],
-                          "final_answer": p["final_answer"],
-                          "correct": answer_filter.judge(rec, p["final_answer"]),
-                          "score": s, "bucket": bucket(s, cfg.high, cfg.mid),
-                          "errors": p.get("errors", [])})
+            paths.append({"id": rec["id"], "path": k, "steps": p["steps"], "final_answer": p["final_answer"],
+                          "correct": answer_filter.judge(rec, p["final_answer"]), "score": s,
+                          "bucket": bucket(s, cfg.high, cfg.mid), "errors": p.get("errors", [])})
         seen = set()  # distinct chains only
         for p in sorted(paths[-len(group):], key=lambda p: -p["score"]):
             chain = render_chain(p["steps"])
             if chain in seen:
                 continue
             seen.add(chain)
-            row = sft_row(rec, "summary", chain, path=p["path"], bucket=p["bucket"],
-                          chain_correct=p["correct"])
+            row = sft_row(rec, "summary", chain, path=p["path"], bucket=p["bucket"], chain_correct=p["correct"])
             if p["correct"] and p["bucket"] == "high":
                 if len(seen) <= cfg.reasoning_per_question:
                     reasoning.append(sft_row(rec, "reasoning", chain, path=p["path"]))
@@ -913,8 +740,7 @@ def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
                     sound.append(row)
             else:
                 flawed.append(row)
-    # Summary set (paper: sound and flawed chains, target always the correct answer), at our
-    # documented ratio, plus perception QA so the summary agent keeps looking at the image.
+    # Summary set: sound and flawed chains, target the correct answer, and perception QA so it keeps looking at images.
     rng = random.Random(f"{cfg.seed}/summary")
     flawed = rng.sample(flawed, min(len(flawed), round(len(sound) * cfg.flawed_per_sound)))
     perception = [r for r in rows if r.get("kind") == "perception"]
@@ -929,15 +755,13 @@ def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
 
 
 def make_split(split, n_scenes, cfg, taken):
-    """Scenes and questions of one split; `taken` holds every earlier split's scene graphs so
-    no scene (hence no scene-question pair) is shared between splits."""
+    """One split's scenes and questions; no scene graph of `taken` (earlier splits) recurs, so splits share none."""
     rows, scenes = [], []
     for i in range(n_scenes):
         rng = random.Random(f"{cfg.seed}/{split}/{i}")
         while True:
             objects = make_scene(rng, cfg)
-            graph = json.dumps([[o[k] for k in ("cell", "shape", "color", "size")]
-                                for o in objects])
+            graph = json.dumps([[o[k] for k in ("cell", "shape", "color", "size")] for o in objects])
             if graph not in taken:
                 break
         taken.add(graph)
@@ -951,10 +775,9 @@ def make_split(split, n_scenes, cfg, taken):
             if q is None:
                 continue
             question, spec, answer = q
-            rows.append({"id": f"{scene}-{asked}", "image": f"images/{scene}.png",
-                         "question": question, "answer": answer, "family": family,
-                         "kind": FAMILIES[family], "scene": scene, "objects": objects,
-                         "spec": spec})
+            rows.append({"id": f"{scene}-{asked}", "image": f"images/{scene}.png", "question": question,
+                         "answer": answer, "family": family, "kind": FAMILIES[family], "scene": scene,
+                         "objects": objects, "spec": spec})
             asked += 1
             if asked == cfg.questions_per_scene:
                 break
@@ -969,24 +792,22 @@ def build_world(out_dir, **options):
     for split in ("test", "val", "train"):  # test first: its scenes never depend on other sizes
         rows, scenes = make_split(split, getattr(cfg, f"{split}_scenes"), cfg, taken)
         for scene, objects in tqdm(scenes, desc=f"{split} images", unit="img"):
-            render_scene(objects).save(os.path.join(out_dir, "images", f"{scene}.png"),
-                                       format="PNG", compress_level=6)
+            render_scene(objects).save(os.path.join(out_dir, "images", f"{scene}.png"), format="PNG", compress_level=6)
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)
         splits[split] = (rows, scenes)
     train, train_scenes = splits["train"]
     teacher = ScriptedTeacher(cfg, cfg.max_steps)
-    reasoning, summary, paths = assess_and_write(train, teacher, AnswerFilter(),
-                                                 SceneStepScorer(), out_dir, cfg)
-    base = [sft_row({"id": f"{scene}-describe", "image": f"images/{scene}.png",
-                     "question": DESCRIBE_QUESTION, "family": "describe", "kind": "perception"},
-                    "describe", answer=describe(objects)) for scene, objects in train_scenes]
+    reasoning, summary, paths = assess_and_write(train, teacher, AnswerFilter(), SceneStepScorer(), out_dir, cfg)
+    base = [sft_row({"id": f"{scene}-describe", "image": f"images/{scene}.png", "question": DESCRIBE_QUESTION,
+                     "family": "describe", "kind": "perception"}, "describe", answer=describe(objects))
+            for scene, objects in train_scenes]
     base += [sft_row(r, "direct") for r in train]
     write_jsonl(os.path.join(out_dir, "base.jsonl"), base)
     sets = {"base": base, "reasoning_sft": reasoning, "summary_sft": summary}
     texts = [m["content"] for rows in sets.values() for r in rows
              for m in task_messages(r["task"], r["question"], r["chain"], r["answer"])]
-    texts += [m["content"] for r in splits["val"][0] + splits["test"][0] for task in
-              ("direct", "vanilla") for m in task_messages(task, r["question"], "", r["answer"])]
+    texts += [m["content"] for r in splits["val"][0] + splits["test"][0] for task in ("direct", "vanilla")
+              for m in task_messages(task, r["question"], "", r["answer"])]
     texts += [render_chain(p["steps"]) for p in paths] + ["User:", "Assistant:", "System:"]
     texts.append(" ".join(str(n % 10) for n in range(5000)))  # every digit one token, 8/9 too
     tok = train_tokenizer(list(dict.fromkeys(texts)), cfg.vocab_size)
@@ -1000,13 +821,12 @@ def build_world(out_dir, **options):
 def data_card(cfg, splits, sets, paths, tok, image_seq_len=9):
     """Counts per family and split, bucket sizes, the summary set's ratio, chain lengths."""
     chain_len = [len(e.ids) for e in tok.encode_batch([render_chain(p["steps"]) for p in paths])]
-    summary = Counter("direct" if r["task"] == "direct" else "sound" if r["chain_correct"] and
-                      r["bucket"] == "high" else "flawed" for r in sets["summary_sft"])
+    summary = Counter("direct" if r["task"] == "direct" else "sound" if r["chain_correct"] and r["bucket"] == "high"
+                      else "flawed" for r in sets["summary_sft"])
     errors = {f.name: [p for p in paths if f.name in p["errors"]] for f in fields(ErrorRates)}
     return {
         "questions": {s: len(r) for s, r in splits.items()},
-        "families": {s: dict(sorted(Counter(x["family"] for x in r).items()))
-                     for s, r in splits.items()},
+        "families": {s: dict(sorted(Counter(x["family"] for x in r).items())) for s, r in splits.items()},
         "paths": {"total": len(paths), "correct": sum(p["correct"] for p in paths),
                   "buckets": dict(Counter(p["bucket"] for p in paths)),
                   "chain_tokens_mean": round(sum(chain_len) / max(len(chain_len), 1), 1),
@@ -1023,45 +843,26 @@ def data_card(cfg, splits, sets, paths, tok, image_seq_len=9):
     }
 
 
+@dataclass
+class DataCLI(DataConfig):
+    out: str = option("out/data", "output directory")
+    real: str = option(None, "check this JSONL (image, question, answer[, choices]) instead; agents.py --real uses it")
+    skip_bad: bool = option(False, "skip and count bad --real lines")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build the synthetic world and the Insight-V data "
-                                "sets, or check / process a real JSONL.")
-    p.add_argument("--out", default="out/data", help="output directory")
-    p.add_argument("--real", help="JSONL of image, question, answer (optional choices)")
-    p.add_argument("--skip-bad", action="store_true", help="skip and count bad --real lines")
-    p.add_argument("--generator", help="checkpoint that writes reasoning paths for --real data")
-    p.add_argument("--judge", help="checkpoint that scores them (default: the generator)")
-    for f in fields(DataConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"default {f.default}")
-    args = p.parse_args(argv)
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    args = parse_config(DataCLI, argv, "Build the synthetic world and the Insight-V data sets, or check a real JSONL.")
     try:
-        if args.real is None:
-            card = build_world(args.out, **asdict(cfg))
-            for key, value in card.items():
-                print(f"{key:>22}: {json.dumps(value)}")
-            print(f"wrote {args.out} (card.json, tokenizer.json, images/, *.jsonl)")
+        if args.real is not None:
+            rows = read_jsonl(args.real, args.skip_bad, ("image", "question", "answer"), True)
+            print(f"{args.real}: {len(rows)} usable examples")
             return
-        rows = read_jsonl(args.real, args.skip_bad, ("image", "question", "answer"), True)
-        print(f"{args.real}: {len(rows)} usable examples")
-        if args.generator is None:
-            return
-        from model import VLM
-        root = os.path.dirname(os.path.abspath(args.real))
-        os.makedirs(args.out, exist_ok=True)
-        for i, r in enumerate(rows):  # ids and image paths relative to the output directory
-            r.setdefault("id", str(i))
-            r["image"] = os.path.relpath(os.path.join(root, r["image"]), args.out)
-        generator = ModelGenerator(VLM.from_pretrained(args.generator), cfg.max_steps,
-                                   root=args.out)
-        judge = ModelJudge(VLM.from_pretrained(args.judge)) if args.judge else \
-            ModelJudge(generator.vlm)
-        reasoning, summary, paths = assess_and_write(rows, generator, judge, judge, args.out, cfg)
-        print(f"wrote {len(paths)} paths, {len(reasoning)} reasoning and {len(summary)} "
-              f"summary samples to {args.out}")
+        card = build_world(args.out, **{f.name: getattr(args, f.name) for f in fields(DataConfig)})
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
+    for key, value in card.items():
+        print(f"{key:>22}: {json.dumps(value)}")
+    print(f"wrote {args.out} (card.json, tokenizer.json, images/, *.jsonl)")
 
 
 if __name__ == "__main__":

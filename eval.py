@@ -1,8 +1,7 @@
 """Evaluation: does the two-agent system beat a direct answer and a single model that reasons, and
 does iterative DPO improve it round over round, without losing perception?
 
-The arms are the rows of the paper's tables (Insight-V, arXiv 2411.14432, Table 1 and the
-ablation of Table 5), each a checkpoint directory that train_sft.py / train_dpo.py writes:
+The arms (the paper's Table 1 and Table 5 ablation, arXiv 2411.14432) are checkpoints from train_sft.py / train_dpo.py:
 
     direct          base                    the base model answers at once ("base model")
     vanilla         vanilla                 one model writes the chain, then the answer, in one reply
@@ -10,30 +9,17 @@ ablation of Table 5), each a checkpoint directory that train_sft.py / train_dpo.
     two_agent       reasoning + summary     the two agents after SFT ("+ multi-agent")
     two_agent_dpoT  reasoning_dpoT + summary  after DPO round T ("+ iterative DPO")
 
-Every arm whose checkpoints exist is run on the held-out test split (data.py: a fixed seed, at
-least 1000 questions, no scene shared with training). Per arm we report accuracy overall, on the
-reasoning families, on the perception families and per family, each with a 95% confidence
-interval; for arms with a chain, `chain_correct` (the share of chains whose own conclusion is
-right) and the 2x2 table of chain right/wrong against final answer right/wrong: how often the
-summary agent recovers from a flawed chain, and how often it spoils a sound one, which is the
-paper's reason for a separate summary agent.
-
-The interval is Wilson's score interval (Wilson 1927, "Probable inference, the law of succession,
-and statistical inference"). A family has about a hundred test questions and small models sit near
-0 or 1 on some families; there the textbook p +- z sqrt(p(1-p)/n) interval is too narrow and can
-leave [0, 1], while Wilson's stays inside and keeps close to its nominal 95% coverage.
-
-Everything goes to out/results.json and out/results.md (the tables, generated from the JSON; the
-README's results table is this file), both written atomically.
+Each arm whose checkpoints exist runs on the held-out test split (data.py: 1000+ questions, no training scene):
+accuracy overall, on reasoning and perception and per family, with 95% Wilson intervals (Wilson 1927): a family
+has about a hundred questions and small models sit near 0 or 1, where the textbook p +- z sqrt(p(1-p)/n) is too
+narrow and can leave [0, 1], while Wilson's stays inside, near its nominal coverage. Arms with a chain add
+`chain_correct` and the 2x2 table of chain against final answer: how often the summary agent recovers from a
+flawed chain or spoils a sound one. out/results.md (the README's table) is generated from out/results.json.
 
     python eval.py                                        # every arm whose checkpoints exist in out/
     python eval.py --arms direct,two_agent --limit 200
-    python eval.py --data bench.jsonl --reasoning DIR --summary DIR   # any JSONL benchmark
+    python eval.py --data bench.jsonl --reasoning DIR --summary DIR   # JSONL rows: image, question, answer[, choices]
     python eval.py --data bench.jsonl --model DIR                      # one model, direct answer
-
-A benchmark JSONL has `image` (relative to the file's folder), `question`, `answer` and, for
-multiple choice, `choices`; data.is_correct compares open answers after normalisation and
-multiple-choice answers by option letter.
 """
 
 import math
@@ -49,14 +35,13 @@ import torch
 import agents
 import data
 import train_sft
-from model import atomic_write, parse_config, write_json
+from model import atomic_write, write_json
 
 Z95 = 1.959963984540054  # the standard normal quantile at 0.975
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
-
 
 def wilson_interval(successes, n, z=Z95):
     """Wilson score interval of a proportion successes / n -> (low, high); (0, 1) when n == 0."""
@@ -111,7 +96,6 @@ def score(rows, predictions):
 # ----------------------------------------------------------------------------------------------
 # Arms: which checkpoints answer, and how
 
-
 def arm_checkpoints(out_dir):
     """Every arm whose checkpoints all exist -> {arm: (task, [checkpoint dirs])}, in table order."""
     stage = lambda name: train_sft.stage_dir(out_dir, name)
@@ -143,8 +127,7 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None):
     """{arm: (task, dirs)} -> {arm: metrics + checkpoints + wall_s}, with a progress bar per arm."""
     results, loaded = {}, {}
     for name, (task, dirs) in arm_specs.items():
-        # Only the current arm's models stay in memory; the summary agent shared by consecutive
-        # two-agent arms is loaded once.
+        # Only this arm's models stay in memory; a summary agent shared by consecutive arms is loaded once.
         loaded = {d: loaded[d] if d in loaded else agents.load_vlm(d, device) for d in dirs}
         start = time.time()
         metrics = score(rows, predict(task, [loaded[d] for d in dirs], rows, image_root, batch_size, desc=name))
@@ -213,7 +196,6 @@ def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="dir
 # ----------------------------------------------------------------------------------------------
 # The tables
 
-
 def fmt(value, ci=None):
     """A share as a percentage, with its interval when given: 61.2 [58.1, 64.2]; - when undefined."""
     if value is None:
@@ -240,7 +222,8 @@ def results_markdown(results):
     chained = {name: m["chain_vs_final"] for name, m in arms.items() if "chain_vs_final" in m}
     if chained:
         lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
-                  "| arm | chain right, final right | chain right, final wrong | chain wrong, final right | chain wrong, final wrong |",
+                  "| arm | chain right, final right | chain right, final wrong | chain wrong, final right "
+                  "| chain wrong, final wrong |",
                   "|---|---|---|---|---|"]
         for name, t in chained.items():
             lines.append(f"| {name} | {t['chain_right_final_right']} | {t['chain_right_final_wrong']} | "
@@ -256,7 +239,6 @@ def results_markdown(results):
 # ----------------------------------------------------------------------------------------------
 # CLI
 
-
 @dataclass
 class EvalConfig:
     out: str = field(default="out", metadata={"help": "run directory: checkpoints, data/<split>.jsonl, results"})
@@ -264,7 +246,8 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "which split of <out>/data to evaluate on"})
     limit: int = field(default=None, metadata={"type": int, "help": "evaluate only the first N questions"})
     batch_size: int = field(default=64, metadata={"help": "questions decoded together"})
-    data: str = field(default=None, metadata={"help": "a JSONL benchmark (image, question, answer[, choices]) instead of the arms"})
+    data: str = field(default=None, metadata={"help": "a JSONL benchmark (image, question, answer[, choices]) "
+                                                      "instead of the arms"})
     reasoning: str = field(default=None, metadata={"help": "with --data: reasoning agent checkpoint"})
     summary: str = field(default=None, metadata={"help": "with --data: summary agent checkpoint"})
     model: str = field(default=None, metadata={"help": "with --data: one model that answers alone"})
@@ -273,10 +256,11 @@ class EvalConfig:
 
 
 def main(argv=None):
-    cfg = parse_config(EvalConfig, argv, description="Accuracy of every arm, with confidence intervals.")
+    cfg = data.parse_config(EvalConfig, argv, description="Accuracy of every arm, with confidence intervals.")
     try:
         if cfg.data:
-            return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit, cfg.batch_size)
+            return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit,
+                                 cfg.batch_size)
         return run_eval(cfg.out, cfg.arms.split(",") if cfg.arms else None, cfg.split, cfg.limit, cfg.batch_size)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -1,30 +1,18 @@
-"""
-Decoding: turn prompts (and their images) into new tokens, fast.
+"""Decoding: turn prompts (and their images) into new tokens, fast.
 
-Insight-V samples N reasoning chains per question, both to build its training data and in every
-round of iterative DPO, and at inference its two agents decode one after the other. Decoding
-speed decides how long the whole method takes, so this file is a small engine rather than a loop
-that calls the model on the whole sequence for every new token.
+Insight-V samples N reasoning chains per question, both to build its data and in every round of iterative DPO,
+and at inference its two agents decode one after the other, so this file is a small engine rather than a loop
+that reruns the whole sequence for every new token. The idea is nanochat's engine.py:
+  1. prefill: run every prompt through the model once, in one batch, writing each layer's keys and values into
+     a preallocated KV cache (model.KVCache). Prompts are left-padded so that every last token sits in the last
+     column; the attention mask hides the pads and the cache gives every row its own rotary positions.
+  2. clone: for N samples per prompt, copy each prompt's cache rows N times instead of running it N times.
+  3. decode: one new token per row per step. A row stops at its first stop id or after max_new_tokens, and
+     finished rows are dropped from the batch so they stop costing compute.
+Unlike nanochat, every sample draws its own first token, and a batch may hold many different prompts.
 
-The idea is nanochat's engine.py (github.com/karpathy/nanochat, nanochat/engine.py):
-  1. prefill: run every prompt through the model once, in one batch, writing each layer's keys
-     and values into a preallocated KV cache (model.KVCache). Prompts of different lengths are
-     left-padded so that every prompt's last token sits in the last column; the attention mask
-     hides the pads and the cache gives every row its own rotary positions.
-  2. clone: for N samples per prompt, copy each prompt's cache rows N times instead of running
-     the prompt N times (the prompt is usually far longer than the answer: an image alone is
-     cfg.tokens_per_image tokens).
-  3. decode: feed one new token per row per step; attention reads the cached keys and values.
-     A row stops at its first stop id or after max_new_tokens, and finished rows are dropped
-     from the batch so they stop costing compute.
-Unlike nanochat, every sample draws its own first token (nanochat copies one first token to all
-samples), and a batch may hold many different prompts.
-
-Sampling follows the usual order (as in Hugging Face's logits processors): divide the logits by
-the temperature, keep the top-k tokens, keep the top-p nucleus (Holtzman et al. 2019, "The
-Curious Case of Neural Text Degeneration"), then draw. temperature=0 is greedy.
-
-Run as a script it answers one question about one image with a checkpoint, streaming the answer:
+Sampling follows the usual order (Hugging Face's logits processors): temperature, top-k, then the top-p nucleus
+(Holtzman et al. 2019), then draw. temperature=0 is greedy. As a script it answers one question about an image:
     python generate.py --model out/sft --image cat.png --prompt "What colour is the cat?"
 """
 
@@ -46,7 +34,7 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     torch.Generator, so a seeded generator gives the same tokens every time.
     """
     if temperature == 0.0:
-        return logits.max(dim=-1).indices  # the argmax (the first, on ties), found ~3x faster on the CPU
+        return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -89,8 +77,7 @@ def left_pad(input_ids, attention_mask, pad_id, device):
 
 
 # no_grad, not inference_mode: under inference_mode autocast does not cache the bf16 copies of the
-# fp32 weights, so every decode step would cast every weight again (measured: 2.5x slower per
-# matmul at batch 1 on the CPU).
+# fp32 weights, so every decode step would cast every weight again.
 @torch.no_grad()
 def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature=0.0, top_k=None,
              top_p=None, num_samples=1, stop_ids=(), seed=None, pad_id=0, attention_mask=None,
@@ -130,8 +117,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
     else:
         generator.manual_seed(seed)
 
-    # fused_projections: q, k, v (and gate, up) from one weight each while decoding (model.py)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != param.dtype), model.fused_projections(dtype):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != param.dtype):
         # 1. prefill: encode the images once and run every prompt once, filling the cache
         image_embeds = None if pixel_values is None else model.encode_images(pixel_values.to(device, param.dtype))
         cache = KVCache(model.config.text, batch_size=B, max_len=T + max_new_tokens, device=device, dtype=dtype)

@@ -2,15 +2,12 @@
 
     python train_dpo.py --iters 3
 
-runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing
-(data, base model, reasoning agent, summary agent, the ablation arms), then runs N rounds of DPO,
-then the evaluation. In round t the current reasoning agent M_t samples k chains per question, the
-data pipeline's assessment ranks them (answer filter, then step score), the best and worst chains
-of a question become a (chosen, rejected) pair, and one epoch of DPO with the reference = M_t
-gives M_{t+1}. Only the reasoning agent is trained here; the summary agent stays as SFT'd.
-
-DPO (Rafailov et al. 2023) is written by hand below: `dpo_loss` is a pure function of summed
-log-probabilities and `sequence_logps` computes them, in fp32, for the completion tokens only.
+runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing (data, base
+model, both agents, the ablation arms), then runs N rounds of DPO, then the evaluation. In round t the reasoning
+agent M_t samples k chains per question, the data pipeline's assessment ranks them (answer filter, then step score),
+a question's best and worst chains become a (chosen, rejected) pair, and one epoch of DPO with the reference = M_t
+gives M_{t+1}; the summary agent stays as SFT'd. DPO (Rafailov et al. 2023) is written by hand: `dpo_loss` is a
+pure function of summed log-probabilities, which `sequence_logps` computes in fp32 for the completion tokens only.
 """
 
 import json
@@ -28,11 +25,10 @@ import agents
 import data
 import eval as evaluation
 import train_sft
-from model import VLM, atomic_write, parse_config, write_json
+from model import VLM, atomic_write, write_json
 
 # ----------------------------------------------------------------------------------------------
 # The loss
-
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              loss_type="sigmoid", label_smoothing=0.0, nll_weight=0.0, chosen_nll=None):
@@ -62,12 +58,9 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def sequence_logps(model, batch, return_counts=False):
-    """Summed log-probs of the completion tokens of each row -> (B,), in fp32.
-
-    `batch` is train_sft.collate's dict: `targets` is -100 on prompt, image and padding tokens, so
-    only the assistant's chain and its end token count. Rows are right-padded, so causal attention
-    alone keeps padding from touching real tokens. The log-softmax runs in fp32 even under autocast.
-    """
+    """Summed log-probs of each row's completion tokens -> (B,), in fp32 even under autocast. train_sft.collate's
+    targets are -100 on prompt, image and padding tokens, so only the assistant's chain and its end token count;
+    rows are right-padded, so causal attention alone keeps the padding from touching real tokens."""
     logits, _ = model(batch["input_ids"], pixel_values=batch["pixel_values"])
     logits, targets = logits[:, :-1].float(), batch["targets"][:, 1:]  # position t predicts token t+1
     mask = targets != -100
@@ -79,7 +72,6 @@ def sequence_logps(model, batch, return_counts=False):
 # ----------------------------------------------------------------------------------------------
 # Preference pairs from ranked samples
 
-
 def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="worst"):
     """(chosen, rejected) pairs for one question from its scored samples.
 
@@ -90,11 +82,10 @@ def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="
     a question with no correct sample gives no pair. It must also be sound: step score (key[1]) >=
     min_chosen_score. A hot sample from a small policy often reaches the right answer through wrong
     steps ("top left has a red square, so the answer is circle"); preferring those teaches the
-    chain that its answer need not follow its steps (on val, round 1 at lr 5e-5 took greedy chain
-    correctness from 0.438 to 0.292 with them allowed, to 0.358 with a floor of 90). Rejected
-    chains are the worst-ranked ones (the paper's best-vs-worst) or, with rejected="closest", the
-    best-ranked wrong ones (hard negatives). Ties and identical texts are skipped; a question whose
-    samples are all equal gives no pair (there is nothing to prefer).
+    chain that its answer need not follow its steps (docs/experiments.md). Rejected chains are the
+    worst-ranked ones (the paper's best-vs-worst) or, with rejected="closest", the best-ranked wrong
+    ones (hard negatives). Ties and identical texts are skipped; a question whose samples are all
+    equal gives no pair (there is nothing to prefer).
     """
     unique = {}
     for s in sorted(ranked, key=lambda s: s["key"], reverse=True):
@@ -114,44 +105,43 @@ def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-
 @dataclass
 class DPOConfig:
     iters: int = field(default=3, metadata={"help": "DPO rounds (the paper uses 3)"})
     out: str = field(default="out", metadata={"help": "where data, checkpoints, logs and results go"})
-    init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint (any VLM.from_pretrained dir)"})
+    init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint"})
     force: bool = field(default=False, metadata={"help": "rebuild every stage even if cached"})
     pool_size: int = field(default=1200, metadata={"help": "training questions sampled per round"})
     samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question"})
     temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)"})
-    sample_batch: int = field(default=1024, metadata={"help": "sequences decoded together when sampling (fewer calls, fewer steps; lower it for a big model)"})
+    sample_batch: int = field(default=1024, metadata={"help": "sequences decoded together (lower it for a big model)"})
     max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length"})
     max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question"})
-    min_chosen_score: float = field(default=90, metadata={"help": "a chosen chain needs this step score (1-100; 90 = High) besides a right answer"})
-    rejected: str = field(default="worst", metadata={"help": "pair the best chains with the worst ones or with the closest wrong ones", "choices": ["worst", "closest"]})
+    min_chosen_score: float = field(default=90, metadata={"help": "minimum step score of a chosen chain (90 = High)"})
+    rejected: str = field(default="worst", metadata={"help": "best vs worst, or vs closest wrong chains",
+                                                     "choices": ["worst", "closest"]})
     beta: float = field(default=0.1, metadata={"help": "DPO beta (paper: 0.1)"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or ipo", "choices": ["sigmoid", "ipo"]})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
-    nll_weight: float = field(default=0.2, metadata={"help": "weight of the NLL term on the chosen chain (released trainer: 1)"})
+    nll_weight: float = field(default=0.2, metadata={"help": "weight of the chosen chain's NLL (released trainer: 1)"})
     epochs: int = field(default=1, metadata={"help": "passes over each round's pairs"})
-    lr: float = field(default=3e-6, metadata={"help": "peak learning rate of each round (see the README: higher lowers chain correctness)"})
+    lr: float = field(default=3e-6, metadata={"help": "peak learning rate of each round (higher lowered chain "
+                                                      "correctness on val; docs/experiments.md)"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step"})
     warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
-    precision: str = field(default="auto", metadata={"help": "auto, bf16, fp16 or fp32", "choices": ["auto", "bf16", "fp16", "fp32"]})
+    precision: str = field(default="auto", metadata={"help": "mixed precision", "choices": ["auto", "bf16", "fp16", "fp32"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     val_size: int = field(default=300, metadata={"help": "val questions for the per-round report"})
     eval_limit: int = field(default=0, metadata={"help": "evaluate on only this many test questions (0 = all)"})
     seed: int = field(default=0, metadata={"help": "seed for pools, sampling and shuffling"})
-    sft_seed: int = field(default=1337, metadata={"help": "seed of every SFT stage (initial weights, val split, data order; "
-                                                          "the synthetic world stays the same): run the job with a few "
-                                                          "of these, each with its own --out, to see how far arms move"})
+    sft_seed: int = field(default=1337, metadata={"help": "seed of every SFT stage (weights, val split, data order; not "
+                                                          "the world): vary it, each with its own --out, to see the spread"})
 
 
 # ----------------------------------------------------------------------------------------------
 # One round
-
 
 def sample_chains(policy, rows, image_root, cfg, seed):
     """k chains per question from the current policy -> {row id: [chain text, ...]}."""
@@ -178,12 +168,8 @@ def rank_samples(row, texts, answer_filter, scorer):
 
 def encode_pairs(pairs, tok, cfg, image_root):
     """Each pair -> (chosen example, rejected example) through the SFT encoder (same prompt, two chains)."""
-    encoded = []
-    for row, chosen, rejected in pairs:
-        ex = [train_sft.encode_row({**row, "chain": s["text"]}, tok, cfg, image_root, task="reasoning")
-              for s in (chosen, rejected)]
-        encoded.append(ex)
-    return encoded
+    return [[train_sft.encode_row({**row, "chain": s["text"]}, tok, cfg, image_root, task="reasoning")
+             for s in (chosen, rejected)] for row, chosen, rejected in pairs]
 
 
 def pair_batches(encoded, batch_size, pad_id, generator):
@@ -194,22 +180,18 @@ def pair_batches(encoded, batch_size, pad_id, generator):
         yield train_sft.collate([encoded[j][0] for j in idx] + [encoded[j][1] for j in idx], pad_id)
 
 
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     """One epoch of DPO with the reference = the policy at the start of the round."""
     tok = policy.tokenizer
     pad_id = data.special_ids(tok)["pad"]
     encoded = encode_pairs(pairs, tok, policy.config, image_root)
     g = torch.Generator().manual_seed(cfg.seed + round_idx)
-    batches = [to_device(b, device) for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
 
     # Reference log-probs once, from the round's starting policy, under the same precision and on the
-    # very same batches: no second model is held in memory while training. Train mode (the model has
-    # no dropout) so that the attention kernels are the ones the training forward uses
-    # (model.attention): then the policy's first forward reproduces these numbers exactly.
+    # very same batches: no second model is held in memory while training. Train mode (the model has no
+    # dropout) picks exactly the attention kernels of the training forward (model.attention), so the
+    # policy's first forward reproduces these numbers bit for bit and the round-start ln 2 check is exact.
     policy.train()
     with torch.no_grad(), train_sft.autocast(device, cfg.precision):  # no_grad keeps autocast's weight cache
         refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
@@ -217,8 +199,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
     order = [i for _ in range(cfg.epochs) for i in torch.randperm(len(batches), generator=g).tolist()]
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
     policy.train()
     totals, steps = {}, 0
@@ -233,16 +214,13 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
         if step == 0:
             # Before any update the policy IS the reference, so the DPO part is exactly ln 2
             # (for IPO, 1 / (4 beta^2)): a cheap end-to-end check of masks, precision and batching.
-            pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type,
+                                  cfg.label_smoothing)
             expect = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2)
             assert abs(pure.item() - expect) < 1e-4 * max(1.0, expect), f"round start loss {pure.item()} != {expect}"
             log({"round": round_idx, "event": "start_check", "loss": pure.item(), "expected": expect})
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip)
         sched.step()
         metrics = {"loss": loss.item(), "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
                    "rewards/accuracies": (r_c > r_r).float().mean().item(),
@@ -261,7 +239,6 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
 # ----------------------------------------------------------------------------------------------
 # The main job
 
-
 def build_missing_stages(cfg):
     """Data, base, both agents and the ablation arms, each reused when already built (unless --force)."""
     data_dir = os.path.join(cfg.out, "data")
@@ -269,18 +246,19 @@ def build_missing_stages(cfg):
         print(f"[stage] data -> {data_dir}")
         data.build_world(data_dir)
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
-        if not cfg.force and train_sft.stage_done(cfg.out, stage):
-            print(f"[stage] {stage}: cached at {train_sft.stage_dir(cfg.out, stage)}")
+        stage_path = train_sft.stage_dir(cfg.out, stage)
+        if not cfg.force and os.path.isfile(os.path.join(stage_path, train_sft.STAGE_DONE)):
+            print(f"[stage] {stage}: cached at {stage_path}")
             continue
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
-        resume = not cfg.force and os.path.isfile(os.path.join(train_sft.stage_dir(cfg.out, stage), "train_state.pt"))
+        resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
         overrides = {"init": cfg.init} if stage == "base" and cfg.init else {}
         train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, precision=cfg.precision, device=cfg.device,
                                                          resume=resume, seed=cfg.sft_seed, **overrides))
 
 
 def main(argv=None):
-    cfg = parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
+    cfg = data.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = train_sft.resolve_device(cfg.device)
@@ -297,7 +275,7 @@ def main(argv=None):
 
     t_dpo = time.time()
 
-    def log(record):  # elapsed_s: seconds since the DPO part began (bench.py's per-stage wall time)
+    def log(record):  # elapsed_s: seconds since the DPO part began
         with open(log_path, "a") as f:
             f.write(json.dumps({**record, "elapsed_s": round(time.time() - t_dpo, 3)}) + "\n")
 
@@ -305,7 +283,8 @@ def main(argv=None):
         val = evaluation.evaluate_two_agent(policy, summary, val_rows, data_dir)
         row = {"round": name, **stats, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]}
         log({"event": "round", **row})
-        print(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "round"))
+        print(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in row.items() if k != "round"))
         return row
 
     table = [report("sft", {})]
@@ -317,7 +296,8 @@ def main(argv=None):
             with open(os.path.join(round_dir, "round.json")) as f:
                 table.append(json.load(f))
             continue
-        print(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x {cfg.pool_size} questions, rank, pair, train")
+        print(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x {cfg.pool_size} "
+              f"questions, rank, pair, train")
         pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))  # fixed per round
         chains = sample_chains(policy, pool, data_dir, cfg, cfg.seed + 1000 * t)
         pairs, n_correct, n_total = [], 0, 0
@@ -325,7 +305,8 @@ def main(argv=None):
             ranked = rank_samples(row, chains[row["id"]], answer_filter, scorer)
             n_correct += sum(s["correct"] for s in ranked)
             n_total += len(ranked)
-            pairs += [(row, c, r) for c, r in build_pairs(ranked, cfg.max_pairs_per_question, cfg.min_chosen_score, cfg.rejected)]
+            pairs += [(row, c, r) for c, r in build_pairs(ranked, cfg.max_pairs_per_question, cfg.min_chosen_score,
+                                                          cfg.rejected)]
         if not pairs:
             raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
                              f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
@@ -342,7 +323,8 @@ def main(argv=None):
     for r in table:
         cells = [r.get("pairs"), r.get("rewards/accuracies"), r.get("rewards/margins"), r.get("sample_correct"),
                  r["val/chain_correct"], r["val/two_agent"]]
-        print(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        print(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
+                                               for c in cells) + " |")
     results = evaluation.run_eval(cfg.out, limit=cfg.eval_limit or None)
     print(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
     return results

@@ -1,26 +1,13 @@
-"""
-Supervised fine-tuning: one readable training loop, and every SFT stage of Insight-V.
+"""Supervised fine-tuning: one readable training loop, and every SFT stage of Insight-V.
 
-Insight-V (Dong et al. 2024, arXiv 2411.14432, section 3.3) fine-tunes two agents from one base
-MLLM: the reasoning agent learns to write a long structured chain, the summary agent learns to
-answer from the question and a chain that may be flawed. On the synthetic world there is no
-pretrained base model, so the first stage trains one from scratch (it plays the role LLaVA-NeXT
-plays in the paper); with real weights `--init DIR` starts from a checkpoint instead.
+Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.3) fine-tunes two agents from one base MLLM: the reasoning
+agent writes a long structured chain, the summary agent answers from the question and a chain that may be flawed.
+With no pretrained base here the first stage trains one, in the role of the paper's LLaVA-NeXT (`--init DIR` starts
+from real weights). The loop is nanoGPT's train.py plus gradient accumulation, bf16 / fp16 mixed precision with
+fp32 master weights, a validation loss, checkpoints that `--resume` continues exactly and a JSONL log of every step.
 
     python data.py --out out/data             # the world, the SFT sets and the tokenizer
-    python train_sft.py --stage base          # out/base: a general VLM, also the direct-answer baseline
-    python train_sft.py --stage reasoning     # out/reasoning: the reasoning agent, from out/base
-    python train_sft.py --stage summary       # out/summary: the summary agent, from out/base
-    python train_sft.py --stage vanilla       # ablation: one model writes the chain, then the answer
-    python train_sft.py --stage summary-only  # ablation: the summary agent trained without chains
-
-The loop is nanoGPT's train.py (github.com/karpathy/nanoGPT) grown the few parts a real run needs:
-AdamW with the model's parameter groups, linear warmup then cosine decay, gradient accumulation
-and clipping, bf16 / fp16 mixed precision with fp32 master weights, a periodic validation loss,
-atomic checkpoints that `--resume` continues from exactly, and a JSONL log of every step.
-
-Reading order: the stage table and the options, rows into batches, precision and schedule, the
-loop, the stages, the command line.
+    python train_sft.py --stage base          # then reasoning, summary, vanilla, summary-only (STAGES)
 """
 
 import contextlib
@@ -29,40 +16,22 @@ import json
 import math
 import os
 import time
+import timeit
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import data
-from model import PRESETS, VLM, atomic_write, get_config, parse_config, pixel_shuffle, write_json
+from model import PRESETS, VLM, atomic_write, get_config, pixel_shuffle, write_json
 
 # ----------------------------------------------------------------------------------------------
-# Stages. Each reads one SFT file written by data.py and starts from a fresh model (base) or from
-# another stage's checkpoint. `task` re-renders every row with another prompt and target (see
-# data.task_messages); None keeps each row's own task. The ablation arms are the paper's design
-# table: the same rows and loop, only the rendering differs. Epochs and learning rates are tuned
-# for the tiny preset on a 2-core CPU; the paper's, for an 8B model, are 2 epochs at 5e-6
-# (reasoning) and 1 epoch at 1e-5 (summary). Ours are undertrained at fewer, as measured on the
-# 1200-question val (`python data.py --val-scenes 400`, never on test):
-#   - summary agent 1 -> 2 epochs: it stopped changing right `color_at` chains to a wrong colour
-#     (34 of 59 after one epoch); two agents 48.1% -> 49.9%, right chains spoiled 79 -> 37;
-#   - reasoning agent 2 -> 3 epochs: chains right 49.1 -> 55.6% and 43.7 -> 46.6% from two base models;
-#   - reasoning agent 3 -> 4 epochs (session 7, run 3's base model): chains right 45.8 -> 52.8%, and
-#     chains whose stated answer contradicts their own last step 170 -> 52 of 1200;
-#   - summary agent 2 -> 3 epochs, with that reasoning agent: right chains spoiled 73 -> 9, wrong ones
-#     rescued 23 -> 7, two agents 48.8 -> 52.8% (just the chains' own 52.9%).
-# Each ablation arm gets the epochs of the stage it mirrors (same loop, same rows): `vanilla` 4 like
-# the reasoning agent, `summary-only` 3 like the summary agent.
-#
-# Every stage keeps the vision tower frozen unless --no-freeze-vision. The paper does so for both
-# agents. For the base model trained from scratch it is our choice, and a measured one: a randomly
-# initialised SigLIP tower already keeps each object's colour, shape and cell linearly decodable
-# from its image token (a linear probe scores 100% on all three). Trained jointly from scratch at
-# the language model's lr it lost them (after 8 epochs the probe reads colour 58%, cell 14%) and the
-# base model's val loss stalled at 0.44; at a 4x smaller vision lr it still stalled there after 5
-# epochs. Frozen, the base model describes scenes after ~2 epochs and reaches ~0.1-0.2 in 3.
+# Stages: each reads one SFT file from data.py and starts from a fresh model (base) or another stage. `task`
+# re-renders every row (data.task_messages), so the ablation arms of the paper's Table 5 are the same rows and loop.
+# Epochs and lr are tuned on val (docs/experiments.md); as in the paper, the vision tower stays frozen.
 
 STAGES = {
     "base": dict(data="base.jsonl", init=None, task=None, epochs=3, lr=2e-3,
@@ -76,8 +45,6 @@ STAGES = {
     "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=3, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
 }
-
-
 STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
 
 
@@ -86,17 +53,12 @@ def stage_dir(out, stage):
     return os.path.join(out, stage)
 
 
-def stage_done(out, stage):
-    return os.path.isfile(os.path.join(stage_dir(out, stage), STAGE_DONE))
-
-
 @dataclass
 class TrainConfig:
     stage: str = field(default="base", metadata={"help": "what to train", "choices": list(STAGES)})
     out: str = field(default="out", metadata={"help": "run directory: data in OUT/data, checkpoints in OUT/<stage>"})
-    init: str = field(default=None, metadata={"help": "start from this checkpoint (any dir VLM.from_pretrained loads) "
-                                                      "instead of the stage's default"})
-    preset: str = field(default="tiny", metadata={"help": "model shape when training from scratch", "choices": list(PRESETS)})
+    init: str = field(default=None, metadata={"help": "start from this checkpoint, not the stage's default"})
+    preset: str = field(default="tiny", metadata={"help": "model shape from scratch", "choices": list(PRESETS)})
     epochs: float = field(default=None, metadata={"type": float, "help": "passes over the data (default: the stage's)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from --epochs"})
     batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch"})
@@ -108,31 +70,26 @@ class TrainConfig:
     warmup_steps: float = field(default=0.05, metadata={"help": "linear warmup: steps, or a fraction of all steps if < 1"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at this fraction of the peak lr"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this; 0 = off"})
-    precision: str = field(default="auto", metadata={"help": "auto = bf16 on CUDA where supported (else fp16); on the CPU bf16 only if it is faster than fp32 there",
-                                                     "choices": ["auto", "bf16", "fp16", "fp32"]})
+    precision: str = field(default="auto", metadata={"help": "auto = bf16 (fp16 on older GPUs; fp32 on a CPU where "
+                                                             "bf16 is slower)", "choices": ["auto", "bf16", "fp16", "fp32"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     eval_every: int = field(default=100, metadata={"help": "validation loss every N steps (and at the end); 0 = end only"})
     save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/<stage>/train_state.pt"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU)"})
-    freeze_vision: bool = field(default=True, metadata={"help": "train only the projector and the language model (see STAGES)"})
-    vision_pretrain_steps: int = field(default=100, metadata={"help": "from scratch only: supervised steps for the vision "
-                                                                      "tower before the stage (see pretrain_vision); 0 = off"})
+    freeze_vision: bool = field(default=True, metadata={"help": "train only the projector and the LM (see STAGES)"})
+    vision_pretrain_steps: int = field(default=100, metadata={"help": "from scratch only: vision tower pretraining "
+                                                                      "steps before the stage (pretrain_vision); 0 = off"})
     seed: int = field(default=1337, metadata={"help": "seeds the initial weights, the val split and the data order"})
     max_len: int = field(default=1024, metadata={"help": "skip samples longer than this many tokens"})
     val_fraction: float = field(default=0.05, metadata={"help": "fraction of the images held out for the validation loss"})
 
 
 # ----------------------------------------------------------------------------------------------
-# Rows into batches. The conversation, its loss mask and the image all come from data.py, so the
-# training text is exactly the text the agents are later prompted with.
-
+# Rows into batches: conversation, loss mask and image come from data.py, as when the agents are prompted.
 
 def encode_row(row, tok, cfg, image_root, task=None):
-    """One JSONL row -> {ids (T,), targets (T,) with -100 outside the loss mask, image (3, H, W)}.
-
-    cfg is the model's VLMConfig (it fixes the image tokens and size); task overrides row["task"].
-    """
+    """A JSONL row -> {ids, targets (-100 outside the loss mask), image}; cfg is the model's VLMConfig."""
     messages = data.task_messages(task or row["task"], row["question"], chain=row.get("chain"), answer=row["answer"])
     ids, mask = data.render_conversation(tok, messages, cfg.tokens_per_image)
     ids = torch.tensor(ids, dtype=torch.long)  # (T,)
@@ -142,28 +99,17 @@ def encode_row(row, tok, cfg, image_root, task=None):
 
 
 def collate(examples, pad_id):
-    """Examples -> one batch, right-padded to its longest example (not to a fixed length).
-
-    Right padding keeps every real token at its unpadded position: under the causal mask no real
-    token can see the pads after it, and the pads have target -100, so they change nothing.
-    """
-    T = max(len(ex["ids"]) for ex in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
-    targets = torch.full((len(examples), T), -100, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros(len(examples), T, dtype=torch.long)  # (B, T)
-    for i, ex in enumerate(examples):
-        n = len(ex["ids"])
-        input_ids[i, :n], targets[i, :n], attention_mask[i, :n] = ex["ids"], ex["targets"], 1
+    """Examples -> one batch, right-padded: the causal mask hides the pads, and their targets are -100."""
+    input_ids = pad_sequence([ex["ids"] for ex in examples], batch_first=True, padding_value=pad_id)  # (B, T)
+    targets = pad_sequence([ex["targets"] for ex in examples], batch_first=True, padding_value=-100)  # (B, T)
+    attention_mask = pad_sequence([torch.ones_like(ex["ids"]) for ex in examples], batch_first=True)  # (B, T)
     pixel_values = torch.stack([ex["image"] for ex in examples])  # (B, 3, H, W): one image per sample
     return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
 def micro_batch(examples, index, batch_size, seed):
-    """The index-th micro-batch of the whole run. Every epoch is its own seeded shuffle, so any
-    position in the data order can be recomputed from the step number alone: that is what makes
-    --resume exact without saving the order."""
-    per_epoch = math.ceil(len(examples) / batch_size)
-    epoch, i = divmod(index, per_epoch)
+    """The index-th micro-batch: each epoch is a seeded shuffle, so --resume recomputes the order from the step."""
+    epoch, i = divmod(index, math.ceil(len(examples) / batch_size))  # i: the micro-batch within its epoch
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
     return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
 
@@ -175,12 +121,8 @@ def n_targets(batch):  # tokens that count in the loss: targets shift by one ins
 # ----------------------------------------------------------------------------------------------
 # Device, mixed precision and the learning-rate schedule
 
-
 def resolve_device(name):
-    """'auto' -> CUDA when there is one, else the CPU; anything else as torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
     return device
@@ -188,27 +130,15 @@ def resolve_device(name):
 
 @functools.cache
 def cpu_bf16_is_fast():
-    """Whether this CPU multiplies bf16 matrices faster than fp32 ones, timed once per process.
-
-    CPUs with AVX512-BF16 or AMX run bf16 matmuls several times faster than fp32; CPUs with only
-    AVX2 have no bf16 arithmetic, and torch falls back to a kernel that measured 10-400x SLOWER
-    than fp32 (2.13, AMD EPYC with AVX2). No flag says which kind of kernel we will get, so we time
-    both layouts a linear layer uses (x @ W.T forward, g @ W backward) on a small product.
-    """
-    def best(dtype):
+    """Whether bf16 matmuls beat fp32 here: no flag tells if the CPU has bf16 arithmetic (docs/experiments.md)."""
+    def best(dtype):  # the fastest of 3 timings of both layouts a linear layer uses (x @ W.T, g @ W)
         a, w = torch.randn(256, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            a @ w.t(), a @ w
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return min(timeit.repeat(lambda: (a @ w.t(), a @ w), number=1, repeat=3))
     return best(torch.bfloat16) < best(torch.float32)
 
 
 def resolve_precision(device, precision):
-    """'auto' -> bf16 on GPUs that support it, fp16 on older GPUs; on the CPU bf16 where it is
-    faster than fp32 (see cpu_bf16_is_fast), else fp32."""
+    """'auto' -> bf16 on GPUs that support it, else fp16; on the CPU bf16 only where it is faster than fp32."""
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":
@@ -220,26 +150,18 @@ def resolve_precision(device, precision):
 
 
 def autocast(device, precision):
-    """Mixed precision: matmuls in bf16 / fp16, weights and optimizer state stay fp32.
-
-    Norm statistics and the loss are computed in fp32 inside the model whatever this says."""
-    device = torch.device(device)
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    """Mixed precision: matmuls in bf16 / fp16; weights, optimizer state, norms and the loss stay fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision))
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def make_scaler(device, precision):
-    """A GradScaler that is active only for fp16, whose small range underflows gradients unless the
-    loss is scaled up first; for bf16 and fp32 it is a no-op, so one loop serves all three."""
-    device = torch.device(device)
-    return torch.amp.GradScaler(device.type, enabled=resolve_precision(device, precision) == "fp16")
+    """A GradScaler, active only for fp16 (whose gradients underflow unless the loss is scaled up first)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=resolve_precision(device, precision) == "fp16")
 
 
 def lr_lambda(step, warmup, total, min_ratio):
-    """The lr multiplier at optimizer step `step` (from 0): linear warmup to 1 over `warmup` steps,
-    then a cosine down to `min_ratio` at step `total` (as in nanoGPT's get_lr)."""
+    """The lr multiplier at step `step` (from 0): linear warmup, then cosine down to min_ratio (nanoGPT's get_lr)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -252,44 +174,44 @@ def make_optimizer(model, cfg):
                                       freeze_vision=cfg.freeze_vision)
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation and checkpoints
+def optimizer_step(model, optimizer, scaler, max_norm, check=lambda grad_norm: None):
+    """Unscale and clip the gradients, let `check` see their norm, step, free the gradients -> the norm."""
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    check(grad_norm)  # may raise before the weights change
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as we can
+    return grad_norm
 
+
+# ----------------------------------------------------------------------------------------------
+# The loop, with its validation loss and the checkpoints that --resume continues exactly
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, device, precision, pad_id=0):
+def evaluate(model, examples, cfg, device, pad_id):
     """Mean loss per target token over all examples (not a mean of batch means)."""
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        with autocast(device, precision):
+    for i in range(0, len(examples), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i:i + cfg.batch_size], pad_id).items()}
+        with autocast(device, cfg.precision):
             _, loss = model(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
         total, count = total + loss.item() * n_targets(batch), count + n_targets(batch)
     model.train()
     return total / count if count else float("nan")
 
 
-def write_torch(obj, path):
-    with open(path, "wb") as f:  # a file object: torch.save rejects atomic_write's dot-named temp path
-        torch.save(obj, f)
-
-
-def write_lines(path, lines):
-    with open(path, "w") as f:
-        f.writelines(lines)
-
-
 def save_checkpoint(model, optimizer, scaler, step, cfg, out_dir):
-    """The model in save_pretrained format, plus train_state.pt: everything --resume needs.
-
-    train_state.pt holds its own copy of the weights, so a crash between the two writes can never
-    pair the weights of one step with the optimizer of another."""
+    """save_pretrained, plus train_state.pt for --resume with its own weights: a crash never mixes two steps."""
     model.save_pretrained(out_dir)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "config": asdict(cfg), "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    atomic_write(os.path.join(out_dir, "train_state.pt"), lambda path: write_torch(state, path))
+    def write(path):  # through a file object: torch.save rejects the dot-named path atomic_write gives
+        with open(path, "wb") as f:
+            torch.save(state, f)
+    atomic_write(os.path.join(out_dir, "train_state.pt"), write)
 
 
 def load_train_state(model, optimizer, scaler, cfg, out_dir):
@@ -302,26 +224,16 @@ def load_train_state(model, optimizer, scaler, cfg, out_dir):
         if state["config"][key] != getattr(cfg, key):
             raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'][key]}, "
                              f"not {getattr(cfg, key)}: resume with the same value")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    for part, key in ((model, "model"), (optimizer, "optimizer"), (scaler, "scaler")):
+        part.load_state_dict(state[key])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state["step"]
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-
 def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc):
-    """Train `model` in place on encoded examples; checkpoints go to out_dir, metrics to log_path.
-
-    cfg is a TrainConfig whose lr fields are set (run_stage fills in the stage's defaults). Returns
-    {steps, wall_s, train_loss, val_loss, tokens_per_s}. Ctrl-C saves a checkpoint and re-raises
-    KeyboardInterrupt; a non-finite loss raises FloatingPointError and leaves the last checkpoint.
-    """
+    """Train `model` in place; checkpoints to out_dir, metrics to log_path -> a summary. Ctrl-C saves first."""
     device = resolve_device(cfg.device)
     model.to(device).train()
     pad_id = data.special_ids(model.tokenizer)["pad"] if model.tokenizer is not None else 0
@@ -329,7 +241,6 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = make_scaler(device, cfg.precision)
     forward = torch.compile(model) if cfg.compile else model  # the same weights, a faster forward
-
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
@@ -339,16 +250,11 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     if cfg.resume:
         done = load_train_state(model, optimizer, scaler, cfg, out_dir)
         if os.path.exists(log_path):  # drop lines of steps after the checkpoint (a crash may have logged them)
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= done]
-            atomic_write(log_path, lambda p: write_lines(p, kept))
+            kept = [line for line in Path(log_path).read_text().splitlines(True) if json.loads(line)["step"] <= done]
+            atomic_write(log_path, lambda p: Path(p).write_text("".join(kept)))
             elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
     elif os.path.exists(log_path):
         os.remove(log_path)
-
-    def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     saved, train_loss, val_loss, tokens, t_start = done, float("nan"), float("nan"), 0, time.time()
     bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True)
@@ -359,41 +265,34 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                 group["lr"] = peak * scale
             batches = [collate(micro_batch(train_examples, done * cfg.grad_accum + k, cfg.batch_size, cfg.seed), pad_id)
                        for k in range(cfg.grad_accum)]
-            # Each micro-batch's mean loss is weighted by its share of the step's target tokens, so the
-            # gradient is that of one big batch even when micro-batches hold different token counts.
-            step_targets = sum(n_targets(b) for b in batches)
+            step_targets = sum(n_targets(b) for b in batches)  # weighting by token share: one big batch's gradient
             train_loss = 0.0
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(device, cfg.precision):
-                    # No attention_mask: with right padding the causal mask already hides the pads,
-                    # and without one SDPA takes its fused causal path.
+                    # No attention_mask: the causal mask hides right pads, and SDPA takes its fused causal path.
                     _, loss = forward(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
                 weighted = loss * (n_targets(batch) / step_targets)
                 scaler.scale(weighted).backward()
                 train_loss += weighted.item()
                 tokens += int(batch["attention_mask"].sum())
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            # fp16's scaler skips a step whose gradients overflowed; anywhere else a NaN means divergence.
-            if not math.isfinite(train_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
-                raise FloatingPointError(f"loss {train_loss:.4g}, grad norm {grad_norm:.4g} at step {done + 1}: stopped; "
-                                         f"the last good checkpoint (step {saved}) is in {out_dir}; "
-                                         f"try a lower --lr or --precision fp32")
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as we can
+            def check(grad_norm):  # fp16's scaler skips a step whose gradients overflowed; elsewhere NaN = divergence
+                if not math.isfinite(train_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
+                    raise FloatingPointError(f"loss {train_loss:.4g}, grad norm {grad_norm:.4g} at step {done + 1}: "
+                                             f"training halted; the last good checkpoint (step {saved}) is in "
+                                             f"{out_dir}; try a lower --lr or --precision fp32")
+            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip or float("inf"), check)
             done += 1
-
-            tok_s = tokens / (time.time() - t_start)
-            record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale,
-                      "grad_norm": grad_norm.item(), "tok_s": tok_s}
+            record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale, "grad_norm": grad_norm.item(),
+                      "tok_s": tokens / (time.time() - t_start)}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
-                val_loss = record["val_loss"] = evaluate(model, val_examples, cfg.batch_size, device, cfg.precision, pad_id)
-            record["elapsed_s"] = elapsed_before + time.time() - t_start  # bench.py's per-stage wall time
-            log(record)
+                val_loss = record["val_loss"] = evaluate(model, val_examples, cfg, device, pad_id)
+            record["elapsed_s"] = elapsed_before + time.time() - t_start  # the stage's wall time, across --resume
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}", tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}",
+                            tok_s=f"{record['tok_s']:.0f}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == total:
                 save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)
                 saved = done
@@ -411,7 +310,6 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
 # ----------------------------------------------------------------------------------------------
 # The stages
 
-
 def load_examples(path, tok, model_cfg, task, max_len):
     """Encode every row of a JSONL file once, up front (the synthetic world is small)."""
     required = ("image", "question", "answer") + (() if task else ("task",))
@@ -419,9 +317,9 @@ def load_examples(path, tok, model_cfg, task, max_len):
     for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {os.path.basename(path)}", leave=False):
         ex = encode_row(row, tok, model_cfg, os.path.dirname(path), task)
         if not (ex["targets"] != -100).any():
-            raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn (task {task or row['task']!r} "
-                             f"with chain {row.get('chain')!r})")
-        if len(ex["ids"]) > max_len:  # a cut-off target would teach the model to stop mid-sentence
+            raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn "
+                             f"(task {task or row['task']!r} with chain {row.get('chain')!r})")
+        if len(ex["ids"]) > max_len:  # a cut-off target would teach the model to end mid-sentence
             skipped += 1
             continue
         ex["image"] = images.setdefault(row["image"], ex["image"])  # rows of one scene share one tensor
@@ -432,36 +330,20 @@ def load_examples(path, tok, model_cfg, task, max_len):
 
 
 def held_out_images(images, fraction, seed):
-    """The images kept for validation: a seeded `fraction` of them, at least one, never all."""
+    """A seeded `fraction` of the images (at least one, never all) for validation: no val image is trained on."""
     images = sorted(set(images))
     n_val = min(len(images) - 1, max(1, round(fraction * len(images)))) if fraction > 0 else 0
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
     return {images[j] for j in order[:n_val]}
 
 
-def split_by_image(examples, held_out):
-    """Hold out whole images (held_out_images) for validation, so no val image was seen in training."""
-    train = [ex for image, ex in examples if image not in held_out]
-    val = [ex for image, ex in examples if image in held_out]
-    return train, val
-
-
-# The vision tower of a base model trained from scratch. The paper starts from a pretrained vision
-# encoder; a randomly initialised one is a poor stand-in. Its features do keep each object's shape
-# linearly decodable (a probe on the image tokens scores 100%), but only in low-variance
-# directions: a base model trained on them for 3 epochs described colour, size and place right
-# 98-99% of the time and shape at chance (37% of the 394 objects of the val scenes). So before the base stage we
-# give the tower a few seconds of supervised pretraining, the world's analogue of SigLIP's: from
-# each image token (one per grid cell, see model.PRESETS["tiny"]) linear heads predict that
-# cell's shape, colour and size (or empty), with the labels read from the training images'
-# scene descriptions in base.jsonl. The heads are then dropped and the tower stays frozen. With
-# it the same base model described shape right 98% of the time, and its val loss fell from 0.22 to 0.09.
+# Vision pretraining, this world's SigLIP: on a random tower the base model read shape at chance (docs/experiments.md),
+# so linear heads on each image token (one per grid cell) first learn its cell's shape, colour and size from base.jsonl.
 VISION_LABELS = {"shape": list(data.SHAPES), "color": list(data.COLORS), "size": list(data.SIZES)}
 
 
 def cell_labels(description):
-    """A scene description -> (cells, 3) long: per cell the index + 1 of its shape, colour and
-    size in VISION_LABELS, 0 for an empty cell."""
+    """A scene description -> (cells, 3): per cell 1 + the index of its shape, colour and size; 0 if empty."""
     labels = torch.zeros(len(data.CELLS), len(VISION_LABELS), dtype=torch.long)
     for o in data.read_description(description):
         labels[data.CELLS.index(o["cell"])] = torch.tensor([1 + VISION_LABELS[k].index(o[k]) for k in VISION_LABELS])
@@ -469,30 +351,25 @@ def cell_labels(description):
 
 
 def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64, lr=1e-3):
-    """Train model.vision_model in place on per-cell labels of describe rows -> held-out accuracy
-    per label ({shape, color, size}), or None when the model has no one token per grid cell."""
+    """Train model.vision_model in place on describe rows -> held-out accuracy per label (None: skipped)."""
     mcfg, device = model.config, resolve_device(cfg.device)
     if mcfg.tokens_per_image != len(data.CELLS) or not rows:
         print(f"[train_sft] vision pretraining skipped: it needs describe rows and one image token per "
               f"grid cell ({len(data.CELLS)}; this model has {mcfg.tokens_per_image})")
         return None
-
     def load(rs):  # -> images (N, 3, H, W), labels (N, cells, 3)
-        return (torch.stack([data.load_image(os.path.join(image_root, r["image"]), mcfg.vision.image_size) for r in rs]),
-                torch.stack([cell_labels(r["answer"]) for r in rs]))
-
+        images = [data.load_image(os.path.join(image_root, r["image"]), mcfg.vision.image_size) for r in rs]
+        return torch.stack(images), torch.stack([cell_labels(r["answer"]) for r in rs])
     images, labels = load(rows)
     width = mcfg.vision.hidden_size * mcfg.scale_factor**2  # one pixel-shuffled token per cell
     heads = torch.nn.ModuleList([torch.nn.Linear(width, 1 + len(v)) for v in VISION_LABELS.values()]).to(device)
     vision = model.vision_model.to(device).train()
     optimizer = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
-
     def logits(x):  # (N, 3, H, W) -> one (N, cells, classes) per label
         with autocast(device, cfg.precision):
             tokens = pixel_shuffle(vision(x.to(device)), mcfg.scale_factor)  # (N, cells, width)
         return [head(tokens.float()) for head in heads]
-
     for _ in tqdm(range(steps), desc="vision pretraining", leave=False):
         idx = torch.randint(len(rows), (batch_size,), generator=generator)
         y = labels[idx].to(device)  # (B, cells, 3)
@@ -511,22 +388,18 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
 
 
 def run_stage(stage, cfg):
-    """Everything `python train_sft.py --stage STAGE` does -> the checkpoint directory.
-
-    cfg is a TrainConfig; fields left None take the stage's defaults. Raises FileNotFoundError,
-    naming the command to run first, when the data or the previous stage is missing."""
+    """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults."""
     spec = STAGES[stage]
     cfg = replace(cfg, stage=stage, epochs=cfg.epochs or spec["epochs"], lr=cfg.lr or spec["lr"])
-    out_flag = "" if cfg.out == "out" else f" --out {cfg.out}"
-    data_dir = os.path.join(cfg.out, "data")
+    data_dir, out_dir = os.path.join(cfg.out, "data"), stage_dir(cfg.out, stage)
     path = os.path.join(data_dir, spec["data"])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `python data.py --out {data_dir}` first")
     init = cfg.init or (stage_dir(cfg.out, spec["init"]) if spec["init"] else None)
     if init and not os.path.isfile(os.path.join(init, "config.json")):
-        command = "pass an existing checkpoint" if cfg.init else f"run `python train_sft.py --stage {spec['init']}{out_flag}` first"
-        raise FileNotFoundError(f"{init} not found: {command}")
-
+        out_flag = "" if cfg.out == "out" else f" --out {cfg.out}"
+        command = f"run `python train_sft.py --stage {spec['init']}{out_flag}` first"
+        raise FileNotFoundError(f"{init} not found: {'pass an existing checkpoint' if cfg.init else command}")
     torch.manual_seed(cfg.seed)
     if init:
         model = VLM.from_pretrained(init)
@@ -534,31 +407,31 @@ def run_stage(stage, cfg):
             raise FileNotFoundError(f"{init} has no tokenizer.json: the rows cannot be tokenized")
     else:
         tok = data.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
-        model = VLM(get_config(cfg.preset, vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
+        model = VLM(get_config(cfg.preset, vocab_size=tok.get_vocab_size(),
+                               image_token_id=data.special_ids(tok)["image"]))
         model.tokenizer = tok
-    out_dir = stage_dir(cfg.out, stage)
     print(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
           f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
     examples = load_examples(path, model.tokenizer, model.config, spec["task"], cfg.max_len)
     held_out = held_out_images([image for image, _ in examples], cfg.val_fraction, cfg.seed)
-    train, val = split_by_image(examples, held_out)
+    train = [ex for image, ex in examples if image not in held_out]
+    val = [ex for image, ex in examples if image in held_out]
     if not init and cfg.vision_pretrain_steps and not cfg.resume:  # resumed: the tower is in the checkpoint
         describe = [r for r in data.read_jsonl(path) if r.get("task") == "describe"]
         pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
                         [r for r in describe if r["image"] in held_out], data_dir, cfg, cfg.vision_pretrain_steps)
-    if os.path.exists(os.path.join(out_dir, STAGE_DONE)):  # an earlier run's marker must not outlive this one
-        os.remove(os.path.join(out_dir, STAGE_DONE))
+    Path(out_dir, STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
     summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)
     print(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
-          f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} val rows), "
-          f"{summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
-    # Written last: a checkpoint directory without stage.json is an interrupted run (--resume it).
-    atomic_write(os.path.join(out_dir, STAGE_DONE), lambda f: write_json({"stage": stage, **summary, "config": asdict(cfg)}, f))
+          f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} "
+          f"val rows), {summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
+    marker = {"stage": stage, **summary, "config": asdict(cfg)}  # written last: without it, the run was interrupted
+    atomic_write(os.path.join(out_dir, STAGE_DONE), lambda f: write_json(marker, f))
     return out_dir
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description=__doc__.strip().splitlines()[0])
+    cfg = data.parse_config(TrainConfig, argv, description=__doc__.strip().splitlines()[0])
     try:
         run_stage(cfg.stage, cfg)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

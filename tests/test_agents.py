@@ -1,12 +1,18 @@
-"""agents.py: the two agents on a micro random model, and on crafted replies for malformed chains.
+"""agents.py: the two agents on a micro random model, and on crafted replies for malformed chains;
+the model-backed generator and judge for real data, and both command lines.
 
 Hermetic: a tiny world and its tokenizer are built in a temp dir; the model is the micro preset
 with random weights. Where a test needs a particular reply (a chain without its end tag, a step
 cut off, nothing at all), the one generation helper, agents.complete, is replaced by a fake that
-returns it, so the parsing and the hand-over between the agents are tested exactly.
+returns it, so the parsing and the hand-over between the agents are tested exactly; the real-data
+generator and judge get theirs from a fake decoder under complete.
 """
 
+import json
 import os
+import random
+import shutil
+import types
 
 import pytest
 import torch
@@ -165,3 +171,95 @@ def test_cli(vlm, rows, world, tmp_path, capsys):
         agents.main(["--image", str(bad), "--question", "q", "--reasoning", ckpt, "--summary", ckpt])
     with pytest.raises(SystemExit, match="^error: pass both"):
         agents.main(["--image", image])
+
+
+# ---------------------------------------------------------------------------------------------- real data
+
+
+class FakeVLM:
+    """Just enough of a VLM for complete, under the model-backed generator and judge."""
+
+    def __init__(self, tok):
+        self.tokenizer = tok
+        self.config = types.SimpleNamespace(tokens_per_image=9, vision=types.SimpleNamespace(image_size=48))
+
+    def parameters(self):
+        return iter([torch.zeros(1)])
+
+
+def fake_generate(monkeypatch, tok, replies):
+    """Replace the decoder under agents.complete: each call answers with the next scripted reply."""
+    calls = []
+
+    def generate(model, input_ids, pixel_values=None, max_new_tokens=1, stop_ids=(), **kw):
+        calls.append((input_ids, pixel_values))
+        reply = tok.encode(replies[min(len(calls), len(replies)) - 1]).ids
+        return [reply + [stop_ids[0]] for _ in input_ids]
+    monkeypatch.setattr(agents, "generate", generate)
+    return calls
+
+
+def test_model_generator_retries_malformed_json_then_ends(world, rows, monkeypatch):
+    tok = data.load_tokenizer(world)
+    step = '{"title": "Look", "content": "I see it.", "next_action": "%s"}'
+    calls = fake_generate(monkeypatch, tok, ["oops", step % "continue", step % "final_answer", "red"])
+    gen = agents.ModelGenerator(FakeVLM(tok), root=world, retries=1)
+    paths = gen.generate(rows[0], 3, random.Random(0))
+    assert len(calls) == 4 and len(calls[0][0]) == 3 and calls[0][1].shape == (3, 3, 48, 48)
+    assert all(len(p["steps"]) == 2 and p["final_answer"] == "red" for p in paths)
+    assert paths[0]["steps"][1]["next_action"] == "final_answer"
+    calls = fake_generate(monkeypatch, tok, ["still not json", "x"])
+    paths = gen.generate(rows[0], 2, random.Random(0))
+    assert len(calls) == 3 and all(p["steps"] == [] for p in paths)  # 1 try + 1 retry + final
+
+
+def test_parse_step_json():
+    assert agents.parse_step_json(r'Sure! {"title": "Count", "content": "2\nred", "next_action": "final_answer"}') == {
+        "title": "Count", "content": "2 red", "next_action": "final_answer"}
+    assert agents.parse_step_json('{"content": "x", "next_action": "maybe"}')["next_action"] == "continue"
+    assert agents.parse_step_json("no json") is None and agents.parse_step_json('{"title": "x"}') is None
+
+
+def test_model_judge_scores_all_paths_in_one_call(world, monkeypatch):
+    tok = data.load_tokenizer(world)
+    rec = {"question": "Q?", "answer": "3", "image": "x.png"}
+    paths = [{"steps": [], "final_answer": "3"}, {"steps": [], "final_answer": "4"}]
+    calls = fake_generate(monkeypatch, tok, ["Scores: [80, 20]"])
+    judge = agents.ModelJudge(FakeVLM(tok))
+    assert judge.score(rec, paths) == [80, 20] and len(calls) == 1 and calls[0][1] is None
+    fake_generate(monkeypatch, tok, ["no idea", "no idea", "no idea", "0"])
+    assert judge.score(rec, paths) == [100, 1]  # unparseable judge: the coarse verdict
+    assert judge.judge(rec, "three")  # exact match needs no model call
+
+
+def test_real_cli_writes_paths_and_sft_sets(vlm, rows, world, tmp_path, capsys):
+    ckpt, out, bench = str(tmp_path / "agent"), str(tmp_path / "real"), tmp_path / "bench"
+    vlm.save_pretrained(ckpt)
+    (bench / "img").mkdir(parents=True)
+    lines = []
+    for r in rows[:2]:
+        shutil.copy(os.path.join(world, r["image"]), bench / "img")
+        lines.append({"image": "img/" + os.path.basename(r["image"]), "question": r["question"], "answer": r["answer"]})
+    lines[1]["choices"] = ["red", lines[1]["answer"]]
+    (bench / "bench.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    real = str(bench / "bench.jsonl")
+    agents.main(["--real", real, "--generator", ckpt, "--data-out", out, "--paths-per-question", "2",
+                 "--max-steps", "2"])
+    assert "2 usable examples" in capsys.readouterr().out
+    paths = data.read_jsonl(os.path.join(out, "paths.jsonl"))
+    assert [(p["id"], p["path"]) for p in paths] == [("0", 0), ("0", 1), ("1", 0), ("1", 1)]
+    assert all(1 <= p["score"] <= 100 and len(p["steps"]) <= 2 for p in paths)
+    # the generator read every image through its path relative to --data-out, as the SFT rows store it
+    assert all(os.path.isfile(os.path.join(out, f"{name}.jsonl")) for name in ("reasoning_sft", "summary_sft"))
+    with pytest.raises(SystemExit, match="^error: pass --generator"):
+        agents.main(["--real", real])
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint at .*missing"):
+        agents.main(["--real", real, "--generator", ckpt, "--judge", str(tmp_path / "missing"), "--data-out", out])
+
+
+def test_help_lists_the_real_data_options_and_no_world_options(capsys):
+    with pytest.raises(SystemExit):
+        agents.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--paths-per-question", "--max-steps", "--flawed-per-sound", "--seed"))
+    assert not any(flag in text for flag in ("--train-scenes", "--miscount", "--vocab-size", "--min-objects"))

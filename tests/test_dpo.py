@@ -153,7 +153,7 @@ def test_pairs_skip_ties_and_identical_texts():
     assert build_pairs([s("a", True, 50), s("b", True, 50), s("c", True, 50)]) == []  # all equal
     assert build_pairs([s("same", True, 90), s("same", False, 10)]) == []  # identical texts
     pairs = build_pairs([s("x", True, 90), s("y", True, 60), s("z", True, 60), s("w", True, 60)], 3)
-    assert [(c["text"], r["text"]) for c, r in pairs] == [("x", "w")]  # then y vs z is a tie: stop
+    assert [(c["text"], r["text"]) for c, r in pairs] == [("x", "w")]  # then y vs z is a tie: no more pairs
 
 
 def test_pairs_need_a_correct_chosen_chain():
@@ -222,7 +222,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
         events = [json.loads(line) for line in f]
     start = next(e for e in events if e.get("event") == "start_check")
     assert start["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert all(e["elapsed_s"] >= 0 for e in events)  # bench.py's wall time of the DPO part
+    assert all(e["elapsed_s"] >= 0 for e in events)  # the DPO part's wall time
     steps = [e for e in events if "step" in e]
     assert steps and all(math.isfinite(e["loss"]) for e in steps)
     assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results.md"))

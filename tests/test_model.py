@@ -9,7 +9,6 @@ the embedding: a wrong mask or rotary position would then move the logits by les
 tolerance. `randomize` gives every weight an O(1) effect first, so 1e-4 is a real check.
 """
 
-import contextlib
 import copy
 import json
 import os
@@ -18,15 +17,13 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import (PACKED_MAX_ROWS, VLM, DecodeWeight, KVCache, Linear, SiglipEmbeddings, apply_rotary,  # noqa: E402
-                   can_pack, get_config, linear, math_attention, rotary_cos_sin)
+from model import VLM, KVCache, SiglipEmbeddings, apply_rotary, get_config, rotary_cos_sin  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -223,32 +220,6 @@ def test_train_mode_attention_kernel_gives_the_same_logits_and_gradients(refs):
     assert len(out["train"][1]) == len(out["eval"][1]) > 0
     for a, b in zip(out["train"][1], out["eval"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("causal, n_kv, q_len", [(True, 2, 17), (False, 6, 17), (True, 2, 9)])
-def test_math_attention_is_sdpa_math_path_bit_for_bit(causal, n_kv, q_len, autocast):
-    # model.math_attention replaces SDPA's math path in training on the CPU (the tiny preset's SFT and
-    # DPO); it must give the very same bits, values and gradients, or every run's numbers would move.
-    # The decoder's inputs under autocast: q and k fp32 (after rotary), v bf16, 6 query heads on 2 KV heads;
-    # and fewer queries than keys, where causal means SDPA's top-left alignment.
-    g = torch.Generator().manual_seed(0)
-    q0, k0 = torch.randn(3, 6, q_len, 8, generator=g), torch.randn(3, n_kv, 17, 8, generator=g)
-    v0 = torch.randn(3, n_kv, 17, 8, generator=g).to(torch.bfloat16 if autocast else torch.float32)
-    grad = torch.randn(3, 6, q_len, 8, generator=g)
-    out = []
-    for fn in ("sdpa", "ours"):
-        q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
-        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            if fn == "sdpa":
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-                    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=n_kv != 6)
-            else:
-                y = math_attention(q, k, v, is_causal=causal, enable_gqa=n_kv != 6)
-        y.backward(grad.to(y.dtype))
-        out.append([y, q.grad, k.grad, v.grad])
-    for a, b in zip(*out):
-        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_sharded_idefics3_loads_the_same(refs):
@@ -455,86 +426,14 @@ def test_kv_cache_matches_full_forward(vlm_idefics, dtype, tol):
     assert max_diff(changed[:, -1], full[:, -1]) > 10 * tol  # the last token does attend to the first
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-def test_single_row_decoding_matches_full_forward(vlm_idefics, fused):
-    # One row: every decoding projection takes model.linear's matrix-vector path; with fused
-    # projections (as generate.py decodes) q, k, v and gate, up are one product each.
+def test_single_row_decoding_matches_full_forward(vlm_idefics):
+    # One row, as the agents decode a single question: prefill, a chunk, then one token at a time.
     vlm = vlm_idefics
     ids = torch.randint(0, IMAGE_TOKEN, (1, sum(CHUNKS)), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         full, _ = vlm(ids)
-        with vlm.fused_projections(torch.float32) if fused else contextlib.nullcontext():
-            assert all((layer.self_attn.qkv is not None) == fused for layer in vlm.text_model.layers)
-            cached, _ = cached_logits(vlm, ids, CHUNKS)
+        cached, _ = cached_logits(vlm, ids, CHUNKS)
     assert max_diff(cached, full) <= TOL
-    # on exit the fused copies are gone: training only ever sees the separate parameters
-    assert all(layer.self_attn.qkv is None and layer.mlp.gate_up is None and layer.self_attn.o_proj.decode is None
-               for layer in vlm.text_model.layers)
-
-
-def test_linear_single_row_is_the_same_product():
-    layer = Linear(24, 40, bias=False)
-    for shape in [(24,), (1, 24), (1, 1, 24), (3, 24)]:
-        x = torch.randn(*shape, requires_grad=True)
-        y = layer(x)
-        assert y.shape == (*shape[:-1], 40)
-        assert torch.allclose(y, F.linear(x, layer.weight), atol=1e-6)
-        y.sum().backward()  # the matrix-vector path is differentiable too
-        assert torch.allclose(x.grad, layer.weight.sum(0).expand(shape), atol=1e-6)
-    with torch.autocast("cpu", torch.bfloat16):  # autocast casts for it as for F.linear
-        assert layer(torch.randn(1, 24)).dtype == torch.bfloat16
-        # while decoding, the weight cast once (DecodeWeight) makes it torch.mv itself: the same bits
-        x = torch.randn(1, 1, 24)
-        assert torch.equal(linear(x, layer.weight, DecodeWeight(layer.weight, torch.bfloat16)), layer(x))
-
-
-needs_packing = pytest.mark.skipif(not can_pack(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 products")
-
-
-@needs_packing
-def test_packed_linear_gives_the_bits_of_F_linear():
-    # The decoder projections of micro, tiny and smolvlm-256m (fused q/k/v, o, fused gate/up, down,
-    # head), at every row count the packed path takes: the same kernel, so the same bits.
-    g = torch.Generator().manual_seed(8)
-    for out_f, in_f in [(128, 64), (64, 128), (256, 64), (320, 192), (192, 192), (1024, 192), (192, 512),
-                        (512, 192), (960, 576), (576, 576), (3072, 576), (576, 1536), (49280, 576)]:
-        w = (torch.randn(out_f, in_f, generator=g) * 0.05).bfloat16()
-        packed = DecodeWeight(w, torch.bfloat16, pack=True)
-        for rows in range(2, PACKED_MAX_ROWS + 1):
-            x = torch.randn(rows, in_f, generator=g).bfloat16()
-            assert torch.equal(linear(x, w, packed), F.linear(x, w)), (out_f, in_f, rows)
-    # fp32 weights and inputs under autocast, batched (B, T, in): the cast autocast makes for F.linear
-    w = torch.randn(96, 64, generator=g) * 0.05
-    x = torch.randn(16, 1, 64, generator=g)
-    with torch.autocast("cpu", torch.bfloat16):
-        y = linear(x, w, DecodeWeight(w, torch.bfloat16, pack=True))
-        assert y.shape == (16, 1, 96) and torch.equal(y, F.linear(x, w))
-
-
-@needs_packing
-def test_decoding_with_packed_weights_is_bit_for_bit(vlm_idefics):
-    # Three rows, as generate decodes several samples: the prefill, the 4-token chunk and the single
-    # tokens all take the packed products (<= PACKED_MAX_ROWS rows), and change nothing.
-    ids = torch.randint(0, IMAGE_TOKEN, (3, sum(CHUNKS)), generator=torch.Generator().manual_seed(9))
-    logits = {}
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        for pack in (False, True):
-            with vlm_idefics.fused_projections(torch.bfloat16, pack=pack):
-                assert vlm_idefics.lm_head.decode.pack == pack
-                assert all(layer.mlp.down_proj.decode.pack == pack for layer in vlm_idefics.text_model.layers)
-                logits[pack], _ = cached_logits(vlm_idefics, ids, CHUNKS, dtype=torch.bfloat16)
-        with vlm_idefics.fused_projections(torch.bfloat16):  # a prefill of 6 rows packs, on first use
-            cached_logits(vlm_idefics, ids[:1, :6], [6], dtype=torch.bfloat16)
-            assert vlm_idefics.lm_head.decode._packed is not None
-        with vlm_idefics.fused_projections(torch.bfloat16):  # one row at a time: matrix-vector products only
-            cache = KVCache(vlm_idefics.config.text, batch_size=1, max_len=4, dtype=torch.bfloat16)
-            for t in range(4):
-                vlm_idefics(ids[:1, t:t + 1], cache=cache)
-            assert vlm_idefics.lm_head.decode._packed is None  # packed on first use only
-    assert torch.equal(logits[True], logits[False])
-    assert vlm_idefics.lm_head.decode is None  # dropped on exit, with the fused weights
-    assert all(layer.self_attn.qkv is None and layer.self_attn.o_proj.decode is None
-               for layer in vlm_idefics.text_model.layers)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

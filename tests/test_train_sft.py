@@ -154,7 +154,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     assert logged(tmp_path / "log.jsonl", "lr") == pytest.approx([1e-3 * lr_lambda(s, 2, 6, 0.1) for s in range(6)])
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+def test_non_finite_loss_halts_and_keeps_the_last_checkpoint(tmp_path):
     model = micro_model()
     examples = synthetic_examples(model, 4)
     forward, calls = model.forward, [0]
@@ -166,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
     model.forward = blow_up_at_step_3
     cfg = loop_config(max_steps=5, save_every=2)
-    with pytest.raises(FloatingPointError, match=r"at step 3: stopped; the last good checkpoint \(step 2\)"):
+    with pytest.raises(FloatingPointError, match=r"at step 3: training halted; the last good checkpoint \(step 2\)"):
         train_loop(model, examples, [], cfg, str(tmp_path / "ckpt"), str(tmp_path / "log.jsonl"), "nan")
     assert torch.load(tmp_path / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2
 
@@ -218,9 +218,9 @@ def test_stages_run_in_order_and_write_checkpoint_state_and_log(world):
         assert os.path.isfile(os.path.join(base_dir, name)), name
     assert logged(world / "logs" / "base.jsonl", "step") == [1, 2]
     assert math.isfinite(json.loads((world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
-    # every record carries the stage's elapsed wall time, which bench.py reports per stage
-    import bench
-    assert dict(bench.pipeline_times(str(world / "logs")))["base"] > 0
+    # every record carries the stage's wall time so far
+    records = [json.loads(line) for line in (world / "logs" / "base.jsonl").read_text().splitlines()]
+    assert 0 < records[0]["elapsed_s"] <= records[-1]["elapsed_s"]
     agent_dir = run_stage("summary-only", stage_config(world, max_steps=1))
     agent = VLM.from_pretrained(agent_dir)
     assert agent.tokenizer is not None and agent.config.text.vocab_size == VLM.from_pretrained(base_dir).config.text.vocab_size
