@@ -49,7 +49,16 @@ ANSWER_TOKENS = 32
 # One batched generation helper: every agent and every arm decodes through it.
 
 
-def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
+def decode_dtype(device, precision="auto"):
+    """The dtype decoding computes in (None: the model's own, fp32): the run's --precision, where "auto" decodes as
+    training does on a GPU (bf16, fp16 before Ampere) and in fp32 on the CPU, as every result in the docs was."""
+    if precision == "auto" and torch.device(device).type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_sft.resolve_precision(device, precision))
+
+
+def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
+             precision="auto"):
     """The assistant's reply to each conversation, all decoded in one batched call -> list[str].
 
     conversations[i] is a message list without the assistant turn (data.task_messages, or plain user messages);
@@ -65,7 +74,7 @@ def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=
     device = next(vlm.parameters()).device
     new = generate(vlm, prompts, None if images is None else images.to(device), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, num_samples=num_samples, stop_ids=[ids["eou"]], seed=seed,
-                   pad_id=ids["pad"], dtype=torch.bfloat16 if device.type == "cuda" else None)
+                   pad_id=ids["pad"], dtype=decode_dtype(device, precision))
     return [tok.decode([t for t in row if t != ids["eou"]]).strip() for row in new]
 
 
@@ -98,27 +107,28 @@ def read_chain(text):
 class ReasoningAgent:
     """Image + question + the reasoning instruction -> a chain of steps, and no answer of its own."""
 
-    def __init__(self, vlm, max_new_tokens=CHAIN_TOKENS, temperature=0.0, top_p=None, seed=0):
-        self.vlm, self.max_new_tokens, self.seed = vlm, max_new_tokens, seed
+    def __init__(self, vlm, max_new_tokens=CHAIN_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto"):
+        self.vlm, self.max_new_tokens, self.seed, self.precision = vlm, max_new_tokens, seed, precision
         self.temperature, self.top_p = temperature, top_p
 
     def reason(self, questions, images):  # images (B, 3, H, W) -> [{chain, steps, chain_answer}]
         texts = complete(self.vlm, [data.task_messages("reasoning", q) for q in questions], images,
-                         self.max_new_tokens, self.temperature, self.top_p, seed=self.seed)
+                         self.max_new_tokens, self.temperature, self.top_p, seed=self.seed, precision=self.precision)
         return [read_chain(t) for t in texts]
 
 
 class SummaryAgent:
     """Image + question + a chain -> a short final answer (from the chain if it is sound, else directly)."""
 
-    def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0):
-        self.vlm, self.max_new_tokens, self.seed = vlm, max_new_tokens, seed
+    def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto"):
+        self.vlm, self.max_new_tokens, self.seed, self.precision = vlm, max_new_tokens, seed, precision
         self.temperature, self.top_p = temperature, top_p
 
     def summarize(self, questions, steps, images):  # steps: one list of steps per question -> [answer]
         # Rendered again from the parsed steps, so even a cut-off chain arrives in the format of its training data.
         messages = [data.task_messages("summary", q, data.render_chain(s)) for q, s in zip(questions, steps)]
-        return complete(self.vlm, messages, images, self.max_new_tokens, self.temperature, self.top_p, seed=self.seed)
+        return complete(self.vlm, messages, images, self.max_new_tokens, self.temperature, self.top_p, seed=self.seed,
+                        precision=self.precision)
 
 
 class TwoAgentSystem:
@@ -155,7 +165,8 @@ def read_vanilla(text):
     return {**read_chain(text), "answer": "" if cut_off else text.split("</thoughts>", 1)[-1].strip()}
 
 
-def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_tokens=None, temperature=0.0, desc=None):
+def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_tokens=None, temperature=0.0, desc=None,
+                  precision="auto"):
     """One model answers every row on its own -> [{chain, steps, chain_answer, answer}]; the chain fields are None
     unless task is "vanilla" (a chain, then the answer, in one reply whose max_new_tokens covers both)."""
     if task not in ("direct", "summary_only", "vanilla"):
@@ -165,7 +176,8 @@ def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_t
     results = []
     for batch, images in batches(rows, image_root, vlm.config.vision.image_size, batch_size, desc):
         questions = [format_question(r) for r in batch]  # with lettered options for multiple choice
-        texts = complete(vlm, [data.task_messages(task, q) for q in questions], images, max_new_tokens, temperature)
+        texts = complete(vlm, [data.task_messages(task, q) for q in questions], images, max_new_tokens, temperature,
+                         precision=precision)
         no_chain = {"chain": None, "steps": None, "chain_answer": None}
         results += [read_vanilla(t) if task == "vanilla" else {**no_chain, "answer": t} for t in texts]
     return results
@@ -313,23 +325,25 @@ class AgentsConfig:
     out: str = data.option("out", "the run directory whose agents are used by default")
     reasoning: str = data.option(None, "reasoning agent checkpoint (default: the last DPO round in --out, else SFT)")
     summary: str = data.option(None, "summary agent checkpoint (default: the summary agent in --out)")
-    max_new_tokens: int = data.option(CHAIN_TOKENS, "token limit of the chain")
-    temperature: float = data.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)")
+    max_new_tokens: int = data.option(CHAIN_TOKENS, "token limit of the chain", min=1)
+    temperature: float = data.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)", min=0)
     seed: int = data.option(0, "random seed when sampling, and of the --real paths")
     real: str = data.option(None, "JSONL of image, question, answer (optional choices)")
     generator: str = data.option(None, "checkpoint that writes the --real reasoning paths")
     judge: str = data.option(None, "checkpoint that judges the paths (default: the generator)")
     data_out: str = data.option("out/real", "directory for the --real paths and SFT sets")
     skip_bad: bool = data.option(False, "skip and count bad --real lines")
-    paths_per_question: int = data.option(data.DataConfig.paths_per_question, "--real: N reasoning paths per question")
-    max_steps: int = data.option(data.DataConfig.max_steps, "--real: step cap of a path")
-    high: int = data.option(data.DataConfig.high, "--real: judge score >= high is High")
-    mid: int = data.option(data.DataConfig.mid, "--real: mid <= score < high is Mid; below is Low")
-    reasoning_per_question: int = data.option(data.DataConfig.reasoning_per_question,
-                                              "--real: distinct High correct chains kept per question")
-    flawed_per_sound: float = data.option(data.DataConfig.flawed_per_sound, "--real: flawed summary rows per sound one")
-    summary_perception: float = data.option(data.DataConfig.summary_perception,
-                                            "--real: perception rows in the summary set, per chain row")
+    paths_per_question: int = data.option_of(data.DataConfig, "paths_per_question",
+                                             "--real: N reasoning paths per question")
+    max_steps: int = data.option_of(data.DataConfig, "max_steps", "--real: step cap of a path")
+    high: int = data.option_of(data.DataConfig, "high", "--real: judge score >= high is High")
+    mid: int = data.option_of(data.DataConfig, "mid", "--real: mid <= score < high is Mid; below is Low")
+    reasoning_per_question: int = data.option_of(data.DataConfig, "reasoning_per_question",
+                                                 "--real: distinct High correct chains kept per question")
+    flawed_per_sound: float = data.option_of(data.DataConfig, "flawed_per_sound",
+                                             "--real: flawed summary rows per sound one")
+    summary_perception: float = data.option_of(data.DataConfig, "summary_perception",
+                                               "--real: perception rows in the summary set, per chain row")
 
 
 def write_real_sets(cfg):
@@ -342,10 +356,10 @@ def write_real_sets(cfg):
     try:
         rows = data.read_jsonl(cfg.real, cfg.skip_bad, ("image", "question", "answer"), check_images=True)
         print(f"{cfg.real}: {len(rows)} usable examples")
+        data.writable_dir(cfg.data_out, "--data-out")
         generator = ModelGenerator(load_vlm(cfg.generator), cfg.max_steps, root=cfg.data_out)
         judge = ModelJudge(load_vlm(cfg.judge) if cfg.judge else generator.vlm)
         root = os.path.dirname(os.path.abspath(cfg.real))
-        os.makedirs(cfg.data_out, exist_ok=True)
         for i, r in enumerate(rows):
             r.setdefault("id", str(i))
             r["image"] = os.path.relpath(os.path.join(root, r["image"]), cfg.data_out)

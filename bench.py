@@ -32,13 +32,15 @@ class BenchConfig:
     preset: str = field(default="smolvlm-256m", metadata={"help": "model shape (random weights)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     precision: str = field(default="auto", metadata={"help": "auto: as train_sft", "choices": ["auto", "bf16", "fp32"]})
-    warmup: int = field(default=1, metadata={"help": "untimed rounds before the timed ones"})
-    repeats: int = field(default=3, metadata={"help": "timed rounds per measurement"})
-    train_batch: int = field(default=2, metadata={"help": "rows per training step, an even number (DPO pairs them)"})
-    seq_len: int = field(default=128, metadata={"help": "tokens per training row, image tokens included"})
+    warmup: int = field(default=1, metadata={"help": "untimed rounds before the timed ones", "min": 0})
+    repeats: int = field(default=3, metadata={"help": "timed rounds per measurement", "min": 1})
+    train_batch: int = field(default=2, metadata={"help": "rows per training step, an even number (DPO pairs them)",
+                                                  "min": 2})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training row, image tokens included", "min": 1})
     decode_batches: str = field(default="1,16", metadata={"help": "comma-separated decoding batch sizes"})
-    prompt_text: int = field(default=32, metadata={"help": "text tokens in the decoding prompt, besides the image"})
-    new_tokens: int = field(default=32, metadata={"help": "new tokens per decoded row"})
+    prompt_text: int = field(default=32, metadata={"help": "text tokens in the decoding prompt, besides the image",
+                                                   "min": 1})
+    new_tokens: int = field(default=32, metadata={"help": "new tokens per decoded row", "min": 2})
     out: str = field(default="out", metadata={"help": "where bench.md is written"})
     quick: bool = field(default=False, metadata={"help": "the tiny preset and 16 new tokens"})
 
@@ -220,13 +222,14 @@ def report(cfg, device, max_diff, train, decoding, peaks):
 def main(argv=None):
     cfg = data.parse_config(BenchConfig, argv, description=__doc__.splitlines()[0])
     cfg = replace(cfg, preset="tiny", new_tokens=16) if cfg.quick else cfg
-    try:  # an unknown device or preset, or decoding batch sizes that are not integers: one line, not a trace
+    try:  # an unknown device or preset, decoding batch sizes that are not integers, an --out that cannot be written
         device, image_tokens = resolve_device(cfg.device), get_config(cfg.preset).tokens_per_image
         batches = [int(b) for b in cfg.decode_batches.split(",")]
-    except ValueError as e:
+        data.writable_dir(cfg.out)
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if cfg.train_batch % 2 or min(*batches, cfg.train_batch, cfg.new_tokens - 1) < 1 or cfg.seq_len < image_tokens + 3:
-        raise SystemExit(f"error: need batch sizes >= 1, an even --train-batch, --new-tokens >= 2 and "
+    if cfg.train_batch % 2 or min(batches) < 1 or cfg.seq_len < image_tokens + 3:  # the ranges that parsing cannot see
+        raise SystemExit(f"error: need --decode-batches >= 1, an even --train-batch and "
                          f"--seq-len >= {image_tokens + 3} (the image tokens of {cfg.preset} and some text)")
     cfg = replace(cfg, precision=resolve_precision(device, cfg.precision))  # decided once, as train_sft does
     print(f"[bench] {cfg.preset} on {device.type} in {cfg.precision}: training, decoding, memory ...", flush=True)
@@ -237,7 +240,6 @@ def main(argv=None):
         del ours, ref  # the memory-measuring child processes load the checkpoint themselves
         peaks = peak_memory(workdir, cfg, device)
     md = report(cfg, device, max_diff, train, decoding, peaks)
-    os.makedirs(cfg.out, exist_ok=True)
     atomic_write(os.path.join(cfg.out, "bench.md"), lambda path: Path(path).write_text(md))
     print(f"\n{md}\n[bench] written to {os.path.join(cfg.out, 'bench.md')}")
 

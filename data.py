@@ -24,6 +24,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
@@ -35,12 +36,17 @@ from tqdm import tqdm
 # ----------------------------------------------------------------------------------------------
 # Configuration: dataclasses whose fields are also command-line flags (--train-scenes 500).
 
+# The metadata keys that bound a numeric option: key -> (how the error states it, the test a value must pass).
+BOUNDS = {"min": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b), "max": ("<=", lambda v, b: v <= b)}
+
+
 def parse_config(cls, argv=None, description=None):
     """The one configuration mechanism of every script: a dataclass whose fields become --flags.
 
     A field's default is the flag's default and its type; `field(metadata={"help": ...})` documents
     it. Booleans get --flag / --no-flag. Fields defaulting to None take strings unless their
-    metadata names a "type".
+    metadata names a "type". Numbers get their valid range from the metadata keys of BOUNDS
+    ({"min": 1}, {"above": 0, "max": 1}), checked here, so a bad value never starts any work.
     """
     parser = argparse.ArgumentParser(description=description)
     for f in fields(cls):
@@ -52,12 +58,25 @@ def parse_config(cls, argv=None, description=None):
             kind = f.metadata.get("type", type(default) if default is not None else str)
             parser.add_argument(flag, type=kind, default=default, help=help_text,
                                 choices=f.metadata.get("choices"))
-    return cls(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    for f in fields(cls):
+        value = getattr(args, f.name)
+        for key, (sign, ok) in BOUNDS.items():
+            if key in f.metadata and value is not None and not ok(value, f.metadata[key]):
+                parser.error(f"argument --{f.name.replace('_', '-')}: must be {sign} {f.metadata[key]}, got {value}")
+    return cls(**vars(args))
 
 
-def option(default, text):
-    """A field with a default and the help text of its --flag (parse_config)."""
-    return field(default=default, metadata={"help": text})
+def option(default, text, **metadata):
+    """A field with a default and the help text of its --flag, for parse_config; `metadata` may give its valid range
+    (BOUNDS keys) and, for a None default, its type."""
+    return field(default=default, metadata={"help": text, **metadata})
+
+
+def option_of(cls, name, text):
+    """Field `name` of config class cls, for another config: the same default and range, its own help text."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return field(default=f.default, metadata={**f.metadata, "help": text})
 
 
 @dataclass
@@ -65,31 +84,31 @@ class ErrorRates:
     """How often the scripted teacher slips, per path (each mistake at most once, where it fits). Defaults leave ~70%
     of paths flawless, so a question's N paths mix sound and flawed reasoning, as sampled LLM paths do. wrong_conclusion
     (right steps, another answer), our agents' main mistake, is off: it did not help them (docs/experiments.md)."""
-    miscount: float = option(0.15, "rate: a Count step drops or adds one object")
-    wrong_attribute: float = option(0.10, "rate: a step misreads a colour, shape or place")
-    arithmetic_slip: float = option(0.10, "rate: a Compare / Add / Subtract result is off")
-    skip_step: float = option(0.10, "rate: a step is left out (its fact used silently)")
-    premature_answer: float = option(0.05, "rate: the chain stops early and guesses")
-    wrong_conclusion: float = option(0.0, "rate: the answer does not follow from the last step")
+    miscount: float = option(0.15, "rate: a Count step drops or adds one object", min=0, max=1)
+    wrong_attribute: float = option(0.10, "rate: a step misreads a colour, shape or place", min=0, max=1)
+    arithmetic_slip: float = option(0.10, "rate: a Compare / Add / Subtract result is off", min=0, max=1)
+    skip_step: float = option(0.10, "rate: a step is left out (its fact used silently)", min=0, max=1)
+    premature_answer: float = option(0.05, "rate: the chain stops early and guesses", min=0, max=1)
+    wrong_conclusion: float = option(0.0, "rate: the answer does not follow from the last step", min=0, max=1)
 
 
 @dataclass
 class DataConfig(ErrorRates):
     seed: int = option(0, "seed of the scenes, questions and paths")
-    train_scenes: int = option(2000, "training scenes")
-    val_scenes: int = option(80, "validation scenes")
-    test_scenes: int = option(400, "test scenes (x questions per scene >= 1000 questions)")
-    questions_per_scene: int = option(3, "distinct question families per scene")
-    min_objects: int = option(3, "fewest objects in a scene")
-    max_objects: int = option(7, "most objects in a scene (9 cells)")
-    paths_per_question: int = option(4, "N reasoning paths per question (the paper: unstated)")
-    max_steps: int = option(16, "step cap of a path, as in the paper")
-    high: int = option(90, "score >= high is High (only flawless world paths)")
-    mid: int = option(50, "mid <= score < high is Mid; below is Low")
-    reasoning_per_question: int = option(1, "distinct High correct chains per question kept")
-    flawed_per_sound: float = option(0.5, "summary set: flawed paths per sound one (2:1)")
-    summary_perception: float = option(0.25, "perception QA in the summary set, per chain row")
-    vocab_size: int = option(512, "tiny BPE: 256 bytes + specials + merges for world words")
+    train_scenes: int = option(2000, "training scenes", min=1)
+    val_scenes: int = option(80, "validation scenes", min=1)
+    test_scenes: int = option(400, "test scenes (x questions per scene >= 1000 questions)", min=1)
+    questions_per_scene: int = option(3, "distinct question families per scene", min=1)
+    min_objects: int = option(3, "fewest objects in a scene", min=1, max=9)
+    max_objects: int = option(7, "most objects in a scene (9 cells)", min=1, max=9)
+    paths_per_question: int = option(4, "N reasoning paths per question (the paper: unstated)", min=1)
+    max_steps: int = option(16, "step cap of a path, as in the paper", min=1)
+    high: int = option(90, "score >= high is High (only flawless world paths)", min=1, max=100)
+    mid: int = option(50, "mid <= score < high is Mid; below is Low", min=1, max=100)
+    reasoning_per_question: int = option(1, "distinct High correct chains per question kept", min=1)
+    flawed_per_sound: float = option(0.5, "summary set: flawed paths per sound one (2:1)", min=0)
+    summary_perception: float = option(0.25, "perception QA in the summary set, per chain row", min=0)
+    vocab_size: int = option(512, "tiny BPE: 256 bytes + specials + merges for world words", min=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,22 +684,25 @@ def load_image(path, image_size):
 # Files: JSONL in, JSONL out. Errors a user can cause name the file and line.
 
 def read_jsonl(path, skip_bad=False, required=(), check_images=False):
-    """Rows of a JSONL file. A malformed line, a missing field or (with check_images) a missing or corrupt image
-    raises ValueError naming file:line; skip_bad skips and counts them."""
+    """Rows of a JSONL file. A line that is not UTF-8 or not a JSON object, a required field that is missing or not
+    text (an answer may be a number) or (with check_images) a missing or corrupt image raises ValueError naming
+    file:line; skip_bad skips and counts them."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is its line's error (named, skippable)
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
-                lacking = [k for k in required if row.get(k) in (None, "")]
-                if lacking:
-                    raise ValueError(f"missing field {lacking[0]!r}")
+                for k in required:
+                    if row.get(k) in (None, ""):
+                        raise ValueError(f"missing field {k!r}")
+                    if not isinstance(row[k], str) and not (k == "answer" and isinstance(row[k], (int, float))):
+                        raise ValueError(f"field {k!r} must be a string, not {type(row[k]).__name__}")
                 if row.get("choices") is not None and not (isinstance(row["choices"], list) and row["choices"]):
                     raise ValueError("'choices' must be a non-empty list")
                 if check_images:
@@ -706,6 +728,17 @@ def read_jsonl(path, skip_bad=False, required=(), check_images=False):
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def writable_dir(path, flag="--out"):
+    """Create the directory if needed and write a file in it, so work is never lost to a save that cannot happen."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"{path} is not a writable directory ({e.strerror or e}): choose another {flag}") from None
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,6 +820,10 @@ def make_split(split, n_scenes, cfg, taken):
 def build_world(out_dir, **options):
     """Write the whole synthetic world to out_dir; returns the data card."""
     cfg = DataConfig(**options)
+    if cfg.min_objects > cfg.max_objects:
+        raise ValueError(f"--min-objects {cfg.min_objects} is more than --max-objects {cfg.max_objects}: "
+                         f"pass a range with min <= max")
+    writable_dir(out_dir)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     splits, taken = {}, set()
     for split in ("test", "val", "train"):  # test first: its scenes never depend on other sizes
@@ -858,7 +895,7 @@ def main(argv=None):
             print(f"{args.real}: {len(rows)} usable examples")
             return
         card = build_world(args.out, **{f.name: getattr(args, f.name) for f in fields(DataConfig)})
-    except (ValueError, FileNotFoundError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for key, value in card.items():
         print(f"{key:>22}: {json.dumps(value)}")

@@ -109,28 +109,29 @@ def arm_checkpoints(out_dir):
             if all(os.path.isfile(os.path.join(d, "config.json")) for d in dirs)}
 
 
-def predict(task, vlms, rows, image_root, batch_size=64, desc=None):
+def predict(task, vlms, rows, image_root, batch_size=64, desc=None, precision="auto"):
     """An arm's answers: the two agents in turn (task "two_agent"), or one model alone."""
     if task == "two_agent":
-        reasoner, summarizer = vlms
-        system = agents.TwoAgentSystem(agents.ReasoningAgent(reasoner), agents.SummaryAgent(summarizer), batch_size)
-        return system.answer(rows, image_root, desc)
-    return agents.answer_direct(vlms[0], rows, image_root, task, batch_size, desc=desc)
+        reasoner, summarizer = (agent(vlm, precision=precision)
+                                for agent, vlm in zip((agents.ReasoningAgent, agents.SummaryAgent), vlms))
+        return agents.TwoAgentSystem(reasoner, summarizer, batch_size).answer(rows, image_root, desc)
+    return agents.answer_direct(vlms[0], rows, image_root, task, batch_size, desc=desc, precision=precision)
 
 
-def evaluate_two_agent(reasoner_vlm, summary_vlm, rows, image_root, batch_size=64):
+def evaluate_two_agent(reasoner_vlm, summary_vlm, rows, image_root, batch_size=64, precision="auto"):
     """Metrics of two loaded agents on rows (train_dpo.py calls this on val after every round)."""
-    return score(rows, predict("two_agent", [reasoner_vlm, summary_vlm], rows, image_root, batch_size, "two-agent eval"))
+    return score(rows, predict("two_agent", [reasoner_vlm, summary_vlm], rows, image_root, batch_size,
+                               "two-agent eval", precision))
 
 
-def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None):
+def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precision="auto"):
     """{arm: (task, dirs)} -> {arm: metrics + checkpoints + wall_s}, with a progress bar per arm."""
     results, loaded = {}, {}
     for name, (task, dirs) in arm_specs.items():
         # Only this arm's models stay in memory; a summary agent shared by consecutive arms is loaded once.
         loaded = {d: loaded[d] if d in loaded else agents.load_vlm(d, device) for d in dirs}
         start = time.time()
-        metrics = score(rows, predict(task, [loaded[d] for d in dirs], rows, image_root, batch_size, desc=name))
+        metrics = score(rows, predict(task, [loaded[d] for d in dirs], rows, image_root, batch_size, name, precision))
         results[name] = {**metrics, "checkpoints": dirs, "wall_s": round(time.time() - start, 1)}
         print(f"[eval] {name}: overall {fmt(metrics['overall'])}, reasoning {fmt(metrics['reasoning'])}, "
               f"perception {fmt(metrics['perception'])} ({results[name]['wall_s']:.0f}s)")
@@ -155,14 +156,23 @@ def finish(arms, meta, path_stem, start):
     return results
 
 
-def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None):
+def read_questions(path, limit=None, skip_bad=False):
+    """A question file's first `limit` rows, checked as data.py --real checks them (fields, images; file:line on
+    every bad line) before any model runs; no rows at all is an error, not a table of n=0."""
+    rows = data.read_jsonl(path, skip_bad, ("image", "question", "answer"), check_images=True)[:limit]
+    if not rows:
+        raise ValueError(f"{path}: no questions to evaluate")
+    return rows
+
+
+def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None, precision="auto"):
     """Evaluate the arms (default: every arm whose checkpoints exist) on out_dir/data/<split>.jsonl;
     writes out_dir/results.json and out_dir/results.md and returns the results."""
     start = time.time()
     data_path = os.path.join(out_dir, "data", f"{split}.jsonl")
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"no {data_path}: build the data first (python train_dpo.py --iters 3 builds everything)")
-    rows = data.read_jsonl(data_path)[:limit]
+    rows = read_questions(data_path, limit)
     available = arm_checkpoints(out_dir)
     missing = [a for a in arms or () if a not in available]
     if missing:
@@ -171,13 +181,14 @@ def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, 
     chosen = {a: available[a] for a in arms} if arms else available
     if not chosen:
         raise FileNotFoundError(f"no checkpoints in {out_dir}: train them first (python train_dpo.py --iters 3)")
-    results = evaluate_arms(chosen, rows, os.path.dirname(data_path), batch_size, device)
+    data.writable_dir(out_dir)  # before the work, not at the save after it
+    results = evaluate_arms(chosen, rows, os.path.dirname(data_path), batch_size, device, precision)
     meta = {"data": data_path, "split": split, "n_questions": len(rows)}
     return finish(results, meta, os.path.join(out_dir, "results"), start)
 
 
 def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="direct", out_dir="out",
-                  limit=None, batch_size=64, device=None):
+                  limit=None, batch_size=64, device=None, precision="auto", skip_bad=False):
     """Any checkpoints on a JSONL benchmark: the two agents (reasoning + summary) or one model
     (model, answering as `task`); writes out_dir/results_<file name>.{json,md}."""
     start = time.time()
@@ -187,8 +198,9 @@ def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="dir
         specs = {"two_agent": ("two_agent", [reasoning, summary])}
     else:
         raise ValueError("pass --reasoning and --summary for the two agents, or --model for one model")
-    rows = data.read_jsonl(data_path)[:limit]
-    results = evaluate_arms(specs, rows, os.path.dirname(os.path.abspath(data_path)), batch_size, device)
+    rows = read_questions(data_path, limit, skip_bad)
+    data.writable_dir(out_dir)
+    results = evaluate_arms(specs, rows, os.path.dirname(os.path.abspath(data_path)), batch_size, device, precision)
     stem = os.path.splitext(os.path.basename(data_path))[0]
     return finish(results, {"data": data_path, "n_questions": len(rows)}, os.path.join(out_dir, f"results_{stem}"), start)
 
@@ -244,24 +256,31 @@ class EvalConfig:
     out: str = field(default="out", metadata={"help": "run directory: checkpoints, data/<split>.jsonl, results"})
     arms: str = field(default=None, metadata={"help": "comma-separated arms (default: all whose checkpoints exist)"})
     split: str = field(default="test", metadata={"help": "which split of <out>/data to evaluate on"})
-    limit: int = field(default=None, metadata={"type": int, "help": "evaluate only the first N questions"})
-    batch_size: int = field(default=64, metadata={"help": "questions decoded together"})
+    limit: int = field(default=None, metadata={"type": int, "help": "evaluate only the first N questions", "min": 1})
+    batch_size: int = field(default=64, metadata={"help": "questions decoded together", "min": 1})
     data: str = field(default=None, metadata={"help": "a JSONL benchmark (image, question, answer[, choices]) "
                                                       "instead of the arms"})
+    skip_bad: bool = field(default=False, metadata={"help": "with --data: skip and count bad lines, as data.py does"})
     reasoning: str = field(default=None, metadata={"help": "with --data: reasoning agent checkpoint"})
     summary: str = field(default=None, metadata={"help": "with --data: summary agent checkpoint"})
     model: str = field(default=None, metadata={"help": "with --data: one model that answers alone"})
     task: str = field(default="direct", metadata={"help": "with --model: how it answers",
                                                   "choices": ["direct", "summary_only", "vanilla"]})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    precision: str = field(default="auto", metadata={"help": "decoding precision: auto = bf16 on a GPU (fp16 before "
+                                                             "Ampere), fp32 on the CPU",
+                                                     "choices": ["auto", "bf16", "fp16", "fp32"]})
 
 
 def main(argv=None):
     cfg = data.parse_config(EvalConfig, argv, description="Accuracy of every arm, with confidence intervals.")
     try:
+        device = train_sft.resolve_device(cfg.device)
         if cfg.data:
             return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit,
-                                 cfg.batch_size)
-        return run_eval(cfg.out, cfg.arms.split(",") if cfg.arms else None, cfg.split, cfg.limit, cfg.batch_size)
+                                 cfg.batch_size, device, cfg.precision, cfg.skip_bad)
+        return run_eval(cfg.out, cfg.arms.split(",") if cfg.arms else None, cfg.split, cfg.limit, cfg.batch_size,
+                        device, cfg.precision)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -16,13 +16,16 @@ Sampling follows the usual order (Hugging Face's logits processors): temperature
     python generate.py --model out/sft --image cat.png --prompt "What colour is the cat?"
 """
 
-import argparse
+from dataclasses import dataclass
 
 import torch
 from tqdm import trange
 
 import data
 from model import VLM, KVCache
+
+
+CHECK_EVERY = 8  # decode steps between reads of which rows have stopped
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -110,7 +113,6 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
     ids, mask = left_pad(input_ids, attention_mask, pad_id, device)  # (B, T)
     B, T = ids.shape
     n_rows = B * num_samples
-    out = [[] for _ in range(n_rows)]
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -128,43 +130,51 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
             cache = cache.repeat_interleave(num_samples)
             logits = logits.repeat_interleave(num_samples, dim=0)  # (B * num_samples, 1, V)
 
-        # 3. decode, one token per row per step. rows[i] is the output row that cache row i
-        #    writes to, or None once it has stopped.
-        rows = list(range(n_rows))
-        stop = set(stop_ids)
+        # 3. decode, one token per row per step, all on the device: cache row i writes to output row rows[i], and a
+        #    stopped row rides along with its tokens ignored (-1). Only every CHECK_EVERY steps (every step when
+        #    streaming) does one transfer read which rows are done: all of them ends the loop, a quarter of them
+        #    are dropped from the cache in one copy, so the copies stay few and a GPU never waits on the host.
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        tokens = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
+        rows = torch.arange(n_rows, device=device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        check_every = 1 if stream is not None else CHECK_EVERY
         for step in trange(max_new_tokens, disable=not progress, desc="generate", leave=False):
             token = sample_next_token(logits[:, -1].float(), temperature, top_k, top_p, generator)  # (b,)
-            tokens = token.tolist()
-            new = [(r, t) for r, t in zip(rows, tokens) if r is not None]
-            for r, t in new:
-                out[r].append(t)
+            tokens[rows, step] = token.masked_fill(done, -1)
             if stream is not None:
-                stream([r for r, _ in new], [t for _, t in new])
-            rows = [None if t in stop else r for r, t in zip(rows, tokens)]
-            live = [i for i, r in enumerate(rows) if r is not None]
-            if step == max_new_tokens - 1 or not live:
+                stream(rows[~done].tolist(), token[~done].tolist())
+            done = done | torch.isin(token, stop)
+            if step == max_new_tokens - 1:
                 break
-            # Stopped rows ride along (their tokens are ignored) until a quarter of the batch has
-            # stopped; then one copy of the cache drops them all, so the copies stay few.
-            if len(live) <= 0.75 * len(rows):
-                keep = torch.tensor(live, device=device)
-                cache.select(keep)
-                token, rows = token[keep], [rows[i] for i in live]
+            if (step + 1) % check_every == 0:
+                live = (~done).nonzero().squeeze(1)  # the one read back to the host
+                if len(live) == 0:
+                    break
+                if len(live) <= 0.75 * len(done):
+                    cache.select(live)
+                    token, rows, done = token[live], rows[live], done[live]
             logits, _ = model(token[:, None], cache=cache, last_only=True)  # (b, 1, V)
-    return out
+    return [[t for t in row if t >= 0] for row in tokens.tolist()]  # one transfer: up to each row's stop token
+
+
+@dataclass
+class GenerateConfig:
+    model: str = data.option(None, "checkpoint directory (this project's or a SmolVLM download)")
+    image: str = data.option(None, "image file (png, jpg, ...)")
+    prompt: str = data.option(None, "the question to ask about the image")
+    max_new_tokens: int = data.option(256, "stop after this many tokens", min=1)
+    temperature: float = data.option(0.0, "0 = greedy", min=0)
+    top_k: int = data.option(None, "sample only from the k most likely tokens", type=int, min=1)
+    top_p: float = data.option(None, "sample only from the top-p nucleus", type=float, above=0, max=1)
+    seed: int = data.option(0, "random seed for sampling")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Answer a question about an image with a checkpoint, streaming the answer.")
-    parser.add_argument("--model", required=True, help="checkpoint directory (this project's or a SmolVLM download)")
-    parser.add_argument("--image", required=True, help="image file (png, jpg, ...)")
-    parser.add_argument("--prompt", required=True, help="the question to ask about the image")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="sample only from the top-p nucleus")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    args = parser.parse_args(argv)
+    args = data.parse_config(GenerateConfig, argv, "Answer a question about an image with a checkpoint, streaming "
+                             "the answer.")
+    if not (args.model and args.image and args.prompt):
+        raise SystemExit("error: pass --model DIR, --image FILE and --prompt TEXT")
 
     # Everything a user can get wrong (a missing or foreign checkpoint, an unreadable image)
     # raises OSError or ValueError with a message naming the file: print that one line.

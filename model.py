@@ -12,10 +12,10 @@ copy with every key and shape checked:
     lm_head          the output projection, tied to text_model.embed_tokens or not
 """
 
+import contextlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -443,9 +443,11 @@ class VLM(nn.Module):
             image_embeds = self.encode_images(pixel_values)
         if image_embeds is not None:
             slots = input_ids == self.config.image_token_id  # (B, T)
-            n_slots, n_tokens = int(slots.sum()), image_embeds.shape[0] * image_embeds.shape[1]
-            if n_slots != n_tokens:
-                raise ValueError(f"the prompt has {n_slots} image placeholder tokens but the images give "
+            n_slots, n_tokens = slots.sum(), image_embeds.shape[0] * image_embeds.shape[1]
+            # Reading the count would stall a GPU on every training step: training rows are counted when they are
+            # encoded (train_sft.encode_row); calls without gradients (decoding, evaluation) are checked here.
+            if not torch.is_grad_enabled() and int(n_slots) != n_tokens:
+                raise ValueError(f"the prompt has {int(n_slots)} image placeholder tokens but the images give "
                                  f"{n_tokens} ({image_embeds.shape[0]} x {image_embeds.shape[1]})")
             # masked_scatter fills the slots in row-major order: image i's tokens go to the i-th block.
             x = x.masked_scatter(slots[..., None], image_embeds.to(x.dtype))
@@ -459,7 +461,8 @@ class VLM(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, lr_text, lr_vision, lr_projector, betas=(0.9, 0.95), freeze_vision=False):
+    def configure_optimizers(self, weight_decay, lr_text, lr_vision, lr_projector, betas=(0.9, 0.95), freeze_vision=False,
+                             fused=None):
         """AdamW with weight decay on matrices only (not norms or biases) and one lr per part."""
         self.vision_model.requires_grad_(not freeze_vision)
         groups = {}
@@ -472,7 +475,7 @@ class VLM(nn.Module):
             lr = {"vision": lr_vision, "projector": lr_projector, "text": lr_text}[part]
             groups.setdefault(key, {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0})
             groups[key]["params"].append(p)
-        return torch.optim.AdamW(list(groups.values()), betas=betas)
+        return torch.optim.AdamW(list(groups.values()), betas=betas, fused=fused)
 
     # ------------------------------------------------------------------------------------------
     # Saving and loading
@@ -493,7 +496,8 @@ class VLM(nn.Module):
         config = _read_config(path)
         model_type = config.get("model_type")
         if model_type == "nano-insight-v":
-            cfg, prefix_map = VLMConfig.from_dict(config), {"": ""}
+            with reading_checkpoint(os.path.join(path, "config.json")):  # a section or field missing or misspelt
+                cfg, prefix_map = VLMConfig.from_dict(config), {"": ""}
         elif model_type == "idefics3":
             cfg, prefix_map = _idefics3_config(config), {"model.": "", "lm_head.": "lm_head."}
         else:
@@ -543,6 +547,11 @@ class VLM(nn.Module):
                    ([f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else []) + wrong
         if problems:
             raise ValueError(f"{source}: checkpoint does not match the model config: " + "; ".join(problems))
+        # A diverged run can save NaN weights; loaded, they would only show up as empty chains much later.
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise ValueError(f"{source}: NaN or inf in {', '.join(broken[:3])}{' and more' if broken[3:] else ''}: "
+                             f"the run that saved this checkpoint diverged; train it again with a lower --lr")
         if "lm_head.weight" in optional:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
         self.load_state_dict(state, strict=False)
@@ -553,11 +562,17 @@ class VLM(nn.Module):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
+    """Call write(tmp_path), then rename over path: a crash never leaves a half-written file. The file gets the
+    permissions a plain open() gives under the umask, so others can read a shared checkpoint. The temp file's name
+    is fixed (one writer per path), so the next save of the same path removes one that a kill left behind."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
+    if os.path.exists(tmp):
+        os.remove(tmp)
     try:
         write(tmp)
+        umask = os.umask(0)  # reading the umask means setting it: put it back at once
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors, for one, writes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -569,14 +584,26 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2)
 
 
+@contextlib.contextmanager
+def reading_checkpoint(path):
+    """A checkpoint file that cannot be parsed -> one ValueError naming it, the same from every script."""
+    try:
+        yield
+    except OSError:
+        raise  # missing or unreadable, not corrupt: its own message names the file
+    except Exception as e:  # json, safetensors, tokenizers and torch.load each raise their own kinds
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {reason})") from None
+
+
 def _read_config(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{path}: no config.json, so this is not a checkpoint directory")
-    with open(config_path) as f:
-        return json.load(f)
+    with open(config_path, "rb") as f, reading_checkpoint(config_path):
+        return dict(json.load(f))
 
 
 def _read_safetensors(path):
@@ -585,20 +612,23 @@ def _read_safetensors(path):
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
+        with open(index, "rb") as f, reading_checkpoint(index):
             files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
     state = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with reading_checkpoint(file), safe_open(file, framework="pt") as f:
             state.update({k: f.get_tensor(k) for k in f.keys()})
     return state
 
 
 def _read_tokenizer(path):
     file = os.path.join(path, "tokenizer.json")
-    return Tokenizer.from_file(file) if os.path.isfile(file) else None
+    if not os.path.isfile(file):
+        return None
+    with reading_checkpoint(file):
+        return Tokenizer.from_file(file)
 
 
 def _rename(state, prefix_map):

@@ -10,6 +10,7 @@ gives M_{t+1}; the summary agent stays as SFT'd. DPO (Rafailov et al. 2023) is w
 pure function of summed log-probabilities, which `sequence_logps` computes in fp32 for the completion tokens only.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import agents
@@ -107,34 +109,43 @@ def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="
 
 @dataclass
 class DPOConfig:
-    iters: int = field(default=3, metadata={"help": "DPO rounds (the paper uses 3)"})
+    iters: int = field(default=3, metadata={"help": "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)",
+                                            "min": 0})
     out: str = field(default="out", metadata={"help": "where data, checkpoints, logs and results go"})
     init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint"})
     force: bool = field(default=False, metadata={"help": "rebuild every stage even if cached"})
-    pool_size: int = field(default=1200, metadata={"help": "training questions sampled per round"})
-    samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question"})
-    temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)"})
-    sample_batch: int = field(default=1024, metadata={"help": "sequences decoded together (lower it for a big model)"})
-    max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length"})
-    max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question"})
-    min_chosen_score: float = field(default=90, metadata={"help": "minimum step score of a chosen chain (90 = High)"})
+    pool_size: int = field(default=1200, metadata={"help": "training questions sampled per round", "min": 1})
+    samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question (a pair needs 2)",
+                                                           "min": 2})
+    temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains", "min": 0})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)",
+                                                 "above": 0, "max": 1})
+    sample_batch: int = field(default=1024, metadata={"help": "sequences decoded together (lower it for a big model)",
+                                                      "min": 1})
+    max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length", "min": 1})
+    max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question", "min": 1})
+    min_chosen_score: float = field(default=90, metadata={"help": "minimum step score of a chosen chain (90 = High)",
+                                                          "min": 0, "max": 100})
     rejected: str = field(default="worst", metadata={"help": "best vs worst, or vs closest wrong chains",
                                                      "choices": ["worst", "closest"]})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (paper: 0.1)"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (paper: 0.1)", "above": 0})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or ipo", "choices": ["sigmoid", "ipo"]})
-    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
-    nll_weight: float = field(default=0.2, metadata={"help": "weight of the chosen chain's NLL (released trainer: 1)"})
-    epochs: int = field(default=1, metadata={"help": "passes over each round's pairs"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon (above 0.5 it prefers the "
+                                                                  "rejected chain)", "min": 0, "max": 0.5})
+    nll_weight: float = field(default=0.2, metadata={"help": "weight of the chosen chain's NLL (released trainer: 1)",
+                                                     "min": 0})
+    epochs: int = field(default=1, metadata={"help": "passes over each round's pairs", "min": 1})
     lr: float = field(default=3e-6, metadata={"help": "peak learning rate of each round (higher lowered chain "
-                                                      "correctness on val; docs/experiments.md)"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per step"})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+                                                      "correctness on val; docs/experiments.md)", "above": 0})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step", "min": 1})
+    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 would zero every update)",
+                                                    "above": 0})
     precision: str = field(default="auto", metadata={"help": "mixed precision", "choices": ["auto", "bf16", "fp16", "fp32"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    val_size: int = field(default=300, metadata={"help": "val questions for the per-round report"})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate on only this many test questions (0 = all)"})
+    val_size: int = field(default=300, metadata={"help": "val questions for the per-round report", "min": 1})
+    eval_limit: int = field(default=0, metadata={"help": "evaluate on only this many test questions (0 = all)",
+                                                 "min": 0})
     seed: int = field(default=0, metadata={"help": "seed for pools, sampling and shuffling"})
     sft_seed: int = field(default=1337, metadata={"help": "seed of every SFT stage (weights, val split, data order; not "
                                                           "the world): vary it, each with its own --out, to see the spread"})
@@ -150,7 +161,8 @@ def sample_chains(policy, rows, image_root, cfg, seed):
     for i, (batch, images) in enumerate(agents.batches(rows, image_root, policy.config.vision.image_size, per_batch,
                                                        desc="  sampling chains")):
         texts = agents.complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
-                                cfg.max_chain_tokens, cfg.temperature, cfg.top_p, num_samples=k, seed=seed + i)
+                                cfg.max_chain_tokens, cfg.temperature, cfg.top_p, num_samples=k, seed=seed + i,
+                                precision=cfg.precision)
         for j, r in enumerate(batch):
             out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
     return out
@@ -180,32 +192,42 @@ def pair_batches(encoded, batch_size, pad_id, generator):
         yield train_sft.collate([encoded[j][0] for j in idx] + [encoded[j][1] for j in idx], pad_id)
 
 
+def same_kernels(device):
+    """SDPA kernels that give the same numbers with and without gradients, for the reference pass and the policy's
+    forward. On the CPU model.attention already picks them by the module's mode; on CUDA the kernel SDPA picks can
+    change with requires_grad (cuDNN, memory-efficient), so only flash attention is allowed, else the math one."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
 def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     """One epoch of DPO with the reference = the policy at the start of the round."""
     tok = policy.tokenizer
     pad_id = data.special_ids(tok)["pad"]
     encoded = encode_pairs(pairs, tok, policy.config, image_root)
     g = torch.Generator().manual_seed(cfg.seed + round_idx)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
+    batches = [train_sft.to_device(b, device) for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
 
     # Reference log-probs once, from the round's starting policy, under the same precision and on the
     # very same batches: no second model is held in memory while training. Train mode (the model has no
-    # dropout) picks exactly the attention kernels of the training forward (model.attention), so the
-    # policy's first forward reproduces these numbers bit for bit and the round-start ln 2 check is exact.
+    # dropout) picks exactly the attention kernels of the training forward (model.attention), and so does
+    # same_kernels on a GPU: the policy's first forward reproduces these numbers and the ln 2 check is exact.
     policy.train()
-    with torch.no_grad(), train_sft.autocast(device, cfg.precision):  # no_grad keeps autocast's weight cache
+    with torch.no_grad(), train_sft.autocast(device, cfg.precision), same_kernels(device):  # no_grad: autocast's cache
         refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
 
     # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
-    order = [i for _ in range(cfg.epochs) for i in torch.randperm(len(batches), generator=g).tolist()]
-    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
+    order = torch.cat([torch.randperm(len(batches), generator=g) for _ in range(cfg.epochs)]).tolist()
+    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True, fused=device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
+    precision = train_sft.resolve_precision(device, cfg.precision)  # for the advice of a divergence error
     policy.train()
     totals, steps = {}, 0
     bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False)
     for step, (batch, (ref_c, ref_r)) in enumerate(bar):
-        with train_sft.autocast(device, cfg.precision):
+        with train_sft.autocast(device, cfg.precision), same_kernels(device):
             logps, counts = sequence_logps(policy, batch, return_counts=True)  # chosen and rejected in one forward
         pol_c, pol_r = logps.chunk(2)
         chosen_nll = -pol_c / counts.chunk(2)[0].clamp(min=1)
@@ -216,16 +238,18 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
             # (for IPO, 1 / (4 beta^2)): a cheap end-to-end check of masks, precision and batching.
             pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type,
                                   cfg.label_smoothing)
-            expect = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2)
-            assert abs(pure.item() - expect) < 1e-4 * max(1.0, expect), f"round start loss {pure.item()} != {expect}"
-            log({"round": round_idx, "event": "start_check", "loss": pure.item(), "expected": expect})
+            expect, pure = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2), pure.item()
+            assert abs(pure - expect) < 1e-4 * max(1.0, expect), f"round start loss {pure} != {expect}"
+            log({"round": round_idx, "event": "start_check", "loss": pure, "expected": expect})
         scaler.scale(loss).backward()
-        train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip)
+        stats = {"loss": loss, "rewards/chosen": r_c.mean(), "rewards/rejected": r_r.mean(),
+                 "rewards/accuracies": (r_c > r_r).float().mean(), "rewards/margins": (r_c - r_r).mean(),
+                 "logps/chosen": pol_c.mean(), "logps/rejected": pol_r.mean()}
+        def check(m):  # SFT's guard: the bad update never happens, and the round is saved only when it ends
+            train_sft.halt_if_diverged(m, scaler, f"DPO round {round_idx} step {step + 1}",
+                                       f"nothing of round {round_idx} was saved", precision)
+        metrics = {**train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, check), "pairs": len(ref_c)}
         sched.step()
-        metrics = {"loss": loss.item(), "rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
-                   "rewards/accuracies": (r_c > r_r).float().mean().item(),
-                   "rewards/margins": (r_c - r_r).mean().item(), "logps/chosen": pol_c.mean().item(),
-                   "logps/rejected": pol_r.mean().item(), "pairs": len(ref_c)}
         log({"round": round_idx, "step": step, "lr": sched.get_last_lr()[0], **metrics})
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * len(ref_c))
@@ -257,11 +281,12 @@ def build_missing_stages(cfg):
                                                          resume=resume, seed=cfg.sft_seed, **overrides))
 
 
-def main(argv=None):
-    cfg = data.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
+def run(cfg):
+    """The whole job for a DPOConfig: missing stages, the DPO rounds, the evaluation -> eval.run_eval's results."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = train_sft.resolve_device(cfg.device)
+    data.writable_dir(cfg.out)
     build_missing_stages(cfg)
 
     data_dir = os.path.join(cfg.out, "data")
@@ -280,7 +305,7 @@ def main(argv=None):
             f.write(json.dumps({**record, "elapsed_s": round(time.time() - t_dpo, 3)}) + "\n")
 
     def report(name, stats):
-        val = evaluation.evaluate_two_agent(policy, summary, val_rows, data_dir)
+        val = evaluation.evaluate_two_agent(policy, summary, val_rows, data_dir, precision=cfg.precision)
         row = {"round": name, **stats, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]}
         log({"event": "round", **row})
         print(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
@@ -325,9 +350,17 @@ def main(argv=None):
                  r["val/chain_correct"], r["val/two_agent"]]
         print(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
                                                for c in cells) + " |")
-    results = evaluation.run_eval(cfg.out, limit=cfg.eval_limit or None)
+    results = evaluation.run_eval(cfg.out, limit=cfg.eval_limit or None, device=device, precision=cfg.precision)
     print(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
     return results
+
+
+def main(argv=None):
+    cfg = data.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
+    try:
+        return run(cfg)
+    except (OSError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import data
-from model import PRESETS, VLM, atomic_write, get_config, pixel_shuffle, write_json
+from model import PRESETS, VLM, atomic_write, get_config, pixel_shuffle, reading_checkpoint, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Stages: each reads one SFT file from data.py and starts from a fresh model (base) or another stage. `task`
@@ -59,30 +59,40 @@ class TrainConfig:
     out: str = field(default="out", metadata={"help": "run directory: data in OUT/data, checkpoints in OUT/<stage>"})
     init: str = field(default=None, metadata={"help": "start from this checkpoint, not the stage's default"})
     preset: str = field(default="tiny", metadata={"help": "model shape from scratch", "choices": list(PRESETS)})
-    epochs: float = field(default=None, metadata={"type": float, "help": "passes over the data (default: the stage's)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from --epochs"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=None, metadata={"type": float, "help": "peak lr of the language model (default: the stage's)"})
-    lr_vision: float = field(default=None, metadata={"type": float, "help": "peak lr of the vision tower (default: --lr)"})
-    lr_projector: float = field(default=None, metadata={"type": float, "help": "peak lr of the projector (default: --lr)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on matrices only"})
-    warmup_steps: float = field(default=0.05, metadata={"help": "linear warmup: steps, or a fraction of all steps if < 1"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at this fraction of the peak lr"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this; 0 = off"})
+    epochs: float = field(default=None, metadata={"type": float, "help": "passes over the data (default: the stage's)",
+                                                  "above": 0})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from --epochs", "min": 0})
+    batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
+    lr: float = field(default=None, metadata={"type": float, "help": "peak lr of the language model (default: the "
+                                                                     "stage's)", "above": 0})
+    lr_vision: float = field(default=None, metadata={"type": float, "help": "peak lr of the vision tower (default: --lr)",
+                                                     "above": 0})
+    lr_projector: float = field(default=None, metadata={"type": float, "help": "peak lr of the projector (default: --lr)",
+                                                        "above": 0})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on matrices only", "min": 0})
+    warmup_steps: float = field(default=0.05, metadata={"help": "linear warmup: steps, or a fraction of all steps if < 1",
+                                                        "min": 0})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at this fraction of the peak lr",
+                                                       "min": 0, "max": 1})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this; 0 = off", "min": 0})
     precision: str = field(default="auto", metadata={"help": "auto = bf16 (fp16 on older GPUs; fp32 on a CPU where "
                                                              "bf16 is slower)", "choices": ["auto", "bf16", "fp16", "fp32"]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    eval_every: int = field(default=100, metadata={"help": "validation loss every N steps (and at the end); 0 = end only"})
-    save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only"})
+    eval_every: int = field(default=100, metadata={"help": "validation loss every N steps (and at the end); 0 = end only",
+                                                   "min": 0})
+    save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only",
+                                                   "min": 0})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/<stage>/train_state.pt"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU)"})
     freeze_vision: bool = field(default=True, metadata={"help": "train only the projector and the LM (see STAGES)"})
     vision_pretrain_steps: int = field(default=100, metadata={"help": "from scratch only: vision tower pretraining "
-                                                                      "steps before the stage (pretrain_vision); 0 = off"})
+                                                                      "steps before the stage (pretrain_vision); 0 = off",
+                                                              "min": 0})
     seed: int = field(default=1337, metadata={"help": "seeds the initial weights, the val split and the data order"})
-    max_len: int = field(default=1024, metadata={"help": "skip samples longer than this many tokens"})
-    val_fraction: float = field(default=0.05, metadata={"help": "fraction of the images held out for the validation loss"})
+    max_len: int = field(default=1024, metadata={"help": "skip samples longer than this many tokens", "min": 1})
+    val_fraction: float = field(default=0.05, metadata={"help": "fraction of the images held out for the validation loss",
+                                                        "min": 0, "max": 1})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,6 +102,9 @@ def encode_row(row, tok, cfg, image_root, task=None):
     """A JSONL row -> {ids, targets (-100 outside the loss mask), image}; cfg is the model's VLMConfig."""
     messages = data.task_messages(task or row["task"], row["question"], chain=row.get("chain"), answer=row["answer"])
     ids, mask = data.render_conversation(tok, messages, cfg.tokens_per_image)
+    if ids.count(cfg.image_token_id) != cfg.tokens_per_image:  # VLM.forward does not count them while training
+        raise ValueError(f"row {row.get('id')!r} renders {ids.count(cfg.image_token_id)} image tokens, not "
+                         f"{cfg.tokens_per_image}: the tokenizer's <image> is not the model's image_token_id")
     ids = torch.tensor(ids, dtype=torch.long)  # (T,)
     targets = ids.masked_fill(torch.tensor(mask) == 0, -100)  # only assistant tokens are learned
     image = data.load_image(os.path.join(image_root, row["image"]), cfg.vision.image_size)  # (3, H, W)
@@ -104,7 +117,10 @@ def collate(examples, pad_id):
     targets = pad_sequence([ex["targets"] for ex in examples], batch_first=True, padding_value=-100)  # (B, T)
     attention_mask = pad_sequence([torch.ones_like(ex["ids"]) for ex in examples], batch_first=True)  # (B, T)
     pixel_values = torch.stack([ex["image"] for ex in examples])  # (B, 3, H, W): one image per sample
-    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    # Counted here, on the host, so that no training step has to read them back from a GPU.
+    n_targets = int((targets[:, 1:] != -100).sum())  # tokens that count in the loss: targets shift inside the model
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "n_targets": n_targets, "n_tokens": int(attention_mask.sum())}
 
 
 def micro_batch(examples, index, batch_size, seed):
@@ -114,17 +130,17 @@ def micro_batch(examples, index, batch_size, seed):
     return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
 
 
-def n_targets(batch):  # tokens that count in the loss: targets shift by one inside the model
-    return int((batch["targets"][:, 1:] != -100).sum())
-
-
 # ----------------------------------------------------------------------------------------------
 # Device, mixed precision and the learning-rate schedule
 
 def resolve_device(name):
+    """'auto' -> CUDA when there is one, else the CPU. Every script picks its device here, so this is also where fp32
+    matmuls (--precision fp32) are allowed the GPU's tensor cores, as TF32."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     return device
 
 
@@ -138,11 +154,12 @@ def cpu_bf16_is_fast():
 
 
 def resolve_precision(device, precision):
-    """'auto' -> bf16 on GPUs that support it, else fp16; on the CPU bf16 only where it is faster than fp32."""
+    """'auto' -> bf16 on GPUs with bf16 arithmetic (compute capability 8.0, Ampere, and newer), else fp16; on the
+    CPU bf16 only where it is faster than fp32. torch.cuda.is_bf16_supported() also counts emulation."""
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
         return "bf16" if device.type == "cpu" and cpu_bf16_is_fast() else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 here")
@@ -169,20 +186,60 @@ def lr_lambda(step, warmup, total, min_ratio):
 
 
 def make_optimizer(model, cfg):
-    """AdamW over the model's parameter groups: decay on matrices only, one peak lr per part."""
+    """AdamW over the model's parameter groups: decay on matrices only, one peak lr per part; on CUDA the fused
+    implementation (one kernel for all parameters instead of several per tensor)."""
     return model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.lr_vision or cfg.lr, cfg.lr_projector or cfg.lr,
-                                      freeze_vision=cfg.freeze_vision)
+                                      freeze_vision=cfg.freeze_vision, fused=next(model.parameters()).is_cuda or None)
 
 
-def optimizer_step(model, optimizer, scaler, max_norm, check=lambda grad_norm: None):
-    """Unscale and clip the gradients, let `check` see their norm, step, free the gradients -> the norm."""
+def to_device(batch, device):
+    """A batch's tensors on the device, but for attention_mask (the model needs none with right padding). On CUDA
+    the copies come from pinned memory and do not block, so they overlap the GPU's work."""
+    cuda = device.type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
+            for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
+
+
+def optimizer_step(model, optimizer, scaler, max_norm, metrics, check=None):
+    """Unscale and clip the gradients; read `metrics` (scalar tensors) and the gradient norm from the device in one
+    transfer (a GPU runs ahead until then); let `check` see them, since it may raise before the weights change;
+    step and free the gradients -> {name: float} with "grad_norm"."""
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    check(grad_norm)  # may raise before the weights change
+    values = torch.stack([t.detach().float() for t in (*metrics.values(), grad_norm)]).tolist()
+    out = dict(zip([*metrics, "grad_norm"], values))
+    if check is not None:
+        check(out)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as we can
-    return grad_norm
+    return out
+
+
+def halt_if_diverged(m, scaler, where, kept, precision):
+    """optimizer_step's check for SFT and DPO: a NaN / inf loss or gradient norm raises before the weights change.
+    fp16's scaler skips a step whose gradients overflowed by itself, so there only the loss counts. `kept` says what
+    is saved; `precision` is the resolved one, so fp32 is suggested only when it is not already in use."""
+    if math.isfinite(m["loss"]) and (scaler.is_enabled() or math.isfinite(m["grad_norm"])):
+        return
+    fix = "a lower --lr" + ("" if precision == "fp32" else " or --precision fp32")
+    raise FloatingPointError(f"loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} at {where}: training halted; "
+                             f"{kept}; try {fix}")
+
+
+def train_step(forward, scaler, batches, device, precision):
+    """Forward and backward over one step's micro-batches -> the step's loss, on the device. Each micro-batch's mean
+    loss is weighted by its share of the step's target tokens, so the gradient is that of one big batch."""
+    total, step_targets = 0, sum(b["n_targets"] for b in batches)
+    for batch in batches:
+        n, batch = batch["n_targets"], to_device(batch, device)
+        with autocast(device, precision):
+            # No attention_mask: the causal mask hides right pads, and SDPA takes its fused causal path.
+            _, loss = forward(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
+        weighted = loss * (n / step_targets)
+        scaler.scale(weighted).backward()
+        total = total + weighted.detach()
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,20 +251,22 @@ def evaluate(model, examples, cfg, device, pad_id):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + cfg.batch_size], pad_id).items()}
+        batch = collate(examples[i:i + cfg.batch_size], pad_id)
+        n, batch = batch["n_targets"], to_device(batch, device)
         with autocast(device, cfg.precision):
             _, loss = model(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
-        total, count = total + loss.item() * n_targets(batch), count + n_targets(batch)
+        total, count = total + loss.double() * n, count + n  # float64, as Python floats sum
     model.train()
-    return total / count if count else float("nan")
+    return float(total) / count if count else float("nan")
 
 
 def save_checkpoint(model, optimizer, scaler, step, cfg, out_dir):
     """save_pretrained, plus train_state.pt for --resume with its own weights: a crash never mixes two steps."""
     model.save_pretrained(out_dir)
+    device = next(model.parameters()).device  # the training GPU's generator only: a resume may see fewer GPUs
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "config": asdict(cfg), "rng_cpu": torch.get_rng_state(),
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
     def write(path):  # through a file object: torch.save rejects the dot-named path atomic_write gives
         with open(path, "wb") as f:
             torch.save(state, f)
@@ -219,7 +278,8 @@ def load_train_state(model, optimizer, scaler, cfg, out_dir):
     path = os.path.join(out_dir, "train_state.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: nothing to resume; run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with reading_checkpoint(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("batch_size", "grad_accum", "seed", "freeze_vision"):  # the data order and the optimizer's groups
         if state["config"][key] != getattr(cfg, key):
             raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'][key]}, "
@@ -227,8 +287,9 @@ def load_train_state(model, optimizer, scaler, cfg, out_dir):
     for part, key in ((model, "model"), (optimizer, "optimizer"), (scaler, "scaler")):
         part.load_state_dict(state[key])
     torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    device = next(model.parameters()).device
+    if isinstance(state["rng_cuda"], torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
     return state["step"]
 
 
@@ -240,7 +301,8 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     optimizer = make_optimizer(model, cfg)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = make_scaler(device, cfg.precision)
-    forward = torch.compile(model) if cfg.compile else model  # the same weights, a faster forward
+    # The same weights, a faster forward; dynamic shapes, since every batch is padded to its own length.
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
@@ -249,6 +311,9 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     done, elapsed_before = 0, 0.0  # elapsed_before: wall seconds of the run(s) this one resumes
     if cfg.resume:
         done = load_train_state(model, optimizer, scaler, cfg, out_dir)
+        if done >= total:  # nothing left to train, so no losses to report
+            raise ValueError(f"{out_dir}/train_state.pt is at step {done} of {total}: nothing to resume; run without "
+                             f"--resume to train again, or resume with more --max-steps / --epochs")
         if os.path.exists(log_path):  # drop lines of steps after the checkpoint (a crash may have logged them)
             kept = [line for line in Path(log_path).read_text().splitlines(True) if json.loads(line)["step"] <= done]
             atomic_write(log_path, lambda p: Path(p).write_text("".join(kept)))
@@ -265,25 +330,16 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                 group["lr"] = peak * scale
             batches = [collate(micro_batch(train_examples, done * cfg.grad_accum + k, cfg.batch_size, cfg.seed), pad_id)
                        for k in range(cfg.grad_accum)]
-            step_targets = sum(n_targets(b) for b in batches)  # weighting by token share: one big batch's gradient
-            train_loss = 0.0
-            for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(device, cfg.precision):
-                    # No attention_mask: the causal mask hides right pads, and SDPA takes its fused causal path.
-                    _, loss = forward(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
-                weighted = loss * (n_targets(batch) / step_targets)
-                scaler.scale(weighted).backward()
-                train_loss += weighted.item()
-                tokens += int(batch["attention_mask"].sum())
-            def check(grad_norm):  # fp16's scaler skips a step whose gradients overflowed; elsewhere NaN = divergence
-                if not math.isfinite(train_loss) or not (scaler.is_enabled() or torch.isfinite(grad_norm)):
-                    raise FloatingPointError(f"loss {train_loss:.4g}, grad norm {grad_norm:.4g} at step {done + 1}: "
-                                             f"training halted; the last good checkpoint (step {saved}) is in "
-                                             f"{out_dir}; try a lower --lr or --precision fp32")
-            grad_norm = optimizer_step(model, optimizer, scaler, cfg.grad_clip or float("inf"), check)
+            tokens += sum(b["n_tokens"] for b in batches)
+            loss = train_step(forward, scaler, batches, device, cfg.precision)
+            def check(m):  # a resumed run's starting checkpoint counts as saved, even at step 0
+                kept = (f"the last good checkpoint (step {saved}) is in {out_dir}" if saved or cfg.resume else
+                        "no checkpoint was saved before it")
+                halt_if_diverged(m, scaler, f"step {done + 1}", kept, resolve_precision(device, cfg.precision))
+            m = optimizer_step(model, optimizer, scaler, cfg.grad_clip or float("inf"), {"loss": loss}, check)
+            train_loss = m["loss"]
             done += 1
-            record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale, "grad_norm": grad_norm.item(),
+            record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale, "grad_norm": m["grad_norm"],
                       "tok_s": tokens / (time.time() - t_start)}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
                 val_loss = record["val_loss"] = evaluate(model, val_examples, cfg, device, pad_id)
@@ -326,6 +382,8 @@ def load_examples(path, tok, model_cfg, task, max_len):
         examples.append((row["image"], ex))
     if skipped:
         print(f"{path}: skipped {skipped} rows longer than --max-len {max_len}")
+    if not examples:
+        raise ValueError(f"{path}: no training rows: {skipped} dropped by --max-len {max_len}")
     return examples
 
 
@@ -360,27 +418,29 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
     def load(rs):  # -> images (N, 3, H, W), labels (N, cells, 3)
         images = [data.load_image(os.path.join(image_root, r["image"]), mcfg.vision.image_size) for r in rs]
         return torch.stack(images), torch.stack([cell_labels(r["answer"]) for r in rs])
-    images, labels = load(rows)
+    images, labels = (t.to(device) for t in load(rows))  # moved once, not every step
     width = mcfg.vision.hidden_size * mcfg.scale_factor**2  # one pixel-shuffled token per cell
     heads = torch.nn.ModuleList([torch.nn.Linear(width, 1 + len(v)) for v in VISION_LABELS.values()]).to(device)
     vision = model.vision_model.to(device).train()
     optimizer = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
+    scaler = make_scaler(device, cfg.precision)  # fp16 gradients underflow without loss scaling, here too
     def logits(x):  # (N, 3, H, W) -> one (N, cells, classes) per label
         with autocast(device, cfg.precision):
             tokens = pixel_shuffle(vision(x.to(device)), mcfg.scale_factor)  # (N, cells, width)
         return [head(tokens.float()) for head in heads]
     for _ in tqdm(range(steps), desc="vision pretraining", leave=False):
-        idx = torch.randint(len(rows), (batch_size,), generator=generator)
-        y = labels[idx].to(device)  # (B, cells, 3)
+        idx = torch.randint(len(rows), (batch_size,), generator=generator).to(device)
+        y = labels[idx]  # (B, cells, 3)
         loss = sum(F.cross_entropy(out.flatten(0, 1), y[..., k].flatten()) for k, out in enumerate(logits(images[idx])))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     vision.eval()
     with torch.no_grad():
         x, y = load(val_rows) if val_rows else (images[:batch_size], labels[:batch_size])
-        accuracy = {k: (out.argmax(-1).cpu() == y[..., i]).float().mean().item()
+        accuracy = {k: (out.argmax(-1).cpu() == y[..., i].cpu()).float().mean().item()
                     for i, (k, out) in enumerate(zip(VISION_LABELS, logits(x)))}
     print(f"[train_sft] vision tower pretrained: {steps} steps on the cells of {len(rows)} scene descriptions; "
           f"held-out cell accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
@@ -390,8 +450,12 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
 def run_stage(stage, cfg):
     """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults."""
     spec = STAGES[stage]
-    cfg = replace(cfg, stage=stage, epochs=cfg.epochs or spec["epochs"], lr=cfg.lr or spec["lr"])
+    cfg = replace(cfg, stage=stage, epochs=spec["epochs"] if cfg.epochs is None else cfg.epochs,
+                  lr=spec["lr"] if cfg.lr is None else cfg.lr)
     data_dir, out_dir = os.path.join(cfg.out, "data"), stage_dir(cfg.out, stage)
+    if cfg.resume and os.path.isfile(os.path.join(out_dir, STAGE_DONE)):  # resuming would overwrite its summary
+        raise ValueError(f"{out_dir} is already finished ({STAGE_DONE} is there): nothing to resume; run without "
+                         f"--resume to train it again")
     path = os.path.join(data_dir, spec["data"])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `python data.py --out {data_dir}` first")
@@ -400,6 +464,8 @@ def run_stage(stage, cfg):
         out_flag = "" if cfg.out == "out" else f" --out {cfg.out}"
         command = f"run `python train_sft.py --stage {spec['init']}{out_flag}` first"
         raise FileNotFoundError(f"{init} not found: {'pass an existing checkpoint' if cfg.init else command}")
+    data.writable_dir(out_dir)
+    data.writable_dir(os.path.join(cfg.out, "logs"))
     torch.manual_seed(cfg.seed)
     if init:
         model = VLM.from_pretrained(init)
@@ -434,7 +500,7 @@ def main(argv=None):
     cfg = data.parse_config(TrainConfig, argv, description=__doc__.strip().splitlines()[0])
     try:
         run_stage(cfg.stage, cfg)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)

@@ -65,7 +65,8 @@ class FakeGeneration:
     def __init__(self, chains):
         self.chains, self.calls = list(chains), []
 
-    def __call__(self, vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
+    def __call__(self, vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
+                 precision="auto"):
         self.calls.append({"prompts": [c[0]["content"] for c in conversations], "images": images,
                            "max_new_tokens": max_new_tokens})
         if conversations[0][0]["content"].endswith(data.REASONING_PROMPT):
@@ -125,7 +126,8 @@ def test_single_model_arms(vlm, rows, world, monkeypatch):
                "4"]
     calls = []
 
-    def fake(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
+    def fake(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
+             precision="auto"):
         calls.append((conversations[0][0]["content"], max_new_tokens))
         return replies[:len(conversations)]
 

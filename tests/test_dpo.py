@@ -1,10 +1,16 @@
 """DPO by hand: the loss at known points, sequence log-probs against a hand sum, pairs, one micro round."""
 
+import dataclasses
+import json
 import math
+import os
+import random
 
 import pytest
 import torch
 
+import data
+import train_dpo
 import train_sft
 from model import VLM, get_config
 from train_dpo import build_pairs, dpo_loss, sequence_logps
@@ -182,16 +188,8 @@ def test_pairs_closest_wrong_chain_as_rejected():
 # A micro end-to-end run of the main job: every stage cached as a micro model, one DPO round.
 
 
-def test_micro_round_end_to_end(tmp_path, monkeypatch):
-    import dataclasses
-    import json
-    import os
-    import random
-
-    import data
-    import train_dpo
-
-    out = str(tmp_path / "out")
+def micro_run(out):
+    """A tiny world in out/data and every SFT stage as one random micro model, marked finished (the job reuses it)."""
     data.build_world(os.path.join(out, "data"), train_scenes=24, val_scenes=3, test_scenes=3)
     tok = data.load_tokenizer(os.path.join(out, "data", "tokenizer.json"))
     torch.manual_seed(0)
@@ -200,12 +198,12 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
     for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
         vlm.save_pretrained(train_sft.stage_dir(out, stage))
         with open(os.path.join(train_sft.stage_dir(out, stage), train_sft.STAGE_DONE), "w") as f:
-            json.dump({"stage": stage}, f)  # a finished stage: the main job reuses it
+            json.dump({"stage": stage}, f)
 
-    # A random micro policy writes gibberish, so every sample would tie. The real sampler still runs;
-    # scripted-teacher chains (one sound, two flawed) are added so the round has pairs to learn from.
-    real_sampler = train_dpo.sample_chains
 
+def teacher_sampler(real_sampler):
+    """A random micro policy writes gibberish, so every sample would tie. The real sampler still runs;
+    scripted-teacher chains (one sound, two flawed) are added so the round has pairs to learn from."""
     def sampler(policy, rows, image_root, cfg, seed):
         chains = real_sampler(policy, rows, image_root, cfg, seed)
         sound = data.ScriptedTeacher(data.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(data.ErrorRates)}))
@@ -213,8 +211,13 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
         rng = random.Random(seed)
         paths = {r["id"]: sound.generate(r, 1, rng) + flawed.generate(r, 2, rng) for r in rows}
         return {r["id"]: chains[r["id"]] + [data.render_chain(p["steps"]) for p in paths[r["id"]]] for r in rows}
+    return sampler
 
-    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+
+def test_micro_round_end_to_end(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    micro_run(out)
+    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
     results = train_dpo.main(["--out", out, "--iters", "1", "--pool-size", "6", "--samples-per-question", "2",
                               "--max-chain-tokens", "8", "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"])
     assert os.path.isfile(os.path.join(out, "reasoning_dpo1", "model.safetensors"))
@@ -229,10 +232,6 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
 
 
 def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
-    import os
-
-    import train_dpo
-
     os.makedirs(tmp_path / "data")
     (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
     seen = {}

@@ -96,7 +96,8 @@ def fake_models(monkeypatch, replies):
             raise FileNotFoundError(f"no checkpoint at {path}")
         return SimpleNamespace(name=os.path.basename(path), config=SimpleNamespace(vision=SimpleNamespace(image_size=48)))
 
-    def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0):
+    def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
+                 precision="auto"):
         assert images.shape == (len(conversations), 3, 48, 48)
         prompts.extend(c[0]["content"] for c in conversations)
         return [replies[vlm.name](c[0]["content"]) for c in conversations]
