@@ -1,24 +1,16 @@
 """The two agents of Insight-V, and how they answer questions together.
 
-Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.2) splits visual reasoning between two models fine-tuned
-from one base MLLM:
+Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.2) splits visual reasoning between two models fine-tuned from
+one base MLLM (their prompts, and those of the single-model arms, are defined once, in data.task_messages):
   - the reasoning agent reads the image and the question and writes only a long structured chain, `<thoughts>` ...
     `</thoughts>` with one `Title: content` line per step (the official code's format, data.render_chain's);
-  - the summary agent reads the image, the question and that chain, judges silently whether the chain is sound, and
-    gives a short final answer: from the chain when it is right, from the image directly when it is not. Its
-    training set holds flawed chains on purpose (data.py), so a wrong chain need not mean a wrong answer.
-The prompts of both agents (and of the single-model arms) are defined once, in data.task_messages.
+  - the summary agent reads the image, the question and that chain, judges silently whether it is sound, and answers
+    briefly: from the chain if it is, else from the image (its training set holds flawed chains on purpose, data.py).
+Small models write untidy chains (no end tag, a last step cut off by the token limit, nothing at all): data.parse_chain
+keeps every line it can read as a step, and the summary agent still gets a chain in the format it was trained on.
 
-Small models write untidy chains: the end tag may be missing, the last step cut off by the token limit, or nothing
-written at all. data.parse_chain keeps every line it can read as a step, and the summary agent always gets a chain
-in exactly the format it was trained on (the parsed steps rendered again, maybe none), so it can still answer.
-
-Decoding: the paper samples the reasoning agent at temperature 0.2-0.7 and the summary agent at 0.2. Our default
-is greedy for both, so evaluation gives the same numbers on every run and machine, as a table with confidence
-intervals needs; `temperature` turns sampling back on.
-
-Reading order: the batched-generation helper every caller uses, the agents, the two-agent system, the single-model
-arms (direct, summary agent without chains, vanilla), a loaded VLM as real data's generator and judge, the CLI.
+Decoding: greedy for both agents (the paper samples at temperature 0.2-0.7 and 0.2), so evaluation gives the same
+numbers on every run and machine, as a table with confidence intervals needs; `temperature` turns sampling back on.
 
     python agents.py --image out/data/images/test-00000.png --question "How many circles are there?"
     python agents.py --real bench.jsonl --generator CKPT [--judge CKPT] --data-out out/real
@@ -39,15 +31,13 @@ import train_sft
 from generate import generate
 from model import VLM
 
-# Token budgets. A chain of the synthetic world is under 100 tokens (data.py's card.json reports the longest); the
-# margin leaves room for longer chains on real data. An answer is a word or a number, on a benchmark a short phrase.
+# Token budgets: a world chain is under 100 tokens (card.json has the longest), real ones run longer; answers are short.
 CHAIN_TOKENS = 256
 ANSWER_TOKENS = 32
 
 
 # ----------------------------------------------------------------------------------------------
 # One batched generation helper: every agent and every arm decodes through it.
-
 
 def decode_dtype(device, precision="auto"):
     """The dtype decoding computes in (None: the model's own, fp32): the run's --precision, where "auto" decodes as
@@ -59,12 +49,8 @@ def decode_dtype(device, precision="auto"):
 
 def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
              precision="auto"):
-    """The assistant's reply to each conversation, all decoded in one batched call -> list[str].
-
-    conversations[i] is a message list without the assistant turn (data.task_messages, or plain user messages);
-    images is (B, 3, H, W), images[i] the image of conversation i, or None when no message has an image. Rows are
-    prompt-major when num_samples > 1. Decoding stops at <end_of_utterance>, which is cut from the text.
-    """
+    """The reply to each conversation (messages without the assistant turn), all in one batched call -> list[str].
+    images (B, 3, H, W): images[i] is conversation i's, or None (no image). Rows are prompt-major if num_samples > 1."""
     tok = vlm.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer: load a checkpoint saved with its tokenizer.json")
@@ -83,8 +69,7 @@ def batches(rows, image_root, image_size, batch_size, desc=None):
     bar = tqdm(total=len(rows), desc=desc, unit="q", leave=False, disable=desc is None)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        images = torch.stack([data.load_image(os.path.join(image_root, r["image"]), image_size) for r in batch])
-        yield batch, images
+        yield batch, torch.stack([data.load_image(os.path.join(image_root, r["image"]), image_size) for r in batch])
         bar.update(len(batch))
     bar.close()
 
@@ -101,19 +86,17 @@ def read_chain(text):
 
 
 # ----------------------------------------------------------------------------------------------
-# The two agents
-
+# The two agents: each keeps its model and its decoding options (complete's keywords).
 
 class ReasoningAgent:
     """Image + question + the reasoning instruction -> a chain of steps, and no answer of its own."""
 
     def __init__(self, vlm, max_new_tokens=CHAIN_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto"):
-        self.vlm, self.max_new_tokens, self.seed, self.precision = vlm, max_new_tokens, seed, precision
-        self.temperature, self.top_p = temperature, top_p
+        self.vlm, self.decoding = vlm, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                            seed=seed, precision=precision)
 
     def reason(self, questions, images):  # images (B, 3, H, W) -> [{chain, steps, chain_answer}]
-        texts = complete(self.vlm, [data.task_messages("reasoning", q) for q in questions], images,
-                         self.max_new_tokens, self.temperature, self.top_p, seed=self.seed, precision=self.precision)
+        texts = complete(self.vlm, [data.task_messages("reasoning", q) for q in questions], images, **self.decoding)
         return [read_chain(t) for t in texts]
 
 
@@ -121,14 +104,13 @@ class SummaryAgent:
     """Image + question + a chain -> a short final answer (from the chain if it is sound, else directly)."""
 
     def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto"):
-        self.vlm, self.max_new_tokens, self.seed, self.precision = vlm, max_new_tokens, seed, precision
-        self.temperature, self.top_p = temperature, top_p
+        self.vlm, self.decoding = vlm, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                            seed=seed, precision=precision)
 
     def summarize(self, questions, steps, images):  # steps: one list of steps per question -> [answer]
         # Rendered again from the parsed steps, so even a cut-off chain arrives in the format of its training data.
         messages = [data.task_messages("summary", q, data.render_chain(s)) for q, s in zip(questions, steps)]
-        return complete(self.vlm, messages, images, self.max_new_tokens, self.temperature, self.top_p, seed=self.seed,
-                        precision=self.precision)
+        return complete(self.vlm, messages, images, **self.decoding)
 
 
 class TwoAgentSystem:
@@ -152,32 +134,26 @@ class TwoAgentSystem:
 
 
 # ----------------------------------------------------------------------------------------------
-# Single-model arms of the paper's ablation (Table 5): one model answers each question alone.
-#   direct        the base model answers at once (the paper's "base model" row)
-#   summary_only  the summary agent trained without chains answers at once
-#   vanilla       one model writes the chain and then the answer in one reply
-
+# Single-model arms of the paper's ablation (Table 5), one model per question: direct (the base model answers at once,
+# the "base model" row), summary_only (the summary agent trained without chains, at once), vanilla (chain, then answer).
 
 def read_vanilla(text):
-    """A vanilla reply (chain, then the answer after its end tag) -> {chain, steps, chain_answer, answer}.
-    A reply cut off inside its chain gave no answer."""
-    cut_off = "<thoughts>" in text and "</thoughts>" not in text
+    """A vanilla reply (chain, then the answer after its end tag) -> {chain, steps, chain_answer, answer}."""
+    cut_off = "<thoughts>" in text and "</thoughts>" not in text  # cut off inside its chain: it gave no answer
     return {**read_chain(text), "answer": "" if cut_off else text.split("</thoughts>", 1)[-1].strip()}
 
 
 def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_tokens=None, temperature=0.0, desc=None,
                   precision="auto"):
-    """One model answers every row on its own -> [{chain, steps, chain_answer, answer}]; the chain fields are None
-    unless task is "vanilla" (a chain, then the answer, in one reply whose max_new_tokens covers both)."""
+    """One model answers every row on its own -> [{chain, steps, chain_answer, answer}], no chain unless "vanilla"."""
     if task not in ("direct", "summary_only", "vanilla"):
         raise ValueError(f"unknown single-model task {task!r}: choose direct, summary_only or vanilla")
-    if max_new_tokens is None:
+    if max_new_tokens is None:  # a vanilla reply holds a chain and then the answer
         max_new_tokens = CHAIN_TOKENS + ANSWER_TOKENS if task == "vanilla" else ANSWER_TOKENS
     results = []
     for batch, images in batches(rows, image_root, vlm.config.vision.image_size, batch_size, desc):
-        questions = [format_question(r) for r in batch]  # with lettered options for multiple choice
-        texts = complete(vlm, [data.task_messages(task, q) for q in questions], images, max_new_tokens, temperature,
-                         precision=precision)
+        texts = complete(vlm, [data.task_messages(task, format_question(r)) for r in batch], images, max_new_tokens,
+                         temperature, precision=precision)
         no_chain = {"chain": None, "steps": None, "chain_answer": None}
         results += [read_vanilla(t) if task == "vanilla" else {**no_chain, "answer": t} for t in texts]
     return results
@@ -235,10 +211,9 @@ class ModelGenerator(_VLMClient):
                     live.remove(i)
         todo = [p for p in paths if data.chain_answer(p["steps"]) is None]
         texts = [f"{format_question(rec)}\n{data.render_chain(p['steps'])}\n{FINAL_PROMPT}" for p in todo]
-        for p, reply in zip(todo, self.ask(texts, rng, rec["image"], max_new_tokens=16) if todo else []):
-            p["final_answer"] = reply
-        for p in paths:
-            p["final_answer"] = p["final_answer"] or data.chain_answer(p["steps"]) or ""
+        replies = iter(self.ask(texts, rng, rec["image"], max_new_tokens=16) if todo else [])
+        for p in paths:  # the answer its steps state, else the one asked for after them
+            p["final_answer"] = next(replies) if p in todo else data.chain_answer(p["steps"]) or ""
         return paths
 
 
@@ -256,8 +231,7 @@ def parse_step_json(text):
 
 
 class ModelJudge(_VLMClient):
-    """Both assessment roles, with a loaded model reading text only: the paper's "same meaning as the
-    ground truth?" check, and one call that scores all N paths together, so their scores compare."""
+    """Both assessment roles, on text: the paper's same-meaning check; one call scores all N paths, so they compare."""
 
     def __init__(self, vlm, retries=2, **kw):
         super().__init__(vlm, **{"temperature": 0.0, **kw})
@@ -289,7 +263,6 @@ class ModelJudge(_VLMClient):
 # ----------------------------------------------------------------------------------------------
 # Loading checkpoints, and the CLI
 
-
 def load_vlm(path, device=None):
     """A checkpoint directory -> VLM in eval mode on the device, with a clear error when it is not there."""
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -318,8 +291,7 @@ def latest_reasoning_dir(out_dir):
 
 @dataclass
 class AgentsConfig:
-    """One image and question for the two agents; or, with --real, reasoning paths and the two SFT sets for a real
-    JSONL, shaped by --seed and the --real data options (the data.DataConfig fields of the same names)."""
+    """One image and question for the two agents; or --real: reasoning paths and the two SFT sets for a real JSONL."""
     image: str = data.option(None, "image file (png, jpg, ...)")
     question: str = data.option(None, "the question about the image")
     out: str = data.option("out", "the run directory whose agents are used by default")
@@ -347,8 +319,7 @@ class AgentsConfig:
 
 
 def write_real_sets(cfg):
-    """--real: the generator writes N paths per question, the judge assesses them, data.assess_and_write writes
-    paths.jsonl, reasoning_sft.jsonl and summary_sft.jsonl to --data-out (image paths relative to it)."""
+    """--real: N paths per question from the generator, assessed by the judge, and the two SFT sets, in --data-out."""
     if not cfg.generator:
         raise SystemExit("error: pass --generator CKPT with --real (python data.py --real FILE only checks the file)")
     shared = [f.name for f in fields(data.DataConfig) if hasattr(cfg, f.name)]  # --seed and the --real data options

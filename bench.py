@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 from types import SimpleNamespace
@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 import data
+from eval import markdown_table
 from generate import generate
 from model import VLM, atomic_write, get_config
 from train_dpo import dpo_loss, sequence_logps
@@ -29,20 +30,18 @@ from train_sft import autocast, resolve_device, resolve_precision
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="smolvlm-256m", metadata={"help": "model shape (random weights)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto: as train_sft", "choices": ["auto", "bf16", "fp32"]})
-    warmup: int = field(default=1, metadata={"help": "untimed rounds before the timed ones", "min": 0})
-    repeats: int = field(default=3, metadata={"help": "timed rounds per measurement", "min": 1})
-    train_batch: int = field(default=2, metadata={"help": "rows per training step, an even number (DPO pairs them)",
-                                                  "min": 2})
-    seq_len: int = field(default=128, metadata={"help": "tokens per training row, image tokens included", "min": 1})
-    decode_batches: str = field(default="1,16", metadata={"help": "comma-separated decoding batch sizes"})
-    prompt_text: int = field(default=32, metadata={"help": "text tokens in the decoding prompt, besides the image",
-                                                   "min": 1})
-    new_tokens: int = field(default=32, metadata={"help": "new tokens per decoded row", "min": 2})
-    out: str = field(default="out", metadata={"help": "where bench.md is written"})
-    quick: bool = field(default=False, metadata={"help": "the tiny preset and 16 new tokens"})
+    preset: str = data.option("smolvlm-256m", "model shape (random weights)")
+    device: str = data.option("auto", "auto, cpu or cuda")
+    precision: str = data.option("auto", "auto: as train_sft", choices=["auto", "bf16", "fp32"])
+    warmup: int = data.option(1, "untimed rounds before the timed ones", min=0)
+    repeats: int = data.option(3, "timed rounds per measurement", min=1)
+    train_batch: int = data.option(2, "rows per training step, an even number (DPO pairs them)", min=2)
+    seq_len: int = data.option(128, "tokens per training row, image tokens included", min=1)
+    decode_batches: str = data.option("1,16", "comma-separated decoding batch sizes")
+    prompt_text: int = data.option(32, "text tokens in the decoding prompt, besides the image", min=1)
+    new_tokens: int = data.option(32, "new tokens per decoded row", min=2)
+    out: str = data.option("out", "where bench.md is written")
+    quick: bool = data.option(False, "the tiny preset and 16 new tokens")
 
 
 def make_rows(cfg, n_rows, n_text, seed):
@@ -67,7 +66,7 @@ def build_models(preset, device, workdir):
         scale_factor=d["scale_factor"], image_token_id=d["image_token_id"],
         tie_word_embeddings=d["text"]["tie_word_embeddings"]))
     ref.set_attn_implementation("sdpa")
-    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0  # no stop token, as ours
+    ref.generation_config.eos_token_id, ref.generation_config.pad_token_id = None, 0  # no end-of-text token, as ours
     ref.save_pretrained(workdir)
     ours, ref = VLM.from_pretrained(workdir).to(device).eval(), ref.to(device).eval()
     ids, px = (x.to(device) for x in make_rows(ours.config, 1, 16, seed=1))
@@ -89,8 +88,7 @@ def interleaved(runs, cfg, device):
 
 
 def training_inputs(model, cfg, device):
-    """(preference pairs in train_sft.collate's layout, the frozen reference's (chosen, rejected) log-probs): the
-    inputs of every training measurement; the log-probs are computed once before the steps, as train_dpo does."""
+    """(pairs in train_sft.collate's layout; the frozen reference's (chosen, rejected) log-probs, once as train_dpo)."""
     n_pairs, n_text = cfg.train_batch // 2, cfg.seq_len - model.config.tokens_per_image - 1
     ids, px = make_rows(model.config, 2 * n_pairs, n_text, seed=4)  # rows i and n_pairs + i make pair i
     prompt_len = ids.shape[1] - n_text // 2  # the second half of the text is the completion (the chain)
@@ -105,14 +103,12 @@ def training_inputs(model, cfg, device):
 def step(kind, model, batch, ref_logps, precision):
     """One forward + backward: "sft" (ours), "transformers" (the same loss, theirs) or "dpo" (ours)."""
     with autocast(batch["input_ids"].device, precision):
-        if kind == "dpo":
-            chosen, rejected = sequence_logps(model, batch).chunk(2)  # chosen and rejected rows in one forward
-            loss = dpo_loss(chosen, rejected, *ref_logps, beta=0.1)[0]
+        if kind == "dpo":  # the chosen and the rejected rows in one forward
+            loss = dpo_loss(*sequence_logps(model, batch).chunk(2), *ref_logps, beta=0.1)[0]
         elif kind == "sft":
             loss = model(batch["input_ids"], pixel_values=batch["pixel_values"], targets=batch["targets"])[1]
         else:  # transformers takes each row's images as (B, n_images, 3, H, W) and calls the targets labels
-            loss = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"][:, None],
-                         labels=batch["targets"]).loss
+            loss = model(batch["input_ids"], pixel_values=batch["pixel_values"][:, None], labels=batch["targets"]).loss
     loss.backward()
     model.zero_grad(set_to_none=True)  # the optimizer step, the same AdamW for all three, is left out
 
@@ -127,18 +123,16 @@ def bench_training(ours, ref, cfg, device):
 
 
 def peak_child(kind, ckpt, cfg, device):
-    """The peak memory (MiB) one step adds to the loaded model and its inputs, in a fresh process so that
-    nothing earlier hides in malloc's free lists: CUDA's allocator peak, or on the CPU Linux's peak RSS."""
-    def peak():  # bytes, since the last reset; /proc gives Linux's peak RSS, VmHWM, in KiB
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated()
-        return 1024 * int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
+    """The peak memory (MiB) one step adds to the loaded model and its inputs, in a fresh process so that nothing
+    earlier hides in malloc's free lists."""
     model = VLM.from_pretrained(ckpt).to(device)
     batch, ref_logps = training_inputs(model, cfg, device)  # also warms up what every process sets up once
-    if device.type == "cuda":
+    if device.type == "cuda":  # peak(): bytes since the reset, CUDA's allocator peak or Linux's peak RSS
         torch.cuda.reset_peak_memory_stats()
+        peak = torch.cuda.max_memory_allocated
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux's peak RSS := the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # Linux's peak RSS (/proc: VmHWM, in KiB) := the current RSS
+        peak = lambda: 1024 * int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])  # noqa: E731
     base = peak()  # right after the reset, the peak is what is in use
     step(kind, model, batch, ref_logps, cfg.precision)
     return (peak() - base) / 2**20
@@ -148,8 +142,7 @@ def peak_memory(ckpt, cfg, device):
     """{"sft" / "dpo": [MiB, ...]} that one step adds, or None where that cannot be measured."""
     if device.type != "cuda" and not os.access("/proc/self/clear_refs", os.W_OK):
         return None
-    # For the children's malloc: each block over 64 KiB its own mapping, unmapped when freed (RSS = live tensors)
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # children's blocks > 64 KiB unmapped when freed: RSS = live
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:  # a fresh process per call
         mib = {k: [pool.apply(peak_child, (k, ckpt, cfg, device)) for _ in range(cfg.repeats)] for k in ("sft", "dpo")}
     del os.environ["MALLOC_MMAP_THRESHOLD_"]
@@ -157,8 +150,7 @@ def peak_memory(ckpt, cfg, device):
 
 
 def bench_decoding(ours, ref, cfg, device, batch):
-    """{"decode phase" / "whole call": {"ours" / "transformers": [new tokens/s, ...]}}: greedy, one prompt and image
-    `batch` times. The decode phase is the per-token loop after the prefill and the first token."""
+    """{"decode phase" / "whole call": {"ours" / "transformers": [new tokens/s]}}: greedy, one prompt `batch` times."""
     ids, px = make_rows(ours.config, 1, cfg.prompt_text, seed=3)
     ids, px, n = ids.repeat(batch, 1).to(device), px.repeat(batch, 1, 1, 1).to(device), cfg.new_tokens
     ours.eval(), ref.eval()
@@ -173,34 +165,25 @@ def bench_decoding(ours, ref, cfg, device, batch):
             else:
                 generate(model, ids, px, max_new_tokens=n, temperature=0.0, stream=stamp)
         assert len(times) == n + (model is ref), f"expected {n} new tokens per row"
-        return (times[-1] - times[-n]) / (n - 1)
+        return (times[-1] - times[-n]) / (n - 1)  # the decode phase: per token, after the prefill and first token
     runs = interleaved({"ours": lambda: run(ours), "transformers": lambda: run(ref)}, cfg, device)
     return {"decode phase": {k: [batch / per_token for _, per_token in r] for k, r in runs.items()},
             "whole call": {k: [batch * n / total for total, _ in r] for k, r in runs.items()}}
 
 
-def spread(values):
-    """"median (min-max)" of some measurements, or the median alone when they are all equal."""
-    med, lo, hi = (f"{v:.0f}" if v >= 100 else f"{v:#.3g}" for v in (median(values), min(values), max(values)))
-    return med + (f" ({lo}-{hi})" if lo != hi else "")
-
-
 def ratio_cell(a, b):
-    """"1.17x (1.08-1.22)": the ratio of the medians, then the range of the per-round ratios a[i] / b[i],
-    whose two runs were back to back: that range is the ratio's own noise, which the medians hide."""
+    """"1.17x (1.08-1.22)": the medians' ratio, then the range of a[i] / b[i] (back-to-back runs): the ratio's noise."""
     per_round = [x / y for x, y in zip(a, b)]
     lo, hi = min(per_round), max(per_round)
     return f"{median(a) / median(b):.2f}x" + (f" ({lo:.2f}-{hi:.2f})" if lo != hi else "")
 
 
-def table(columns, rows):
-    """Markdown lines: the header, then each (name, a, b) row as a, b and a / b."""
-    return [f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"] + [
-        f"| {name} | {spread(a)} | {spread(b)} | {ratio_cell(a, b)} |" for name, a, b in rows]
-
-
 def report(cfg, device, max_diff, train, decoding, peaks):
-    """The tables, in markdown: ours next to transformers, then our DPO step next to our SFT step."""
+    """The tables, in markdown: ours next to transformers, then our DPO step next to our SFT step (a, b, a / b)."""
+    def spread(values):  # "median (min-max)" of some measurements, or the median alone when they are all equal
+        med, lo, hi = (f"{v:.0f}" if v >= 100 else f"{v:#.3g}" for v in (median(values), min(values), max(values)))
+        return med + (f" ({lo}-{hi})" if lo != hi else "")
+
     shape = f"{cfg.train_batch} rows x {cfg.seq_len} tokens"
     tokens_per_s = {k: [cfg.train_batch * cfg.seq_len / s for s in v] for k, v in train.items()}
     rows = [(f"training step on {shape}, tokens/s", tokens_per_s["sft"], tokens_per_s["transformers"])]
@@ -208,6 +191,7 @@ def report(cfg, device, max_diff, train, decoding, peaks):
              for b, phases in decoding.items() for phase, d in phases.items()]
     dpo_rows = [("seconds", train["dpo"], train["sft"])]
     dpo_rows += [("peak memory added, MiB", peaks["dpo"], peaks["sft"])] if peaks else []
+    rows, dpo_rows = ([(name, spread(a), spread(b), ratio_cell(a, b)) for name, a, b in r] for r in (rows, dpo_rows))
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return "\n".join([
         f"## Speed and memory, for information: `{cfg.preset}` shape, random weights, {hardware}", "",
@@ -215,8 +199,8 @@ def report(cfg, device, max_diff, train, decoding, peaks):
         f"{importlib.metadata.version('transformers')}; max |logits difference| {max_diff:.1e} in fp32. Median "
         f"(min-max) of {cfg.repeats} rounds after {cfg.warmup} warm-up; a ratio is that of the medians (min-max "
         "of the ratios within each round).", "",
-        *table(["measurement", "ours", "transformers", "ours / transformers"], rows), "",
-        *table([f"ours, one step on {shape}", "DPO", "SFT", "DPO / SFT"], dpo_rows), ""])
+        *markdown_table(["measurement", "ours", "transformers", "ours / transformers"], rows), "",
+        *markdown_table([f"ours, one step on {shape}", "DPO", "SFT", "DPO / SFT"], dpo_rows), ""])
 
 
 def main(argv=None):

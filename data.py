@@ -11,9 +11,8 @@ all three, plus the tokenizer and the chat format every other file reads:
 
 The default is a synthetic world: 48x48 scenes on a 3x3 grid of 16 px cells, at most one object per cell, which the
 tiny ViT (patch 8, pixel shuffle 2) sees as one image token per cell. Every answer and step can be checked exactly
-against the scene graph, so the paper's LLM teacher and scoring agent become a scripted teacher with injected
-mistakes and an exact step checker. For real data a loaded VLM fills the same two roles (agents.ModelGenerator and
-agents.ModelJudge; `python agents.py --real` writes those sets).
+against the scene graph, so the paper's LLM teacher and scoring agent become a scripted teacher with injected mistakes
+and an exact step checker. For real data a loaded VLM plays both (agents.ModelGenerator, ModelJudge; agents.py --real).
 
     python data.py --out out/data                     # the world, defaults below
     python data.py --real bench.jsonl --skip-bad      # check a real JSONL
@@ -41,13 +40,10 @@ BOUNDS = {"min": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b)
 
 
 def parse_config(cls, argv=None, description=None):
-    """The one configuration mechanism of every script: a dataclass whose fields become --flags.
-
-    A field's default is the flag's default and its type; `field(metadata={"help": ...})` documents
-    it. Booleans get --flag / --no-flag. Fields defaulting to None take strings unless their
-    metadata names a "type". Numbers get their valid range from the metadata keys of BOUNDS
-    ({"min": 1}, {"above": 0, "max": 1}), checked here, so a bad value never starts any work.
-    """
+    """The one configuration mechanism of every script: a dataclass whose fields become --flags. A field's default is
+    the flag's default and its type; its metadata's "help" documents it (see option). Booleans get --flag / --no-flag.
+    Fields defaulting to None take strings unless their metadata names a "type". Numbers get their valid range from
+    the metadata keys of BOUNDS ({"min": 1}, {"above": 0, "max": 1}), checked here: a bad value never starts work."""
     parser = argparse.ArgumentParser(description=description)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -56,8 +52,7 @@ def parse_config(cls, argv=None, description=None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             kind = f.metadata.get("type", type(default) if default is not None else str)
-            parser.add_argument(flag, type=kind, default=default, help=help_text,
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=f.metadata.get("choices"))
     args = parser.parse_args(argv)
     for f in fields(cls):
         value = getattr(args, f.name)
@@ -68,8 +63,7 @@ def parse_config(cls, argv=None, description=None):
 
 
 def option(default, text, **metadata):
-    """A field with a default and the help text of its --flag, for parse_config; `metadata` may give its valid range
-    (BOUNDS keys) and, for a None default, its type."""
+    """A field for parse_config: default, --flag help, metadata (a range in BOUNDS keys, a None default's "type")."""
     return field(default=default, metadata={"help": text, **metadata})
 
 
@@ -271,8 +265,7 @@ def solve(objects, spec):
         a, b = count(objects, spec["a"]), count(objects, spec["b"])
         return [a, b, arith(family, a["n"], b["n"])]
     if family == "most_color":
-        counts = [count(objects, {"color": c}) for c in COLORS]
-        counts = [c for c in counts if c["n"]]
+        counts = [c for c in (count(objects, {"color": color}) for color in COLORS) if c["n"]]
         return counts + [most({c["filter"]["color"]: c["n"] for c in counts})]
     ref = find(objects, spec["color"], spec["shape"], "the")
     return [ref, count(objects, {"rel": spec["rel"], "cell": ref["cell"]})]
@@ -604,9 +597,8 @@ def train_tokenizer(texts, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                            show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
 
 
@@ -714,12 +706,11 @@ def read_jsonl(path, skip_bad=False, required=(), check_images=False):
                         raise ValueError(f"image not found: {image}") from None
                     except OSError as e:
                         raise ValueError(f"corrupt image {image}: {e}") from None
+                rows.append(row)
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 if not skip_bad:
                     raise ValueError(f"{path}:{n}: {e}") from None
                 bad.append(f"{path}:{n}: {e}")
-                continue
-            rows.append(row)
     if bad:
         print(f"skipped {len(bad)} bad lines in {path} (first: {bad[0]})", file=sys.stderr)
     return rows
@@ -781,9 +772,8 @@ def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
         cfg.summary_perception * (len(sound) + len(flawed)))))
     summary = sound + flawed + [sft_row(r, "direct") for r in perception]
     rng.shuffle(summary)
-    write_jsonl(os.path.join(out_dir, "paths.jsonl"), paths)
-    write_jsonl(os.path.join(out_dir, "reasoning_sft.jsonl"), reasoning)
-    write_jsonl(os.path.join(out_dir, "summary_sft.jsonl"), summary)
+    for name, set_rows in (("paths", paths), ("reasoning_sft", reasoning), ("summary_sft", summary)):
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), set_rows)
     return reasoning, summary, paths
 
 
@@ -800,8 +790,7 @@ def make_split(split, n_scenes, cfg, taken):
         taken.add(graph)
         scene = f"{split}-{i:05d}"
         scenes.append((scene, objects))
-        # most_color fits only scenes with one most common colour: drawn twice to stay balanced
-        draw = list(FAMILIES) + ["most_color"]
+        draw = list(FAMILIES) + ["most_color"]  # most_color needs one top colour: drawn twice to stay balanced
         asked = 0
         for family in dict.fromkeys(rng.sample(draw, len(draw))):
             q = make_question(family, objects, rng)

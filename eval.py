@@ -1,7 +1,6 @@
-"""Evaluation: does the two-agent system beat a direct answer and a single model that reasons, and
-does iterative DPO improve it round over round, without losing perception?
-
-The arms (the paper's Table 1 and Table 5 ablation, arXiv 2411.14432) are checkpoints from train_sft.py / train_dpo.py:
+"""Evaluation: does the two-agent system beat a direct answer and a single model that reasons, and does iterative DPO
+improve it round over round, without losing perception? The arms (the paper's Table 1 and Table 5 ablation, arXiv
+2411.14432) are checkpoints from train_sft.py / train_dpo.py:
 
     direct          base                    the base model answers at once ("base model")
     vanilla         vanilla                 one model writes the chain, then the answer, in one reply
@@ -10,11 +9,10 @@ The arms (the paper's Table 1 and Table 5 ablation, arXiv 2411.14432) are checkp
     two_agent_dpoT  reasoning_dpoT + summary  after DPO round T ("+ iterative DPO")
 
 Each arm whose checkpoints exist runs on the held-out test split (data.py: 1000+ questions, no training scene):
-accuracy overall, on reasoning and perception and per family, with 95% Wilson intervals (Wilson 1927): a family
-has about a hundred questions and small models sit near 0 or 1, where the textbook p +- z sqrt(p(1-p)/n) is too
-narrow and can leave [0, 1], while Wilson's stays inside, near its nominal coverage. Arms with a chain add
-`chain_correct` and the 2x2 table of chain against final answer: how often the summary agent recovers from a
-flawed chain or spoils a sound one. out/results.md (the README's table) is generated from out/results.json.
+accuracy overall, on reasoning and perception and per family, with 95% Wilson intervals (Wilson 1927): a family has
+about a hundred questions and small models sit near 0 or 1, where the textbook p +- z sqrt(p(1-p)/n) is too narrow and
+can leave [0, 1], while Wilson's stays inside, near its nominal coverage. Arms with a chain add `chain_correct` and the
+2x2 table of chain against final answer: how often the summary agent fixes a flawed chain or spoils a sound one.
 
     python eval.py                                        # every arm whose checkpoints exist in out/
     python eval.py --arms direct,two_agent --limit 200
@@ -27,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ import torch
 import agents
 import data
 import train_sft
+from data import option  # the config has a field named data
 from model import atomic_write, write_json
 
 Z95 = 1.959963984540054  # the standard normal quantile at 0.975
@@ -98,13 +97,11 @@ def score(rows, predictions):
 
 def arm_checkpoints(out_dir):
     """Every arm whose checkpoints all exist -> {arm: (task, [checkpoint dirs])}, in table order."""
-    stage = lambda name: train_sft.stage_dir(out_dir, name)
-    arms = {"direct": ("direct", [stage("base")]),
-            "vanilla": ("vanilla", [stage("vanilla")]),
-            "summary_only": ("summary_only", [stage("summary-only")]),
-            "two_agent": ("two_agent", [stage("reasoning"), stage("summary")])}
+    stages = {"direct": ["base"], "vanilla": ["vanilla"], "summary_only": ["summary-only"],
+              "two_agent": ["reasoning", "summary"]}  # arm (and the task it answers as) -> the stages it loads
+    arms = {arm: (arm, [train_sft.stage_dir(out_dir, s) for s in names]) for arm, names in stages.items()}
     for t, path in agents.dpo_rounds(out_dir).items():
-        arms[f"two_agent_dpo{t}"] = ("two_agent", [path, stage("summary")])
+        arms[f"two_agent_dpo{t}"] = ("two_agent", [path, train_sft.stage_dir(out_dir, "summary")])
     return {name: (task, dirs) for name, (task, dirs) in arms.items()
             if all(os.path.isfile(os.path.join(d, "config.json")) for d in dirs)}
 
@@ -138,15 +135,12 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precisio
     return results
 
 
-def machine():
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
-
-
 def finish(arms, meta, path_stem, start):
-    """Add the run's description, write <stem>.json and <stem>.md atomically, print the tables."""
+    """Add the run's description, write <stem>.json and <stem>.md (results.md: the README's table) atomically, print."""
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
     results = {"arms": arms, "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                                      "machine": machine(), "wall_s": round(time.time() - start, 1), **meta,
+                                      "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
                                       "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, "
                                                   f"answer <= {agents.ANSWER_TOKENS} tokens"}}
     markdown = results_markdown(results)
@@ -157,8 +151,7 @@ def finish(arms, meta, path_stem, start):
 
 
 def read_questions(path, limit=None, skip_bad=False):
-    """A question file's first `limit` rows, checked as data.py --real checks them (fields, images; file:line on
-    every bad line) before any model runs; no rows at all is an error, not a table of n=0."""
+    """A question file's first `limit` rows, checked as by data.py --real before any model runs; none is an error."""
     rows = data.read_jsonl(path, skip_bad, ("image", "question", "answer"), check_images=True)[:limit]
     if not rows:
         raise ValueError(f"{path}: no questions to evaluate")
@@ -166,13 +159,12 @@ def read_questions(path, limit=None, skip_bad=False):
 
 
 def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None, precision="auto"):
-    """Evaluate the arms (default: every arm whose checkpoints exist) on out_dir/data/<split>.jsonl;
-    writes out_dir/results.json and out_dir/results.md and returns the results."""
+    """The arms (default: all whose checkpoints exist) on out_dir/data/<split>.jsonl -> out_dir/results.{json,md}."""
     start = time.time()
-    data_path = os.path.join(out_dir, "data", f"{split}.jsonl")
-    if not os.path.isfile(data_path):
-        raise FileNotFoundError(f"no {data_path}: build the data first (python train_dpo.py --iters 3 builds everything)")
-    rows = read_questions(data_path, limit)
+    path = os.path.join(out_dir, "data", f"{split}.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path}: build the data first (python train_dpo.py --iters 3 builds everything)")
+    rows = read_questions(path, limit)
     available = arm_checkpoints(out_dir)
     missing = [a for a in arms or () if a not in available]
     if missing:
@@ -182,27 +174,23 @@ def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, 
     if not chosen:
         raise FileNotFoundError(f"no checkpoints in {out_dir}: train them first (python train_dpo.py --iters 3)")
     data.writable_dir(out_dir)  # before the work, not at the save after it
-    results = evaluate_arms(chosen, rows, os.path.dirname(data_path), batch_size, device, precision)
-    meta = {"data": data_path, "split": split, "n_questions": len(rows)}
+    results = evaluate_arms(chosen, rows, os.path.dirname(path), batch_size, device, precision)
+    meta = {"data": path, "split": split, "n_questions": len(rows)}
     return finish(results, meta, os.path.join(out_dir, "results"), start)
 
 
 def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="direct", out_dir="out",
                   limit=None, batch_size=64, device=None, precision="auto", skip_bad=False):
-    """Any checkpoints on a JSONL benchmark: the two agents (reasoning + summary) or one model
-    (model, answering as `task`); writes out_dir/results_<file name>.{json,md}."""
+    """A JSONL benchmark for the two agents or one `model` (answering as `task`) -> out_dir/results_<file>.{json,md}."""
     start = time.time()
-    if model:
-        specs = {task: (task, [model])}
-    elif reasoning and summary:
-        specs = {"two_agent": ("two_agent", [reasoning, summary])}
-    else:
+    if not (model or (reasoning and summary)):
         raise ValueError("pass --reasoning and --summary for the two agents, or --model for one model")
+    specs = {task: (task, [model])} if model else {"two_agent": ("two_agent", [reasoning, summary])}
     rows = read_questions(data_path, limit, skip_bad)
     data.writable_dir(out_dir)
     results = evaluate_arms(specs, rows, os.path.dirname(os.path.abspath(data_path)), batch_size, device, precision)
-    stem = os.path.splitext(os.path.basename(data_path))[0]
-    return finish(results, {"data": data_path, "n_questions": len(rows)}, os.path.join(out_dir, f"results_{stem}"), start)
+    stem = os.path.join(out_dir, "results_" + os.path.splitext(os.path.basename(data_path))[0])
+    return finish(results, {"data": data_path, "n_questions": len(rows)}, stem, start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,41 +198,37 @@ def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="dir
 
 def fmt(value, ci=None):
     """A share as a percentage, with its interval when given: 61.2 [58.1, 64.2]; - when undefined."""
-    if value is None:
-        return "-"
-    return f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+    return "-" if value is None else f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def markdown_table(header, rows):
+    """A markdown table's lines: the header, the rule under it, then one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(header), "|---" * len(header) + "|"] + [line(cells) for cells in rows]
 
 
 def results_markdown(results):
     """results.json -> markdown: accuracy per arm, per family, chain vs final answer, and the run."""
-    arms, meta = results["arms"], results["meta"]
+    arms, run = results["arms"], results["meta"]  # run: how these numbers were made
+    rows = [[name, *(fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")),
+             fmt(m.get("chain_correct"), m.get("chain_correct_ci")), m["n"]] for name, m in arms.items()]
     lines = ["Accuracy (%) with 95% Wilson intervals", "",
-             "| arm | overall | reasoning | perception | chain correct | n |", "|---|---|---|---|---|---|"]
-    for name, m in arms.items():
-        cells = [fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")]
-        cells.append(fmt(m.get("chain_correct"), m.get("chain_correct_ci")))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['n']} |")
+             *markdown_table(["arm", "overall", "reasoning", "perception", "chain correct", "n"], rows)]
     families = sorted({(f["kind"] or "", name) for m in arms.values() for name, f in m["families"].items()})
     if families:
-        lines += ["", "Accuracy (%) per family", "", "| family | kind | " + " | ".join(arms) + " |",
-                  "|---|---|" + "---|" * len(arms)]
-        for kind, family in families:
-            cells = [fmt(m["families"].get(family, {}).get("accuracy")) for m in arms.values()]
-            lines.append(f"| {family} | {kind} | " + " | ".join(cells) + " |")
+        rows = [[family, kind, *(fmt(m["families"].get(family, {}).get("accuracy")) for m in arms.values())]
+                for kind, family in families]
+        lines += ["", "Accuracy (%) per family", "", *markdown_table(["family", "kind", *arms], rows)]
     chained = {name: m["chain_vs_final"] for name, m in arms.items() if "chain_vs_final" in m}
     if chained:
+        pairs = [(c, f) for c in ("right", "wrong") for f in ("right", "wrong")]  # the keys of chain_vs_final
+        rows = [[name, *(t[f"chain_{c}_final_{f}"] for c, f in pairs)] for name, t in chained.items()]
         lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
-                  "| arm | chain right, final right | chain right, final wrong | chain wrong, final right "
-                  "| chain wrong, final wrong |",
-                  "|---|---|---|---|---|"]
-        for name, t in chained.items():
-            lines.append(f"| {name} | {t['chain_right_final_right']} | {t['chain_right_final_wrong']} | "
-                         f"{t['chain_wrong_final_right']} | {t['chain_wrong_final_wrong']} |")
-    m = meta["machine"]
-    lines += ["", f"Command: `{meta['command']}` on {meta['data']} ({meta['n_questions']} questions); "
-                  f"{meta['decoding']}.",
+                  *markdown_table(["arm", *(f"chain {c}, final {f}" for c, f in pairs)], rows)]
+    m = run["machine"]
+    lines += ["", f"Command: `{run['command']}` on {run['data']} ({run['n_questions']} questions); {run['decoding']}.",
               f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
-              f"wall time {meta['wall_s']:.0f} s.", ""]
+              f"wall time {run['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
@@ -253,23 +237,20 @@ def results_markdown(results):
 
 @dataclass
 class EvalConfig:
-    out: str = field(default="out", metadata={"help": "run directory: checkpoints, data/<split>.jsonl, results"})
-    arms: str = field(default=None, metadata={"help": "comma-separated arms (default: all whose checkpoints exist)"})
-    split: str = field(default="test", metadata={"help": "which split of <out>/data to evaluate on"})
-    limit: int = field(default=None, metadata={"type": int, "help": "evaluate only the first N questions", "min": 1})
-    batch_size: int = field(default=64, metadata={"help": "questions decoded together", "min": 1})
-    data: str = field(default=None, metadata={"help": "a JSONL benchmark (image, question, answer[, choices]) "
-                                                      "instead of the arms"})
-    skip_bad: bool = field(default=False, metadata={"help": "with --data: skip and count bad lines, as data.py does"})
-    reasoning: str = field(default=None, metadata={"help": "with --data: reasoning agent checkpoint"})
-    summary: str = field(default=None, metadata={"help": "with --data: summary agent checkpoint"})
-    model: str = field(default=None, metadata={"help": "with --data: one model that answers alone"})
-    task: str = field(default="direct", metadata={"help": "with --model: how it answers",
-                                                  "choices": ["direct", "summary_only", "vanilla"]})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    precision: str = field(default="auto", metadata={"help": "decoding precision: auto = bf16 on a GPU (fp16 before "
-                                                             "Ampere), fp32 on the CPU",
-                                                     "choices": ["auto", "bf16", "fp16", "fp32"]})
+    out: str = option("out", "run directory: checkpoints, data/<split>.jsonl, results")
+    arms: str = option(None, "comma-separated arms (default: all whose checkpoints exist)")
+    split: str = option("test", "which split of <out>/data to evaluate on")
+    limit: int = option(None, "evaluate only the first N questions", type=int, min=1)
+    batch_size: int = option(64, "questions decoded together", min=1)
+    data: str = option(None, "a JSONL benchmark (image, question, answer[, choices]) instead of the arms")
+    skip_bad: bool = option(False, "with --data: skip and count bad lines, as data.py does")
+    reasoning: str = option(None, "with --data: reasoning agent checkpoint")
+    summary: str = option(None, "with --data: summary agent checkpoint")
+    model: str = option(None, "with --data: one model that answers alone")
+    task: str = option("direct", "with --model: how it answers", choices=["direct", "summary_only", "vanilla"])
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    precision: str = option("auto", "decoding precision: auto = bf16 on a GPU (fp16 before Ampere), fp32 on "
+                            "the CPU", choices=["auto", "bf16", "fp16", "fp32"])
 
 
 def main(argv=None):

@@ -7,8 +7,8 @@ that reruns the whole sequence for every new token. The idea is nanochat's engin
      a preallocated KV cache (model.KVCache). Prompts are left-padded so that every last token sits in the last
      column; the attention mask hides the pads and the cache gives every row its own rotary positions.
   2. clone: for N samples per prompt, copy each prompt's cache rows N times instead of running it N times.
-  3. decode: one new token per row per step. A row stops at its first stop id or after max_new_tokens, and
-     finished rows are dropped from the batch so they stop costing compute.
+  3. decode: one new token per row per step. A row ends at its first id in stop_ids or after max_new_tokens,
+     and finished rows are dropped from the batch so they no longer cost compute.
 Unlike nanochat, every sample draws its own first token, and a batch may hold many different prompts.
 
 Sampling follows the usual order (Hugging Face's logits processors): temperature, top-k, then the top-p nucleus
@@ -25,17 +25,12 @@ import data
 from model import VLM, KVCache
 
 
-CHECK_EVERY = 8  # decode steps between reads of which rows have stopped
+CHECK_EVERY = 8  # decode steps between reads of which rows are done
 
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """One token per row from logits (B, V) -> (B,) long.
-
-    temperature=0 is greedy (argmax). Otherwise the logits are divided by the temperature, cut
-    to the top_k most likely tokens, then cut to the nucleus: the smallest set of most likely
-    tokens whose probability reaches top_p. The token is drawn from what is left with the given
-    torch.Generator, so a seeded generator gives the same tokens every time.
-    """
+    """One token per row, logits (B, V) -> (B,) long; a seeded torch.Generator gives the same tokens every time.
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -54,12 +49,9 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
 
 
 def left_pad(input_ids, attention_mask, pad_id, device):
-    """Prompts -> (ids (B, T) long, mask (B, T) long or None when nothing is padded).
-
-    A list of token lists is left-padded with pad_id here. A tensor is taken as already padded;
-    its padding must be on the left (the last column holds every prompt's last token), because
-    the first new token is read from the last position.
-    """
+    """Prompts -> (ids (B, T) long, mask (B, T) long or None when nothing is padded). A list of token lists is
+    left-padded with pad_id here; a tensor must be padded on the left already, as the first new token is read from
+    the last column."""
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids.to(device=device, dtype=torch.long)
         mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
@@ -87,19 +79,18 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
              dtype=None, stream=None, progress=False):
     """Sample new tokens for a batch of prompts -> list[list[int]], one list of new tokens per row.
 
-    input_ids: a list of token lists (any lengths; left-padded here with pad_id), or a (B, T)
-        tensor already padded on the left, with attention_mask (B, T) (1 = real, 0 = pad) when
-        any row is padded.
-    pixel_values: (num_images, 3, H, W), the images of all prompts in order; their
-        cfg.image_token_id placeholders in input_ids are replaced by the image tokens.
+    input_ids: a list of token lists (any lengths; left-padded here with pad_id), or a (B, T) tensor already padded
+        on the left, with attention_mask (B, T) (1 = real, 0 = pad) when any row is padded.
+    pixel_values: (num_images, 3, H, W), the images of all prompts in order; their cfg.image_token_id placeholders
+        in input_ids are replaced by the image tokens.
     Rows are ordered prompt-major, sample-minor: row i * num_samples + j is sample j of prompt i.
     A row ends at its first token in stop_ids (which is kept) or after max_new_tokens tokens.
     temperature=0 is greedy; top_k / top_p cut the distribution after the temperature.
     seed: the same seed gives the same samples (None draws a fresh seed).
-    dtype: compute dtype under autocast (e.g. torch.bfloat16) and of the KV cache; None uses the
-        dtype of an autocast region the caller is in, else the model's own dtype.
-    stream: called after every step as stream(rows, tokens) with the rows that got a new token
-        (the CLI prints with it). progress: show a tqdm bar over the decode steps.
+    dtype: compute dtype under autocast (e.g. torch.bfloat16) and of the KV cache; None uses the dtype of an
+        autocast region the caller is in, else the model's own dtype.
+    stream: called after every step as stream(rows, tokens) with the rows that got a new token (the CLI prints
+        with it). progress: show a tqdm bar over the decode steps.
     """
     if temperature < 0 or num_samples < 1 or max_new_tokens < 0:
         raise ValueError("need temperature >= 0, num_samples >= 1 and max_new_tokens >= 0")
@@ -131,7 +122,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
             logits = logits.repeat_interleave(num_samples, dim=0)  # (B * num_samples, 1, V)
 
         # 3. decode, one token per row per step, all on the device: cache row i writes to output row rows[i], and a
-        #    stopped row rides along with its tokens ignored (-1). Only every CHECK_EVERY steps (every step when
+        #    finished row rides along with its tokens ignored (-1). Only every CHECK_EVERY steps (every step when
         #    streaming) does one transfer read which rows are done: all of them ends the loop, a quarter of them
         #    are dropped from the cache in one copy, so the copies stay few and a GPU never waits on the host.
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -155,7 +146,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
                     cache.select(live)
                     token, rows, done = token[live], rows[live], done[live]
             logits, _ = model(token[:, None], cache=cache, last_only=True)  # (b, 1, V)
-    return [[t for t in row if t >= 0] for row in tokens.tolist()]  # one transfer: up to each row's stop token
+    return [[t for t in row if t >= 0] for row in tokens.tolist()]  # one transfer: up to each row's last token
 
 
 @dataclass
@@ -192,9 +183,8 @@ def main(argv=None):
     messages = [{"role": "user", "content": args.prompt, "image": True}]
     ids, _ = data.render_conversation(tok, messages, vlm.config.tokens_per_image, add_generation_prompt=True)
 
-    # Print each token as it arrives. Decoding the whole answer each time (not token by token)
-    # keeps multi-byte characters and word-initial spaces right; a trailing U+FFFD means a
-    # character is still incomplete, so we wait for its next byte.
+    # Print each token as it arrives. Decoding the whole answer each time (not token by token) keeps multi-byte
+    # characters and word-initial spaces right; a trailing U+FFFD is a character still incomplete: wait for the rest.
     answer, shown = [], ""
 
     def show(rows, tokens):

@@ -29,7 +29,6 @@ from tokenizers import Tokenizer
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
-
 @dataclass
 class VisionConfig:
     image_size: int = 48  # square input images, in pixels
@@ -85,7 +84,11 @@ class VLMConfig:
 
 
 # Named presets (minGPT's habit): micro for unit tests; tiny for the synthetic world on a laptop CPU (48px scenes,
-# a 3x3 grid of 16px cells: patch 8 + pixel shuffle 2 give 9 image tokens, one per cell); two public shapes.
+# a 3x3 grid of 16px cells: patch 8 + pixel shuffle 2 give 9 image tokens, one per cell); two public shapes, which
+# share their towers: SigLIP-B/16 and SmolLM2-135M.
+SIGLIP_B16 = dict(patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, rope_theta=100000.0)
 PRESETS = {
     "micro": VLMConfig(VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=1, num_attention_heads=2),
@@ -93,18 +96,11 @@ PRESETS = {
                                   num_attention_heads=4, num_key_value_heads=2), image_token_id=3),
     "tiny": VLMConfig(VisionConfig(), TextConfig(), image_token_id=3),  # the dataclass defaults above
     # SmolVLM-256M: SigLIP-B/16 at 512px, scale 4 (1024 patches -> 64 tokens), SmolLM2-135M, untied head.
-    "smolvlm-256m": VLMConfig(VisionConfig(image_size=512, patch_size=16, hidden_size=768, intermediate_size=3072,
-                                           num_hidden_layers=12, num_attention_heads=12),
-                              TextConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536,
-                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                         rope_theta=100000.0, tie_word_embeddings=False),
+    "smolvlm-256m": VLMConfig(VisionConfig(image_size=512, **SIGLIP_B16),
+                              TextConfig(vocab_size=49280, tie_word_embeddings=False, **SMOLLM2_135M),
                               scale_factor=4, image_token_id=49190),
     # nanoVLM-222M: SigLIP-B/16 at 224px, scale 2 (196 patches -> 49 tokens), SmolLM2-135M, tied head.
-    "nanovlm-222m": VLMConfig(VisionConfig(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
-                                           num_hidden_layers=12, num_attention_heads=12),
-                              TextConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                         rope_theta=100000.0),
+    "nanovlm-222m": VLMConfig(VisionConfig(image_size=224, **SIGLIP_B16), TextConfig(vocab_size=49152, **SMOLLM2_135M),
                               image_token_id=49151),
 }
 
@@ -125,7 +121,6 @@ def get_config(name, **overrides):
 # ----------------------------------------------------------------------------------------------
 # Vision tower: SigLIP (Zhai et al. 2023). A ViT with learned absolute positions, no class token,
 # pre-LayerNorm blocks and a final LayerNorm over every patch token.
-
 
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -149,10 +144,9 @@ def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, traini
     """F.scaled_dot_product_attention: (B, H, T, hd) -> (B, H, T, hd). Training on the CPU with short sequences
     takes the math kernel, as the fused kernel's backward is slow there (docs/experiments.md). It follows the
     module's mode, not grad mode, so DPO's reference pass (no grad, train mode) takes the policy's kernel."""
-    if training and q.device.type == "cpu" and q.shape[-2] <= 256:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+    math_only = training and q.device.type == "cpu" and q.shape[-2] <= 256
+    with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
 class SiglipAttention(nn.Module):
@@ -160,8 +154,7 @@ class SiglipAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
         d = cfg.hidden_size
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):  # (N, P, D)
         N, P, D = x.shape
@@ -194,22 +187,17 @@ class SiglipEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class SiglipEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-
-
 class SiglipVisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.embeddings = SiglipEmbeddings(cfg)
-        self.encoder = SiglipEncoder(cfg)
+        layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder = nn.ModuleDict({"layers": layers})  # HF's SiglipEncoder, which holds nothing else
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixel_values):  # (N, 3, H, W) -> (N, P, D_vision), the last hidden state
         x = self.embeddings(pixel_values)
-        for layer in self.encoder.layers:
+        for layer in self.encoder["layers"]:
             x = layer(x)
         return self.post_layernorm(x)
 
@@ -217,7 +205,6 @@ class SiglipVisionTransformer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Projector: Idefics3's connector. Pixel shuffle (space-to-depth) folds each s x s block of patch features into
 # one token with s*s times the channels (1024 patches -> 64 tokens at s = 4); one linear layer maps to the decoder.
-
 
 def pixel_shuffle(x, s):  # (N, P, D) -> (N, P / s^2, D * s^2), numerically Idefics3Connector.pixel_shuffle
     N, P, D = x.shape
@@ -240,7 +227,6 @@ class Connector(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Decoder: Llama (Touvron et al. 2023) as in SmolLM2. RMSNorm, rotary positions, grouped-query attention, SwiGLU.
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -272,23 +258,16 @@ def apply_rotary(x, cos, sin):  # x (B, H, T, hd); cos, sin (B, 1, T, hd) from r
 
 class KVCache:
     """A preallocated key/value cache (nanochat's engine): one buffer per tensor, filled in place.
-
     k, v: (n_layers, B, n_kv_heads, max_len, head_dim). All rows share `length`, the slots filled so
     far; a left-padded row has `key_mask` False at its pads. `pos` is each row's next rotary position.
     `padded`: whether any slot so far is padding; until one is, a new token needs no mask at all."""
 
     def __init__(self, cfg: TextConfig, batch_size, max_len, device=None, dtype=torch.float32):
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0
-        self.padded = False
-
-    @property
-    def max_len(self):
-        return self.k.shape[3]
+        self.length, self.padded, self.max_len = 0, False, max_len
 
     def update(self, layer, k, v):  # k, v (B, n_kv, T, hd) for the new chunk -> all keys so far
         end = self.length + k.shape[2]
@@ -300,7 +279,7 @@ class KVCache:
         new = KVCache.__new__(KVCache)
         new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         new.key_mask, new.pos = self.key_mask.repeat_interleave(n, dim=0), self.pos.repeat_interleave(n, dim=0)
-        new.length, new.padded = self.length, self.padded
+        new.length, new.padded, new.max_len = self.length, self.padded, self.max_len
         return new
 
     def select(self, rows):
@@ -314,17 +293,15 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):  # x (B, T, D)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = (proj(x).view(B, T, -1, self.hd).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # q (B, H, T, hd); k, v (B, KV, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd), S = cached + T
@@ -339,8 +316,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_proj, self.up_proj = (nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False) for _ in range(2))
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
@@ -370,13 +346,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, x, attention_mask=None, cache=None):  # x (B, T, D) embeddings -> (B, T, D)
         B, T, _ = x.shape
-        real = (torch.ones(B, T, dtype=torch.bool, device=x.device) if attention_mask is None
-                else attention_mask.bool())  # (B, T) True for real tokens
-        start = 0 if cache is None else cache.length
+        real = attention_mask.bool() if attention_mask is not None else x.new_ones(B, T, dtype=torch.bool)  # (B, T)
+        start, first = (0, 0) if cache is None else (cache.length, cache.pos[:, None])  # first slot, first position
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache overflow: {start} + {T} tokens > max_len {cache.max_len}")
         # Rotary positions count real tokens only, so a left-padded row starts at 0 like an unpadded one.
-        first = 0 if cache is None else cache.pos[:, None]
         positions = (first + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): every head, once for all layers
@@ -385,9 +359,8 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.key_mask[:, start:start + T] = real
             cache.padded = cache.padded or (attention_mask is not None and not bool(real.all()))
-        # One new token after unpadded rows attends to every key: no mask, and SDPA's fused kernel.
-        one_token_unpadded = cache is not None and T == 1 and not cache.padded
-        if (cache is not None or attention_mask is not None) and not one_token_unpadded:
+        # A mask for padding or a cached prefix, but none for one new token after unpadded rows: SDPA's fused kernel.
+        if (cache is None and attention_mask is not None) or (cache is not None and (T != 1 or cache.padded)):
             key_real = real if cache is None else cache.key_mask[:, :start + T]  # (B, S)
             # Causal and bottom-right aligned: query i (at slot start+i) sees key slots <= start+i.
             q_slot = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
@@ -407,11 +380,11 @@ class LlamaModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The VLM: image placeholder tokens in the prompt are replaced, in order, by projected image tokens.
 
-
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig):
         super().__init__()
-        if cfg.vision.num_patches % cfg.scale_factor**2 or math.isqrt(cfg.vision.num_patches) ** 2 != cfg.vision.num_patches:
+        n_patches = cfg.vision.num_patches
+        if n_patches % cfg.scale_factor**2 or math.isqrt(n_patches) ** 2 != n_patches:
             raise ValueError("the patch grid must be square and divisible by the pixel-shuffle scale factor")
         self.config = cfg
         self.vision_model = SiglipVisionTransformer(cfg.vision)
@@ -452,28 +425,25 @@ class VLM(nn.Module):
             # masked_scatter fills the slots in row-major order: image i's tokens go to the i-th block.
             x = x.masked_scatter(slots[..., None], image_embeds.to(x.dtype))
         h = self.text_model(x, attention_mask, cache)
-        if last_only:
-            h = h[:, -1:]  # decoding needs only the next-token distribution
-        logits = self.lm_head(h)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            # Position t predicts token t+1: the one shift in the codebase. Loss in fp32.
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100)
+        logits = self.lm_head(h[:, -1:] if last_only else h)  # (B, T, V); decoding needs only the last position
+        # Position t predicts token t+1: the one shift in the codebase. Loss in fp32.
+        loss = None if targets is None else F.cross_entropy(logits[:, :-1].float().flatten(0, 1),
+                                                            targets[:, 1:].flatten(), ignore_index=-100)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, lr_text, lr_vision, lr_projector, betas=(0.9, 0.95), freeze_vision=False,
-                             fused=None):
+    def configure_optimizers(self, weight_decay, lr_text, lr_vision, lr_projector, betas=(0.9, 0.95),
+                             freeze_vision=False, fused=None):
         """AdamW with weight decay on matrices only (not norms or biases) and one lr per part."""
         self.vision_model.requires_grad_(not freeze_vision)
         groups = {}
         for name, p in self.named_parameters():  # a tied weight is listed once
             if not p.requires_grad:
                 continue
-            part = "vision" if name.startswith("vision_model.") else "projector" if name.startswith("connector.") else "text"
+            part = {"vision_model": "vision", "connector": "projector"}.get(name.split(".")[0], "text")
             decay = p.dim() >= 2
             key = f"{part}/{'decay' if decay else 'no_decay'}"
             lr = {"vision": lr_vision, "projector": lr_projector, "text": lr_text}[part]
-            groups.setdefault(key, {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0})
+            groups.setdefault(key, dict(name=key, params=[], lr=lr, weight_decay=weight_decay if decay else 0.0))
             groups[key]["params"].append(p)
         return torch.optim.AdamW(list(groups.values()), betas=betas, fused=fused)
 
@@ -512,10 +482,11 @@ class VLM(nn.Module):
     def from_parts(cls, vision_dir, text_dir, scale_factor=2, image_token_id=None, dtype=None):
         """A SigLIP checkpoint + a Llama-family checkpoint; the projector is freshly initialised."""
         vconf, tconf = _read_config(vision_dir), _read_config(text_dir)
-        if vconf.get("model_type") not in ("siglip", "siglip_vision_model"):
-            raise ValueError(f"{vision_dir}/config.json: expected a SigLIP checkpoint, got model_type {vconf.get('model_type')!r}")
-        if tconf.get("model_type") != "llama":
-            raise ValueError(f"{text_dir}/config.json: expected a Llama checkpoint, got model_type {tconf.get('model_type')!r}")
+        vtype, ttype = vconf.get("model_type"), tconf.get("model_type")
+        if vtype not in ("siglip", "siglip_vision_model"):
+            raise ValueError(f"{vision_dir}/config.json: expected a SigLIP checkpoint, got model_type {vtype!r}")
+        if ttype != "llama":
+            raise ValueError(f"{text_dir}/config.json: expected a Llama checkpoint, got model_type {ttype!r}")
         tokenizer = _read_tokenizer(text_dir)
         if image_token_id is None:
             image_token_id = tokenizer.token_to_id("<image>") if tokenizer is not None else None
@@ -524,11 +495,12 @@ class VLM(nn.Module):
         cfg = VLMConfig(_siglip_config(vconf.get("vision_config", vconf)), _llama_config(tconf, tconf),
                         scale_factor=scale_factor, image_token_id=image_token_id)
         vision = _read_safetensors(vision_dir)
-        if vconf["model_type"] == "siglip_vision_model":
+        if vtype == "siglip_vision_model":
             # transformers 4 saved vision-only SigLIP keys under `vision_model.`, transformers 5 without it.
             vision = _rename(vision, {"vision_model.": "vision_model.", "": "vision_model."})
         # A dual-tower SigLIP also holds a text tower and a pooling head: only the vision trunk is used.
-        vision = {k: v for k, v in vision.items() if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
+        vision = {k: v for k, v in vision.items()
+                  if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
         text = _rename(_read_safetensors(text_dir), {"model.": "text_model.", "lm_head.": "lm_head."})
         model = cls(cfg)
         model._load_checked({**vision, **text}, f"{vision_dir} + {text_dir}", fresh=("connector.",))
@@ -559,7 +531,6 @@ class VLM(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # File helpers
-
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over path: a crash never leaves a half-written file. The file gets the
@@ -644,30 +615,25 @@ def _siglip_config(v):
     if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ValueError(f"unsupported vision activation {v['hidden_act']!r}")
     # Defaults are SiglipVisionConfig's, for keys a config.json may omit.
-    return VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
-                        hidden_size=v.get("hidden_size", 768), intermediate_size=v.get("intermediate_size", 3072),
-                        num_hidden_layers=v.get("num_hidden_layers", 12),
-                        num_attention_heads=v.get("num_attention_heads", 12),
-                        layer_norm_eps=v.get("layer_norm_eps", 1e-6), num_channels=v.get("num_channels", 3))
+    defaults = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, layer_norm_eps=1e-6, num_channels=3)
+    return VisionConfig(**{key: v.get(key, default) for key, default in defaults.items()})
 
 
 def _llama_config(t, top):
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ValueError(f"unsupported rope scaling {rope!r}: only plain rotary embeddings are implemented")
-    heads = t.get("num_attention_heads", 32)
-    hidden = t.get("hidden_size", 4096)
+    heads, hidden = t.get("num_attention_heads", 32), t.get("hidden_size", 4096)
     if t.get("head_dim", hidden // heads) != hidden // heads:
         raise ValueError("unsupported: head_dim differs from hidden_size / num_attention_heads")
     if t.get("attention_bias") or t.get("mlp_bias"):
         raise ValueError("unsupported: Llama checkpoints with attention or MLP biases")
     # Defaults are LlamaConfig's, for keys a config.json may omit.
-    return TextConfig(vocab_size=t.get("vocab_size", 32000), hidden_size=hidden,
-                      intermediate_size=t.get("intermediate_size", 11008),
-                      num_hidden_layers=t.get("num_hidden_layers", 32), num_attention_heads=heads,
-                      num_key_value_heads=t.get("num_key_value_heads") or heads,
+    defaults = dict(vocab_size=32000, intermediate_size=11008, num_hidden_layers=32, rms_norm_eps=1e-6)
+    return TextConfig(**{key: t.get(key, default) for key, default in defaults.items()}, hidden_size=hidden,
+                      num_attention_heads=heads, num_key_value_heads=t.get("num_key_value_heads") or heads,
                       rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-                      rms_norm_eps=t.get("rms_norm_eps", 1e-6),
                       tie_word_embeddings=bool(top.get("tie_word_embeddings", t.get("tie_word_embeddings", False))))
 
 

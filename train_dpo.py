@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +34,13 @@ from model import VLM, atomic_write, write_json
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              loss_type="sigmoid", label_smoothing=0.0, nll_weight=0.0, chosen_nll=None):
-    """DPO on summed sequence log-probs, all (B,) tensors. Returns (loss, chosen_rewards, rejected_rewards).
-
-    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the implicit reward margin / beta.
+    """DPO on summed sequence log-probs, all (B,) tensors -> (loss, chosen_rewards, rejected_rewards). With
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the implicit reward margin / beta:
       sigmoid: -log sigmoid(beta h)                                  (Rafailov et al. 2023, eq. 7)
       label_smoothing eps (conservative DPO, Mitchell 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
       ipo: (h - 1 / (2 beta))^2                                      (Azar et al. 2023, eq. 17)
-    nll_weight w adds w * chosen_nll, the chosen response's mean per-token NLL (B,): the released
-    Insight-V trainer adds this term with weight 1 to keep the policy fluent on the chosen chains.
-    """
+    nll_weight w adds w * chosen_nll (B,), the chosen chain's mean per-token NLL: the released Insight-V trainer adds
+    it with weight 1 to keep the policy fluent on the chosen chains."""
     h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         # -(1-eps) log s(x) - eps log s(-x) == -log s(x) + eps x, since log s(x) - log s(-x) = x.
@@ -60,9 +58,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def sequence_logps(model, batch, return_counts=False):
-    """Summed log-probs of each row's completion tokens -> (B,), in fp32 even under autocast. train_sft.collate's
-    targets are -100 on prompt, image and padding tokens, so only the assistant's chain and its end token count;
-    rows are right-padded, so causal attention alone keeps the padding from touching real tokens."""
+    """Summed fp32 log-probs of each row's completion tokens -> (B,): collate's targets are -100 on prompt, image and
+    (right) padding tokens, so only the chain and its end token count; causal attention keeps the pads out."""
     logits, _ = model(batch["input_ids"], pixel_values=batch["pixel_values"])
     logits, targets = logits[:, :-1].float(), batch["targets"][:, 1:]  # position t predicts token t+1
     mask = targets != -100
@@ -75,25 +72,16 @@ def sequence_logps(model, batch, return_counts=False):
 # Preference pairs from ranked samples
 
 def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="worst"):
-    """(chosen, rejected) pairs for one question from its scored samples.
-
-    `ranked` is a list of dicts with `text`, `correct` (the answer filter's verdict) and a
-    comparable `key` (higher is better: answer correct first, then step score). Pairs take the best
-    against the worst, then the second best against the second worst, ... A chosen chain must pass
-    the answer filter (the paper's coarse assessment discards wrong answers before any ranking), so
-    a question with no correct sample gives no pair. It must also be sound: step score (key[1]) >=
-    min_chosen_score. A hot sample from a small policy often reaches the right answer through wrong
-    steps ("top left has a red square, so the answer is circle"); preferring those teaches the
-    chain that its answer need not follow its steps (docs/experiments.md). Rejected chains are the
-    worst-ranked ones (the paper's best-vs-worst) or, with rejected="closest", the best-ranked wrong
-    ones (hard negatives). Ties and identical texts are skipped; a question whose samples are all
-    equal gives no pair (there is nothing to prefer).
-    """
+    """(chosen, rejected) pairs for one question: best vs worst, second best vs second worst, ... `ranked` holds
+    dicts with `text`, `correct` and a `key` (higher is better: (correct, step score)). A chosen chain must pass the
+    answer filter (the paper's coarse assessment drops wrong answers first) and be sound, step score >=
+    min_chosen_score: a hot sample from a small policy often reaches the right answer through wrong steps, and
+    preferring those teaches that an answer need not follow its steps (docs/experiments.md). rejected="closest"
+    pairs with the best-ranked wrong chains (hard negatives) instead of the paper's worst. Ties give no pair."""
     unique = {}
     for s in sorted(ranked, key=lambda s: s["key"], reverse=True):
         unique.setdefault(s["text"], s)  # identical texts: keep one
     ordered = list(unique.values())
-    # "worst": the lowest-ranked samples; "closest": the best-ranked wrong answers (hard negatives).
     rejects = ordered[::-1] if rejected == "worst" else [s for s in ordered if not s["correct"]]
     pairs = []
     for i in range(min(max_pairs_per_question, len(ordered) // 2, len(rejects))):
@@ -109,46 +97,37 @@ def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="
 
 @dataclass
 class DPOConfig:
-    iters: int = field(default=3, metadata={"help": "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)",
-                                            "min": 0})
-    out: str = field(default="out", metadata={"help": "where data, checkpoints, logs and results go"})
-    init: str = field(default=None, metadata={"help": "start the base stage from this checkpoint"})
-    force: bool = field(default=False, metadata={"help": "rebuild every stage even if cached"})
-    pool_size: int = field(default=1200, metadata={"help": "training questions sampled per round", "min": 1})
-    samples_per_question: int = field(default=8, metadata={"help": "k chains sampled per question (a pair needs 2)",
-                                                           "min": 2})
-    temperature: float = field(default=0.9, metadata={"help": "sampling temperature for the chains", "min": 0})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling for the chains (paper: 0.95)",
-                                                 "above": 0, "max": 1})
-    sample_batch: int = field(default=1024, metadata={"help": "sequences decoded together (lower it for a big model)",
-                                                      "min": 1})
-    max_chain_tokens: int = field(default=160, metadata={"help": "cap on a sampled chain's length", "min": 1})
-    max_pairs_per_question: int = field(default=2, metadata={"help": "at most this many pairs per question", "min": 1})
-    min_chosen_score: float = field(default=90, metadata={"help": "minimum step score of a chosen chain (90 = High)",
-                                                          "min": 0, "max": 100})
-    rejected: str = field(default="worst", metadata={"help": "best vs worst, or vs closest wrong chains",
-                                                     "choices": ["worst", "closest"]})
-    beta: float = field(default=0.1, metadata={"help": "DPO beta (paper: 0.1)", "above": 0})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid or ipo", "choices": ["sigmoid", "ipo"]})
-    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon (above 0.5 it prefers the "
-                                                                  "rejected chain)", "min": 0, "max": 0.5})
-    nll_weight: float = field(default=0.2, metadata={"help": "weight of the chosen chain's NLL (released trainer: 1)",
-                                                     "min": 0})
-    epochs: int = field(default=1, metadata={"help": "passes over each round's pairs", "min": 1})
-    lr: float = field(default=3e-6, metadata={"help": "peak learning rate of each round (higher lowered chain "
-                                                      "correctness on val; docs/experiments.md)", "above": 0})
-    batch_size: int = field(default=16, metadata={"help": "pairs per step", "min": 1})
-    warmup_steps: int = field(default=5, metadata={"help": "linear warmup steps per round", "min": 0})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 would zero every update)",
-                                                    "above": 0})
-    precision: str = field(default="auto", metadata={"help": "mixed precision", "choices": ["auto", "bf16", "fp16", "fp32"]})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    val_size: int = field(default=300, metadata={"help": "val questions for the per-round report", "min": 1})
-    eval_limit: int = field(default=0, metadata={"help": "evaluate on only this many test questions (0 = all)",
-                                                 "min": 0})
-    seed: int = field(default=0, metadata={"help": "seed for pools, sampling and shuffling"})
-    sft_seed: int = field(default=1337, metadata={"help": "seed of every SFT stage (weights, val split, data order; not "
-                                                          "the world): vary it, each with its own --out, to see the spread"})
+    iters: int = data.option(3, "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)", min=0)
+    out: str = data.option("out", "where data, checkpoints, logs and results go")
+    init: str = data.option(None, "start the base stage from this checkpoint")
+    force: bool = data.option(False, "rebuild every stage even if cached")
+    pool_size: int = data.option(1200, "training questions sampled per round", min=1)
+    samples_per_question: int = data.option(8, "k chains sampled per question (a pair needs 2)", min=2)
+    temperature: float = data.option(0.9, "sampling temperature for the chains", min=0)
+    top_p: float = data.option(0.95, "nucleus sampling for the chains (paper: 0.95)", above=0, max=1)
+    sample_batch: int = data.option(1024, "sequences decoded together (lower it for a big model)", min=1)
+    max_chain_tokens: int = data.option(160, "cap on a sampled chain's length", min=1)
+    max_pairs_per_question: int = data.option(2, "at most this many pairs per question", min=1)
+    min_chosen_score: float = data.option(90, "minimum step score of a chosen chain (90 = High)", min=0, max=100)
+    rejected: str = data.option("worst", "best vs worst, or vs closest wrong chains", choices=["worst", "closest"])
+    beta: float = data.option(0.1, "DPO beta (paper: 0.1)", above=0)
+    loss_type: str = data.option("sigmoid", "sigmoid or ipo", choices=["sigmoid", "ipo"])
+    label_smoothing: float = data.option(0.0, "conservative DPO epsilon (above 0.5 it prefers the rejected chain)",
+                                         min=0, max=0.5)
+    nll_weight: float = data.option(0.2, "weight of the chosen chain's NLL (released trainer: 1)", min=0)
+    epochs: int = data.option(1, "passes over each round's pairs", min=1)
+    lr: float = data.option(3e-6, "peak learning rate of each round (higher lowered chain correctness on val; "
+                                  "docs/experiments.md)", above=0)
+    batch_size: int = data.option(16, "pairs per step", min=1)
+    warmup_steps: int = data.option(5, "linear warmup steps per round", min=0)
+    grad_clip: float = data.option(1.0, "gradient norm clip (0 would zero every update)", above=0)
+    precision: str = data.option("auto", "mixed precision", choices=["auto", "bf16", "fp16", "fp32"])
+    device: str = data.option("auto", "auto, cpu or cuda")
+    val_size: int = data.option(300, "val questions for the per-round report", min=1)
+    eval_limit: int = data.option(0, "evaluate on only this many test questions (0 = all)", min=0)
+    seed: int = data.option(0, "seed for pools, sampling and shuffling")
+    sft_seed: int = data.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
+                                      "vary it, each with its own --out, to see the spread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,11 +150,8 @@ def sample_chains(policy, rows, image_root, cfg, seed):
 def rank_samples(row, texts, answer_filter, scorer):
     """Score all chains of one question together: the answer filter first, then the 1-100 step score."""
     scores = scorer.score(row, texts)
-    ranked = []
-    for text, score in zip(texts, scores):
-        correct = answer_filter.judge(row, data.as_path(text)["final_answer"])
-        ranked.append({"text": text, "correct": correct, "score": score, "key": (int(correct), score)})
-    return ranked
+    verdicts = [answer_filter.judge(row, data.as_path(text)["final_answer"]) for text in texts]
+    return [{"text": t, "correct": c, "score": s, "key": (int(c), s)} for t, c, s in zip(texts, verdicts, scores)]
 
 
 def encode_pairs(pairs, tok, cfg, image_root):
@@ -193,9 +169,8 @@ def pair_batches(encoded, batch_size, pad_id, generator):
 
 
 def same_kernels(device):
-    """SDPA kernels that give the same numbers with and without gradients, for the reference pass and the policy's
-    forward. On the CPU model.attention already picks them by the module's mode; on CUDA the kernel SDPA picks can
-    change with requires_grad (cuDNN, memory-efficient), so only flash attention is allowed, else the math one."""
+    """SDPA kernels giving the same numbers with and without gradients (reference and policy passes): on CUDA the
+    choice can change with requires_grad (cuDNN, memory-efficient), so flash or math; on the CPU model.attention."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
@@ -203,16 +178,13 @@ def same_kernels(device):
 
 def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     """One epoch of DPO with the reference = the policy at the start of the round."""
-    tok = policy.tokenizer
-    pad_id = data.special_ids(tok)["pad"]
-    encoded = encode_pairs(pairs, tok, policy.config, image_root)
+    pad_id = data.special_ids(policy.tokenizer)["pad"]
+    encoded = encode_pairs(pairs, policy.tokenizer, policy.config, image_root)
     g = torch.Generator().manual_seed(cfg.seed + round_idx)
     batches = [train_sft.to_device(b, device) for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
 
-    # Reference log-probs once, from the round's starting policy, under the same precision and on the
-    # very same batches: no second model is held in memory while training. Train mode (the model has no
-    # dropout) picks exactly the attention kernels of the training forward (model.attention), and so does
-    # same_kernels on a GPU: the policy's first forward reproduces these numbers and the ln 2 check is exact.
+    # Reference log-probs once, from the round's starting policy on the same batches: no second model in memory. Train
+    # mode (no dropout) and same_kernels pick the training forward's kernels, so the ln 2 check below is exact.
     policy.train()
     with torch.no_grad(), train_sft.autocast(device, cfg.precision), same_kernels(device):  # no_grad: autocast's cache
         refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
@@ -222,9 +194,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True, fused=device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
-    precision = train_sft.resolve_precision(device, cfg.precision)  # for the advice of a divergence error
-    policy.train()
-    totals, steps = {}, 0
+    totals = {}
     bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False)
     for step, (batch, (ref_c, ref_r)) in enumerate(bar):
         with train_sft.autocast(device, cfg.precision), same_kernels(device):
@@ -234,8 +204,8 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
         loss, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
                                   cfg.nll_weight, chosen_nll)
         if step == 0:
-            # Before any update the policy IS the reference, so the DPO part is exactly ln 2
-            # (for IPO, 1 / (4 beta^2)): a cheap end-to-end check of masks, precision and batching.
+            # Before any update the policy IS the reference: the DPO part is exactly ln 2 (IPO: 1 / (4 beta^2)), a free
+            # end-to-end check of masks, precision and batching.
             pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type,
                                   cfg.label_smoothing)
             expect, pure = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2), pure.item()
@@ -247,13 +217,12 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
                  "logps/chosen": pol_c.mean(), "logps/rejected": pol_r.mean()}
         def check(m):  # SFT's guard: the bad update never happens, and the round is saved only when it ends
             train_sft.halt_if_diverged(m, scaler, f"DPO round {round_idx} step {step + 1}",
-                                       f"nothing of round {round_idx} was saved", precision)
+                                       f"nothing of round {round_idx} was saved", device, cfg.precision)
         metrics = {**train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, check), "pairs": len(ref_c)}
         sched.step()
         log({"round": round_idx, "step": step, "lr": sched.get_last_lr()[0], **metrics})
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * len(ref_c))
-        steps += 1
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     policy.eval()
     n = max(1, totals.get("pairs", 0))  # pair-steps: each pair counts once per epoch
@@ -276,9 +245,9 @@ def build_missing_stages(cfg):
             continue
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
         resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
-        overrides = {"init": cfg.init} if stage == "base" and cfg.init else {}
-        train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, precision=cfg.precision, device=cfg.device,
-                                                         resume=resume, seed=cfg.sft_seed, **overrides))
+        init = cfg.init if stage == "base" and cfg.init else None  # --init stands in for the base stage's fresh model
+        train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, init=init, precision=cfg.precision,
+                                                         device=cfg.device, resume=resume, seed=cfg.sft_seed))
 
 
 def run(cfg):
@@ -288,7 +257,6 @@ def run(cfg):
     device = train_sft.resolve_device(cfg.device)
     data.writable_dir(cfg.out)
     build_missing_stages(cfg)
-
     data_dir = os.path.join(cfg.out, "data")
     train_rows = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
@@ -296,9 +264,7 @@ def run(cfg):
     policy = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
     answer_filter, scorer = data.AnswerFilter(), data.SceneStepScorer()
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
-    log_path = os.path.join(cfg.out, "logs", "dpo.jsonl")
-
-    t_dpo = time.time()
+    log_path, t_dpo = os.path.join(cfg.out, "logs", "dpo.jsonl"), time.time()
 
     def log(record):  # elapsed_s: seconds since the DPO part began
         with open(log_path, "a") as f:
@@ -325,18 +291,15 @@ def run(cfg):
               f"questions, rank, pair, train")
         pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))  # fixed per round
         chains = sample_chains(policy, pool, data_dir, cfg, cfg.seed + 1000 * t)
-        pairs, n_correct, n_total = [], 0, 0
-        for row in pool:
-            ranked = rank_samples(row, chains[row["id"]], answer_filter, scorer)
-            n_correct += sum(s["correct"] for s in ranked)
-            n_total += len(ranked)
-            pairs += [(row, c, r) for c, r in build_pairs(ranked, cfg.max_pairs_per_question, cfg.min_chosen_score,
-                                                          cfg.rejected)]
+        ranked = [(row, rank_samples(row, chains[row["id"]], answer_filter, scorer)) for row in pool]
+        pairs = [(row, c, r) for row, rs in ranked
+                 for c, r in build_pairs(rs, cfg.max_pairs_per_question, cfg.min_chosen_score, cfg.rejected)]
         if not pairs:
             raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
                              f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
         stats = dpo_round(policy, pairs, cfg, device, log, t, data_dir)
-        stats["sample_correct"] = n_correct / max(1, n_total)
+        samples = [s for _, rs in ranked for s in rs]
+        stats["sample_correct"] = sum(s["correct"] for s in samples) / max(1, len(samples))
         row = report(f"dpo{t}", stats)
         policy.save_pretrained(round_dir)
         atomic_write(os.path.join(round_dir, "round.json"), lambda f: write_json(row, f))

@@ -1,13 +1,11 @@
 """Supervised fine-tuning: one readable training loop, and every SFT stage of Insight-V.
 
-Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.3) fine-tunes two agents from one base MLLM: the reasoning
-agent writes a long structured chain, the summary agent answers from the question and a chain that may be flawed.
-With no pretrained base here the first stage trains one, in the role of the paper's LLaVA-NeXT (`--init DIR` starts
-from real weights). The loop is nanoGPT's train.py plus gradient accumulation, bf16 / fp16 mixed precision with
-fp32 master weights, a validation loss, checkpoints that `--resume` continues exactly and a JSONL log of every step.
+Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.3) fine-tunes two agents from one base MLLM, trained here by
+the first stage in the role of LLaVA-NeXT (`--init DIR`: real weights). The reasoning agent writes a long structured
+chain; the summary agent answers from the question and a chain that may be flawed. The loop: nanoGPT's train.py plus
+gradient accumulation, bf16 / fp16 mixed precision, fp32 master weights, a val loss, exact `--resume`, a JSONL log.
 
-    python data.py --out out/data             # the world, the SFT sets and the tokenizer
-    python train_sft.py --stage base          # then reasoning, summary, vanilla, summary-only (STAGES)
+    python data.py --out out/data && python train_sft.py --stage base   # then the other STAGES, in order
 """
 
 import contextlib
@@ -17,7 +15,7 @@ import math
 import os
 import time
 import timeit
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,9 +27,8 @@ import data
 from model import PRESETS, VLM, atomic_write, get_config, pixel_shuffle, reading_checkpoint, write_json
 
 # ----------------------------------------------------------------------------------------------
-# Stages: each reads one SFT file from data.py and starts from a fresh model (base) or another stage. `task`
-# re-renders every row (data.task_messages), so the ablation arms of the paper's Table 5 are the same rows and loop.
-# Epochs and lr are tuned on val (docs/experiments.md); as in the paper, the vision tower stays frozen.
+# Stages: each reads an SFT file of data.py, from a fresh model (base) or another stage; `task` re-renders the rows
+# for the paper's Table 5 ablations. Epochs and lr are tuned on val (docs/experiments.md); the vision tower is frozen.
 
 STAGES = {
     "base": dict(data="base.jsonl", init=None, task=None, epochs=3, lr=2e-3,
@@ -55,44 +52,34 @@ def stage_dir(out, stage):
 
 @dataclass
 class TrainConfig:
-    stage: str = field(default="base", metadata={"help": "what to train", "choices": list(STAGES)})
-    out: str = field(default="out", metadata={"help": "run directory: data in OUT/data, checkpoints in OUT/<stage>"})
-    init: str = field(default=None, metadata={"help": "start from this checkpoint, not the stage's default"})
-    preset: str = field(default="tiny", metadata={"help": "model shape from scratch", "choices": list(PRESETS)})
-    epochs: float = field(default=None, metadata={"type": float, "help": "passes over the data (default: the stage's)",
-                                                  "above": 0})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = from --epochs", "min": 0})
-    batch_size: int = field(default=32, metadata={"help": "sequences per micro-batch", "min": 1})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "min": 1})
-    lr: float = field(default=None, metadata={"type": float, "help": "peak lr of the language model (default: the "
-                                                                     "stage's)", "above": 0})
-    lr_vision: float = field(default=None, metadata={"type": float, "help": "peak lr of the vision tower (default: --lr)",
-                                                     "above": 0})
-    lr_projector: float = field(default=None, metadata={"type": float, "help": "peak lr of the projector (default: --lr)",
-                                                        "above": 0})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay, on matrices only", "min": 0})
-    warmup_steps: float = field(default=0.05, metadata={"help": "linear warmup: steps, or a fraction of all steps if < 1",
-                                                        "min": 0})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decay ends at this fraction of the peak lr",
-                                                       "min": 0, "max": 1})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global grad norm to this; 0 = off", "min": 0})
-    precision: str = field(default="auto", metadata={"help": "auto = bf16 (fp16 on older GPUs; fp32 on a CPU where "
-                                                             "bf16 is slower)", "choices": ["auto", "bf16", "fp16", "fp32"]})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    eval_every: int = field(default=100, metadata={"help": "validation loss every N steps (and at the end); 0 = end only",
-                                                   "min": 0})
-    save_every: int = field(default=200, metadata={"help": "checkpoint every N steps (and at the end); 0 = end only",
-                                                   "min": 0})
-    resume: bool = field(default=False, metadata={"help": "continue from OUT/<stage>/train_state.pt"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (worth it on GPU)"})
-    freeze_vision: bool = field(default=True, metadata={"help": "train only the projector and the LM (see STAGES)"})
-    vision_pretrain_steps: int = field(default=100, metadata={"help": "from scratch only: vision tower pretraining "
-                                                                      "steps before the stage (pretrain_vision); 0 = off",
-                                                              "min": 0})
-    seed: int = field(default=1337, metadata={"help": "seeds the initial weights, the val split and the data order"})
-    max_len: int = field(default=1024, metadata={"help": "skip samples longer than this many tokens", "min": 1})
-    val_fraction: float = field(default=0.05, metadata={"help": "fraction of the images held out for the validation loss",
-                                                        "min": 0, "max": 1})
+    stage: str = data.option("base", "what to train", choices=list(STAGES))
+    out: str = data.option("out", "run directory: data in OUT/data, checkpoints in OUT/<stage>")
+    init: str = data.option(None, "start from this checkpoint, not the stage's default")
+    preset: str = data.option("tiny", "model shape from scratch", choices=list(PRESETS))
+    epochs: float = data.option(None, "passes over the data (default: the stage's)", type=float, above=0)
+    max_steps: int = data.option(0, "optimizer steps; 0 = from --epochs", min=0)
+    batch_size: int = data.option(32, "sequences per micro-batch", min=1)
+    grad_accum: int = data.option(1, "micro-batches per optimizer step", min=1)
+    lr: float = data.option(None, "peak lr of the language model (default: the stage's)", type=float, above=0)
+    lr_vision: float = data.option(None, "peak lr of the vision tower (default: --lr)", type=float, above=0)
+    lr_projector: float = data.option(None, "peak lr of the projector (default: --lr)", type=float, above=0)
+    weight_decay: float = data.option(0.1, "AdamW weight decay, on matrices only", min=0)
+    warmup_steps: float = data.option(0.05, "linear warmup: steps, or a fraction of all steps if < 1", min=0)
+    min_lr_ratio: float = data.option(0.1, "cosine decay ends at this fraction of the peak lr", min=0, max=1)
+    grad_clip: float = data.option(1.0, "clip the global grad norm to this; 0 = off", min=0)
+    precision: str = data.option("auto", "auto = bf16 (fp16 on older GPUs; fp32 on a CPU where bf16 is slower)",
+                                 choices=["auto", "bf16", "fp16", "fp32"])
+    device: str = data.option("auto", "auto, cpu, cuda, cuda:1, ...")
+    eval_every: int = data.option(100, "validation loss every N steps (and at the end); 0 = end only", min=0)
+    save_every: int = data.option(200, "checkpoint every N steps (and at the end); 0 = end only", min=0)
+    resume: bool = data.option(False, "continue from OUT/<stage>/train_state.pt")
+    compile: bool = data.option(False, "torch.compile the model (worth it on GPU)")
+    freeze_vision: bool = data.option(True, "train only the projector and the LM (see STAGES)")
+    vision_pretrain_steps: int = data.option(100, "from scratch only: vision tower pretraining steps before the "
+                                                  "stage (pretrain_vision); 0 = off", min=0)
+    seed: int = data.option(1337, "seeds the initial weights, the val split and the data order")
+    max_len: int = data.option(1024, "skip samples longer than this many tokens", min=1)
+    val_fraction: float = data.option(0.05, "fraction of the images held out for the validation loss", min=0, max=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,9 +93,8 @@ def encode_row(row, tok, cfg, image_root, task=None):
         raise ValueError(f"row {row.get('id')!r} renders {ids.count(cfg.image_token_id)} image tokens, not "
                          f"{cfg.tokens_per_image}: the tokenizer's <image> is not the model's image_token_id")
     ids = torch.tensor(ids, dtype=torch.long)  # (T,)
-    targets = ids.masked_fill(torch.tensor(mask) == 0, -100)  # only assistant tokens are learned
     image = data.load_image(os.path.join(image_root, row["image"]), cfg.vision.image_size)  # (3, H, W)
-    return {"ids": ids, "targets": targets, "image": image}
+    return {"ids": ids, "targets": ids.masked_fill(torch.tensor(mask) == 0, -100), "image": image}  # -100: not learned
 
 
 def collate(examples, pad_id):
@@ -117,10 +103,9 @@ def collate(examples, pad_id):
     targets = pad_sequence([ex["targets"] for ex in examples], batch_first=True, padding_value=-100)  # (B, T)
     attention_mask = pad_sequence([torch.ones_like(ex["ids"]) for ex in examples], batch_first=True)  # (B, T)
     pixel_values = torch.stack([ex["image"] for ex in examples])  # (B, 3, H, W): one image per sample
-    # Counted here, on the host, so that no training step has to read them back from a GPU.
-    n_targets = int((targets[:, 1:] != -100).sum())  # tokens that count in the loss: targets shift inside the model
+    # Counted on the host, so no training step reads them back from a GPU; targets shift inside the model, so [:, 1:].
     return {"input_ids": input_ids, "targets": targets, "attention_mask": attention_mask, "pixel_values": pixel_values,
-            "n_targets": n_targets, "n_tokens": int(attention_mask.sum())}
+            "n_targets": int((targets[:, 1:] != -100).sum()), "n_tokens": int(attention_mask.sum())}
 
 
 def micro_batch(examples, index, batch_size, seed):
@@ -134,8 +119,7 @@ def micro_batch(examples, index, batch_size, seed):
 # Device, mixed precision and the learning-rate schedule
 
 def resolve_device(name):
-    """'auto' -> CUDA when there is one, else the CPU. Every script picks its device here, so this is also where fp32
-    matmuls (--precision fp32) are allowed the GPU's tensor cores, as TF32."""
+    """'auto' -> CUDA if there is one, else the CPU; every script comes here, so here fp32 matmuls get TF32 on a GPU."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
@@ -154,8 +138,8 @@ def cpu_bf16_is_fast():
 
 
 def resolve_precision(device, precision):
-    """'auto' -> bf16 on GPUs with bf16 arithmetic (compute capability 8.0, Ampere, and newer), else fp16; on the
-    CPU bf16 only where it is faster than fp32. torch.cuda.is_bf16_supported() also counts emulation."""
+    """'auto' -> bf16 on GPUs of capability 8.0+ (is_bf16_supported() also counts emulation), else fp16; CPU: bf16 if
+    faster than fp32."""
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":
@@ -186,24 +170,22 @@ def lr_lambda(step, warmup, total, min_ratio):
 
 
 def make_optimizer(model, cfg):
-    """AdamW over the model's parameter groups: decay on matrices only, one peak lr per part; on CUDA the fused
-    implementation (one kernel for all parameters instead of several per tensor)."""
+    """AdamW, decay on matrices only and one peak lr per part; on CUDA fused (one kernel for all the parameters)."""
     return model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.lr_vision or cfg.lr, cfg.lr_projector or cfg.lr,
                                       freeze_vision=cfg.freeze_vision, fused=next(model.parameters()).is_cuda or None)
 
 
 def to_device(batch, device):
-    """A batch's tensors on the device, but for attention_mask (the model needs none with right padding). On CUDA
-    the copies come from pinned memory and do not block, so they overlap the GPU's work."""
+    """The tensors but attention_mask (the causal mask hides right pads, and SDPA takes its fused causal path) on the
+    device; on CUDA the copies come from pinned memory and do not block, so they overlap the GPU's work."""
     cuda = device.type == "cuda"
     return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
             for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
 
 
 def optimizer_step(model, optimizer, scaler, max_norm, metrics, check=None):
-    """Unscale and clip the gradients; read `metrics` (scalar tensors) and the gradient norm from the device in one
-    transfer (a GPU runs ahead until then); let `check` see them, since it may raise before the weights change;
-    step and free the gradients -> {name: float} with "grad_norm"."""
+    """Unscale and clip; read `metrics` (scalar tensors) and the grad norm in one transfer (a GPU runs ahead until then)
+    for `check`, which may raise before the weights change; step and free the gradients -> {name: float}."""
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     values = torch.stack([t.detach().float() for t in (*metrics.values(), grad_norm)]).tolist()
@@ -216,25 +198,22 @@ def optimizer_step(model, optimizer, scaler, max_norm, metrics, check=None):
     return out
 
 
-def halt_if_diverged(m, scaler, where, kept, precision):
-    """optimizer_step's check for SFT and DPO: a NaN / inf loss or gradient norm raises before the weights change.
-    fp16's scaler skips a step whose gradients overflowed by itself, so there only the loss counts. `kept` says what
-    is saved; `precision` is the resolved one, so fp32 is suggested only when it is not already in use."""
+def halt_if_diverged(m, scaler, where, kept, device, precision):
+    """optimizer_step's check for SFT and DPO: a NaN / inf loss or grad norm raises (fp16's scaler skips overflowed
+    steps itself, so there only the loss counts); fp32 is suggested only when the run does not already use it."""
     if math.isfinite(m["loss"]) and (scaler.is_enabled() or math.isfinite(m["grad_norm"])):
         return
-    fix = "a lower --lr" + ("" if precision == "fp32" else " or --precision fp32")
+    fix = "a lower --lr" + ("" if resolve_precision(device, precision) == "fp32" else " or --precision fp32")
     raise FloatingPointError(f"loss {m['loss']:.4g}, grad norm {m['grad_norm']:.4g} at {where}: training halted; "
                              f"{kept}; try {fix}")
 
 
 def train_step(forward, scaler, batches, device, precision):
-    """Forward and backward over one step's micro-batches -> the step's loss, on the device. Each micro-batch's mean
-    loss is weighted by its share of the step's target tokens, so the gradient is that of one big batch."""
+    """Backward over a step's micro-batches, each weighted by its share of target tokens (= one big batch) -> loss."""
     total, step_targets = 0, sum(b["n_targets"] for b in batches)
     for batch in batches:
         n, batch = batch["n_targets"], to_device(batch, device)
         with autocast(device, precision):
-            # No attention_mask: the causal mask hides right pads, and SDPA takes its fused causal path.
             _, loss = forward(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
         weighted = loss * (n / step_targets)
         scaler.scale(weighted).backward()
@@ -301,8 +280,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     optimizer = make_optimizer(model, cfg)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = make_scaler(device, cfg.precision)
-    # The same weights, a faster forward; dynamic shapes, since every batch is padded to its own length.
-    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model  # dynamic: each batch has its own length
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
@@ -320,7 +298,6 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
     elif os.path.exists(log_path):
         os.remove(log_path)
-
     saved, train_loss, val_loss, tokens, t_start = done, float("nan"), float("nan"), 0, time.time()
     bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True)
     try:
@@ -332,13 +309,11 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                        for k in range(cfg.grad_accum)]
             tokens += sum(b["n_tokens"] for b in batches)
             loss = train_step(forward, scaler, batches, device, cfg.precision)
-            def check(m):  # a resumed run's starting checkpoint counts as saved, even at step 0
-                kept = (f"the last good checkpoint (step {saved}) is in {out_dir}" if saved or cfg.resume else
-                        "no checkpoint was saved before it")
-                halt_if_diverged(m, scaler, f"step {done + 1}", kept, resolve_precision(device, cfg.precision))
-            m = optimizer_step(model, optimizer, scaler, cfg.grad_clip or float("inf"), {"loss": loss}, check)
-            train_loss = m["loss"]
-            done += 1
+            kept = (f"the last good checkpoint (step {saved}) is in {out_dir}" if saved or cfg.resume else
+                    "no checkpoint was saved before it")  # a resumed run's first checkpoint counts, even at step 0
+            m = optimizer_step(model, optimizer, scaler, cfg.grad_clip or float("inf"), {"loss": loss},
+                               lambda m: halt_if_diverged(m, scaler, f"step {done + 1}", kept, device, cfg.precision))
+            train_loss, done = m["loss"], done + 1
             record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale, "grad_norm": m["grad_norm"],
                       "tok_s": tokens / (time.time() - t_start)}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
@@ -365,35 +340,6 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
 
 # ----------------------------------------------------------------------------------------------
 # The stages
-
-def load_examples(path, tok, model_cfg, task, max_len):
-    """Encode every row of a JSONL file once, up front (the synthetic world is small)."""
-    required = ("image", "question", "answer") + (() if task else ("task",))
-    examples, skipped, images = [], 0, {}
-    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {os.path.basename(path)}", leave=False):
-        ex = encode_row(row, tok, model_cfg, os.path.dirname(path), task)
-        if not (ex["targets"] != -100).any():
-            raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn "
-                             f"(task {task or row['task']!r} with chain {row.get('chain')!r})")
-        if len(ex["ids"]) > max_len:  # a cut-off target would teach the model to end mid-sentence
-            skipped += 1
-            continue
-        ex["image"] = images.setdefault(row["image"], ex["image"])  # rows of one scene share one tensor
-        examples.append((row["image"], ex))
-    if skipped:
-        print(f"{path}: skipped {skipped} rows longer than --max-len {max_len}")
-    if not examples:
-        raise ValueError(f"{path}: no training rows: {skipped} dropped by --max-len {max_len}")
-    return examples
-
-
-def held_out_images(images, fraction, seed):
-    """A seeded `fraction` of the images (at least one, never all) for validation: no val image is trained on."""
-    images = sorted(set(images))
-    n_val = min(len(images) - 1, max(1, round(fraction * len(images)))) if fraction > 0 else 0
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
-    return {images[j] for j in order[:n_val]}
-
 
 # Vision pretraining, this world's SigLIP: on a random tower the base model read shape at chance (docs/experiments.md),
 # so linear heads on each image token (one per grid cell) first learn its cell's shape, colour and size from base.jsonl.
@@ -478,10 +424,29 @@ def run_stage(stage, cfg):
         model.tokenizer = tok
     print(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
           f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
-    examples = load_examples(path, model.tokenizer, model.config, spec["task"], cfg.max_len)
-    held_out = held_out_images([image for image, _ in examples], cfg.val_fraction, cfg.seed)
-    train = [ex for image, ex in examples if image not in held_out]
-    val = [ex for image, ex in examples if image in held_out]
+    # Every row is encoded once, up front (the world is small); held-out images make the val set: none is trained on.
+    task, required = spec["task"], ("image", "question", "answer") + (() if spec["task"] else ("task",))
+    examples, skipped, images = [], 0, {}
+    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {spec['data']}", leave=False):
+        ex = encode_row(row, model.tokenizer, model.config, data_dir, task)
+        if not (ex["targets"] != -100).any():
+            raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn "
+                             f"(task {task or row['task']!r} with chain {row.get('chain')!r})")
+        if len(ex["ids"]) > cfg.max_len:  # a cut-off target would teach the model to end mid-sentence
+            skipped += 1
+            continue
+        ex["image"] = images.setdefault(row["image"], ex["image"])  # rows of one scene share one tensor
+        examples.append((row["image"], ex))
+    if skipped:
+        print(f"{path}: skipped {skipped} rows longer than --max-len {cfg.max_len}")
+    if not examples:
+        raise ValueError(f"{path}: no training rows: {skipped} dropped by --max-len {cfg.max_len}")
+    names = sorted(images)
+    n_val = min(len(names) - 1, max(1, round(cfg.val_fraction * len(names)))) if cfg.val_fraction > 0 else 0
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held_out = {names[j] for j in order[:n_val]}
+    train = [ex for name, ex in examples if name not in held_out]
+    val = [ex for name, ex in examples if name in held_out]
     if not init and cfg.vision_pretrain_steps and not cfg.resume:  # resumed: the tower is in the checkpoint
         describe = [r for r in data.read_jsonl(path) if r.get("task") == "describe"]
         pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
