@@ -128,12 +128,7 @@ def test_non_finite_weights_are_refused_on_load(tmp_path):
     (data, ["--train-scenes", "0"], "--train-scenes: must be >= 1, got 0"),  # 4: an empty training set
     (data, ["--max-objects", "10"], "--max-objects: must be <= 9, got 10"),  # 11: 9 cells
     (bench, ["--new-tokens", "1"], "--new-tokens: must be >= 2, got 1"),
-])
-def test_numeric_options_are_checked_at_parse_time(script, argv, message, capsys):
-    assert parse_error(script.main, argv, capsys).endswith(f"error: argument {message}")
-
-
-@pytest.mark.parametrize("script,argv,message", [
+    # 8: decoding options, checked here rather than inside generate()
     (generate, ["--max-new-tokens", "-1"], "--max-new-tokens: must be >= 1, got -1"),
     (generate, ["--temperature", "-1"], "--temperature: must be >= 0, got -1.0"),
     (generate, ["--top-p", "0"], "--top-p: must be > 0, got 0.0"),
@@ -144,7 +139,7 @@ def test_numeric_options_are_checked_at_parse_time(script, argv, message, capsys
     (agents, ["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
     (agents, ["--paths-per-question", "0"], "--paths-per-question: must be >= 1, got 0"),  # DataConfig's range
 ])
-def test_decoding_options_are_checked_at_parse_time_not_inside_generate(script, argv, message, capsys):
+def test_numeric_options_are_checked_at_parse_time(script, argv, message, capsys):
     assert parse_error(script.main, argv, capsys).endswith(f"error: argument {message}")
 
 
