@@ -445,6 +445,8 @@ class VLM(nn.Module):
             lr = {"vision": lr_vision, "projector": lr_projector, "text": lr_text}[part]
             groups.setdefault(key, dict(name=key, params=[], lr=lr, weight_decay=weight_decay if decay else 0.0))
             groups[key]["params"].append(p)
+        if fused is None:  # on a GPU the fused kernel: one launch for all the parameters instead of several per tensor
+            fused = next(self.parameters()).is_cuda or None
         return torch.optim.AdamW(list(groups.values()), betas=betas, fused=fused)
 
     # ------------------------------------------------------------------------------------------

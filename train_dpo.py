@@ -191,7 +191,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
 
     # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
     order = torch.cat([torch.randperm(len(batches), generator=g) for _ in range(cfg.epochs)]).tolist()
-    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True, fused=device.type == "cuda" or None)
+    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
     totals = {}

@@ -220,7 +220,7 @@ def test_cuda_settings_tf32_fused_adamw_and_dynamic_compile(monkeypatch, tmp_pat
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: kwargs.append(kw) or real_adamw(*a, **kw))
     model = micro_model()
     train_sft.make_optimizer(model, loop_config())  # CPU parameters: the default implementation
-    model.configure_optimizers(0.1, 1e-3, 1e-3, 1e-3, fused=True)  # what make_optimizer asks for on CUDA
+    model.configure_optimizers(0.1, 1e-3, 1e-3, 1e-3, fused=True)  # what configure_optimizers picks on CUDA
     assert [kw["fused"] for kw in kwargs] == [None, True]
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(kw) or m)
