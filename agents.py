@@ -48,20 +48,25 @@ def decode_dtype(device, precision="auto"):
 
 
 def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
-             precision="auto"):
+             precision="auto", prefixes=None):
     """The reply to each conversation (messages without the assistant turn), all in one batched call -> list[str].
-    images (B, 3, H, W): images[i] is conversation i's, or None (no image). Rows are prompt-major if num_samples > 1."""
+    images (B, 3, H, W): images[i] is conversation i's, or None (no image). Rows are prompt-major if num_samples > 1.
+    prefixes[i], if given, is the start of reply i, written for the model to continue (and returned with it)."""
     tok = vlm.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer: load a checkpoint saved with its tokenizer.json")
     ids = data.special_ids(tok)
+    prefixes = prefixes or [""] * len(conversations)
+    # " " + prefix: the assistant text is encoded after "Assistant:" with one space, as render_conversation does.
     prompts = [data.render_conversation(tok, messages, vlm.config.tokens_per_image, add_generation_prompt=True)[0]
-               for messages in conversations]
+               + (tok.encode(" " + prefix, add_special_tokens=False).ids if prefix else [])
+               for messages, prefix in zip(conversations, prefixes)]
     device = next(vlm.parameters()).device
     new = generate(vlm, prompts, None if images is None else images.to(device), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, num_samples=num_samples, stop_ids=[ids["eou"]], seed=seed,
                    pad_id=ids["pad"], dtype=decode_dtype(device, precision))
-    return [tok.decode([t for t in row if t != ids["eou"]]).strip() for row in new]
+    return [(prefixes[i // num_samples] + tok.decode([t for t in row if t != ids["eou"]])).strip()
+            for i, row in enumerate(new)]
 
 
 def batches(rows, image_root, image_size, batch_size, desc=None):

@@ -42,8 +42,9 @@ BOUNDS = {"min": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b)
 def parse_config(cls, argv=None, description=None):
     """The one configuration mechanism of every script: a dataclass whose fields become --flags. A field's default is
     the flag's default and its type; its metadata's "help" documents it (see option). Booleans get --flag / --no-flag.
-    Fields defaulting to None take strings unless their metadata names a "type". Numbers get their valid range from
-    the metadata keys of BOUNDS ({"min": 1}, {"above": 0, "max": 1}), checked here: a bad value never starts work."""
+    Fields defaulting to None take strings unless their metadata names a "type" (lists: "nargs": "+"). Numbers get
+    their valid range from the metadata keys of BOUNDS ({"min": 1}, {"above": 0, "max": 1}), checked here: a bad value
+    never starts work."""
     parser = argparse.ArgumentParser(description=description)
     for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()
@@ -52,7 +53,8 @@ def parse_config(cls, argv=None, description=None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             kind = f.metadata.get("type", type(default) if default is not None else str)
-            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=f.metadata.get("choices"))
+            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=f.metadata.get("choices"),
+                                nargs=f.metadata.get("nargs"))
     args = parser.parse_args(argv)
     for f in fields(cls):
         value = getattr(args, f.name)
@@ -90,7 +92,7 @@ class ErrorRates:
 class DataConfig(ErrorRates):
     seed: int = option(0, "seed of the scenes, questions and paths")
     train_scenes: int = option(2000, "training scenes", min=1)
-    val_scenes: int = option(80, "validation scenes", min=1)
+    val_scenes: int = option(400, "validation scenes (1200 questions: enough to see 3-point differences)", min=1)
     test_scenes: int = option(400, "test scenes (x questions per scene >= 1000 questions)", min=1)
     questions_per_scene: int = option(3, "distinct question families per scene", min=1)
     min_objects: int = option(3, "fewest objects in a scene", min=1, max=9)
@@ -575,6 +577,19 @@ class SceneStepScorer:
             scores.append(1 + round(99 * precision * recall * (1.0 if right else 0.5)))
         return scores
 
+    def first_error(self, rec, path):
+        """Index of a wrong chain's first wrong step (Step-DPO's target): the first false or unreadable claim, else the
+        last step (its answer does not follow, or comes too early); None when the answer is right."""
+        path = as_path(path)
+        if self.answer_filter.judge(rec, path["final_answer"]):
+            return None
+        reference = solve(rec["objects"], rec["spec"])
+        for i, step in enumerate(path["steps"]):
+            c = parse_claim(step)
+            if c is None or not check_claim(c, rec["objects"], reference):
+                return i
+        return max(0, len(path["steps"]) - 1)
+
 
 def bucket(score, high=DataConfig.high, mid=DataConfig.mid):
     return "high" if score >= high else "mid" if score >= mid else "low"
@@ -777,6 +792,11 @@ def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
     return reasoning, summary, paths
 
 
+def scene_graph(objects):
+    """A scene's identity: two scenes with the same graph are the same picture."""
+    return json.dumps([[o[k] for k in ("cell", "shape", "color", "size")] for o in objects])
+
+
 def make_split(split, n_scenes, cfg, taken):
     """One split's scenes and questions; no scene graph of `taken` (earlier splits) recurs, so splits share none."""
     rows, scenes = [], []
@@ -784,7 +804,7 @@ def make_split(split, n_scenes, cfg, taken):
         rng = random.Random(f"{cfg.seed}/{split}/{i}")
         while True:
             objects = make_scene(rng, cfg)
-            graph = json.dumps([[o[k] for k in ("cell", "shape", "color", "size")] for o in objects])
+            graph = scene_graph(objects)
             if graph not in taken:
                 break
         taken.add(graph)
@@ -817,9 +837,7 @@ def build_world(out_dir, **options):
     splits, taken = {}, set()
     for split in ("test", "val", "train"):  # test first: its scenes never depend on other sizes
         rows, scenes = make_split(split, getattr(cfg, f"{split}_scenes"), cfg, taken)
-        for scene, objects in tqdm(scenes, desc=f"{split} images", unit="img"):
-            render_scene(objects).save(os.path.join(out_dir, "images", f"{scene}.png"), format="PNG", compress_level=6)
-        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)
+        write_split(out_dir, split, rows, scenes)
         splits[split] = (rows, scenes)
     train, train_scenes = splits["train"]
     teacher = ScriptedTeacher(cfg, cfg.max_steps)
@@ -832,7 +850,7 @@ def build_world(out_dir, **options):
     sets = {"base": base, "reasoning_sft": reasoning, "summary_sft": summary}
     texts = [m["content"] for rows in sets.values() for r in rows
              for m in task_messages(r["task"], r["question"], r["chain"], r["answer"])]
-    texts += [m["content"] for r in splits["val"][0] + splits["test"][0] for task in ("direct", "vanilla")
+    texts += [m["content"] for r in train for task in ("direct", "vanilla")  # fitted on training text only
               for m in task_messages(task, r["question"], "", r["answer"])]
     texts += [render_chain(p["steps"]) for p in paths] + ["User:", "Assistant:", "System:"]
     texts.append(" ".join(str(n % 10) for n in range(5000)))  # every digit one token, 8/9 too
@@ -842,6 +860,25 @@ def build_world(out_dir, **options):
     with open(os.path.join(out_dir, "card.json"), "w") as f:
         json.dump(card, f, indent=1)
     return card
+
+
+def write_split(out_dir, split, rows, scenes):
+    """A split's pictures under out_dir/images and its rows in out_dir/<split>.jsonl."""
+    for scene, objects in tqdm(scenes, desc=f"{split} images", unit="img", leave=False):
+        render_scene(objects).save(os.path.join(out_dir, "images", f"{scene}.png"), format="PNG", compress_level=6)
+    write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)
+
+
+def extra_split(out_dir, split, n_questions):
+    """New questions on scenes no split of the world in out_dir has (the world is free; train_dpo.py's fresh pools):
+    the world's own config, images under out_dir/images, rows in out_dir/<split>.jsonl -> the rows."""
+    with open(os.path.join(out_dir, "card.json")) as f:
+        cfg = DataConfig(**json.load(f)["config"])
+    taken = {scene_graph(r["objects"]) for name in ("train", "val", "test")
+             for r in read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))}
+    rows, scenes = make_split(split, -(-n_questions // cfg.questions_per_scene), cfg, taken)
+    write_split(out_dir, split, rows[:n_questions], scenes)
+    return rows[:n_questions]
 
 
 def data_card(cfg, splits, sets, paths, tok, image_seq_len=9):

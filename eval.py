@@ -7,22 +7,28 @@ improve it round over round, without losing perception? The arms (the paper's Ta
     summary_only    summary-only            the summary agent trained without chains answers at once
     two_agent       reasoning + summary     the two agents after SFT ("+ multi-agent")
     two_agent_dpoT  reasoning_dpoT + summary  after DPO round T ("+ iterative DPO")
+    two_agent_grpo  reasoning_grpo + summary  after train_grpo.py (GRPO instead of DPO, for comparison)
 
 Each arm whose checkpoints exist runs on the held-out test split (data.py: 1000+ questions, no training scene):
 accuracy overall, on reasoning and perception and per family, with 95% Wilson intervals (Wilson 1927): a family has
 about a hundred questions and small models sit near 0 or 1, where the textbook p +- z sqrt(p(1-p)/n) is too narrow and
 can leave [0, 1], while Wilson's stays inside, near its nominal coverage. Arms with a chain add `chain_correct` and the
 2x2 table of chain against final answer: how often the summary agent fixes a flawed chain or spoils a sound one.
+Arms are compared on the same questions with the exact McNemar test (paired_comparisons): a few points between two
+arms are often within the noise, and pairing the questions removes their shared difficulty from that noise.
 
     python eval.py                                        # every arm whose checkpoints exist in out/
     python eval.py --arms direct,two_agent --limit 200
     python eval.py --data bench.jsonl --reasoning DIR --summary DIR   # JSONL rows: image, question, answer[, choices]
     python eval.py --data bench.jsonl --model DIR                      # one model, direct answer
+    python eval.py --summarize out out_seed1 out_seed2     # runs (seeds) side by side, means, pooled paired tests
 """
 
+import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -53,6 +59,14 @@ def wilson_interval(successes, n, z=Z95):
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
+def mcnemar(b, c):
+    """Exact two-sided McNemar test (McNemar 1947) of two arms on the same questions -> p. Only discordant questions
+    count: b where A is right and B wrong, c the reverse; if A and B are equally accurate, b ~ Binomial(b + c, 1/2).
+    Exact (binomial) rather than chi-square: b + c is often a few dozen or fewer, where chi-square is poor."""
+    n = b + c
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
+
+
 def rate(flags):
     """Booleans -> (share true, its Wilson interval); (None, None) for no items."""
     if not flags:
@@ -75,7 +89,7 @@ def right(prediction, row):
 def score(rows, predictions):
     """Gold rows and an arm's predictions ({answer, chain_answer, ...} per row) -> metrics."""
     final = [right(p["answer"], r) for r, p in zip(rows, predictions)]
-    metrics = {"n": len(rows)}
+    metrics = {"n": len(rows), "correct": "".join("01"[f] for f in final)}  # per row, for paired tests: "1101..."
     for name, keep in (("overall", lambda r: True), ("reasoning", lambda r: r.get("kind") == "reasoning"),
                        ("perception", lambda r: r.get("kind") == "perception")):
         metrics[name], metrics[f"{name}_ci"] = rate([f for f, r in zip(final, rows) if keep(r)])
@@ -89,7 +103,34 @@ def score(rows, predictions):
         chain = [right(p["chain_answer"], r) for r, p in zip(rows, predictions)]
         metrics["chain_correct"], metrics["chain_correct_ci"] = rate(chain)
         metrics["chain_vs_final"] = chain_vs_final(chain, final)
+        metrics["chain_right"] = "".join("01"[c] for c in chain)
     return metrics
+
+
+def paired_comparisons(arms, rows):
+    """Arms' per-row flags ("correct", "chain_right") -> {"A vs B[ (metric)]": {arms: [A, B], metric, n: questions,
+    b: A right and B wrong, c: the reverse, diff: (b - c) / n = A's accuracy minus B's, p: mcnemar(b, c)}}. Each later
+    two-agent arm against the SFT two agents (answer and chain); the two agents and the last DPO round against vanilla
+    (overall) and direct (reasoning, perception questions apart); GRPO against the last DPO round (answer and chain):
+    wherever both arms ran."""
+    rounds = sorted((int(m[1]), a) for a in arms if (m := re.fullmatch(r"two_agent_dpo(\d+)", a)))
+    plan = [(a, "two_agent", m) for a in arms if a.startswith("two_agent_") for m in ("overall", "chain")]
+    plan += [(a, b, m) for a in ["two_agent"] + [a for _, a in rounds[-1:]]
+             for b, m in (("vanilla", "overall"), ("direct", "reasoning"), ("direct", "perception"))]
+    plan += [("two_agent_grpo", a, m) for _, a in rounds[-1:] for m in ("overall", "chain")]
+    tests = {}
+    for a, b, metric in plan:
+        key = "chain_right" if metric == "chain" else "correct"
+        if key not in arms.get(a, {}) or key not in arms.get(b, {}):
+            continue
+        pairs = [(x, y) for x, y, r in zip(arms[a][key], arms[b][key], rows)
+                 if metric in ("overall", "chain") or r.get("kind") == metric]
+        if pairs:
+            n_b, n_c = pairs.count(("1", "0")), pairs.count(("0", "1"))
+            tests[f"{a} vs {b}" + ("" if metric == "overall" else f" ({metric})")] = {
+                "arms": [a, b], "metric": metric, "n": len(pairs), "b": n_b, "c": n_c,
+                "diff": (n_b - n_c) / len(pairs), "p": mcnemar(n_b, n_c)}
+    return tests
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +143,8 @@ def arm_checkpoints(out_dir):
     arms = {arm: (arm, [train_sft.stage_dir(out_dir, s) for s in names]) for arm, names in stages.items()}
     for t, path in agents.dpo_rounds(out_dir).items():
         arms[f"two_agent_dpo{t}"] = ("two_agent", [path, train_sft.stage_dir(out_dir, "summary")])
+    # train_grpo.py's reasoning agent, the same summary agent: GRPO beside the DPO rounds
+    arms["two_agent_grpo"] = ("two_agent", [train_sft.stage_dir(out_dir, s) for s in ("reasoning_grpo", "summary")])
     return {name: (task, dirs) for name, (task, dirs) in arms.items()
             if all(os.path.isfile(os.path.join(d, "config.json")) for d in dirs)}
 
@@ -135,14 +178,18 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precisio
     return results
 
 
-def finish(arms, meta, path_stem, start):
-    """Add the run's description, write <stem>.json and <stem>.md (results.md: the README's table) atomically, print."""
+def finish(arms, rows, meta, path_stem, start):
+    """Add the paired tests and the run's description, write <stem>.json and <stem>.md (results.md: the README's
+    table) atomically, print."""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
-    results = {"arms": arms, "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-                                      "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
-                                      "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, "
-                                                  f"answer <= {agents.ANSWER_TOKENS} tokens"}}
+    meta = {**meta, "n_questions": len(rows), "ids": [r.get("id", i) for i, r in enumerate(rows)],
+            "kinds": [r.get("kind") for r in rows]}  # in row order, as the arms' per-question flags
+    results = {"arms": arms, "paired": paired_comparisons(arms, rows),
+               "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+                        "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
+                        "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, "
+                                    f"answer <= {agents.ANSWER_TOKENS} tokens"}}
     markdown = results_markdown(results)
     atomic_write(path_stem + ".json", lambda f: write_json(results, f))
     atomic_write(path_stem + ".md", lambda f: Path(f).write_text(markdown))
@@ -175,8 +222,7 @@ def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, 
         raise FileNotFoundError(f"no checkpoints in {out_dir}: train them first (python train_dpo.py --iters 3)")
     data.writable_dir(out_dir)  # before the work, not at the save after it
     results = evaluate_arms(chosen, rows, os.path.dirname(path), batch_size, device, precision)
-    meta = {"data": path, "split": split, "n_questions": len(rows)}
-    return finish(results, meta, os.path.join(out_dir, "results"), start)
+    return finish(results, rows, {"data": path, "split": split}, os.path.join(out_dir, "results"), start)
 
 
 def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="direct", out_dir="out",
@@ -190,7 +236,7 @@ def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="dir
     data.writable_dir(out_dir)
     results = evaluate_arms(specs, rows, os.path.dirname(os.path.abspath(data_path)), batch_size, device, precision)
     stem = os.path.join(out_dir, "results_" + os.path.splitext(os.path.basename(data_path))[0])
-    return finish(results, {"data": data_path, "n_questions": len(rows)}, stem, start)
+    return finish(results, rows, {"data": data_path}, stem, start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,11 +271,88 @@ def results_markdown(results):
         rows = [[name, *(t[f"chain_{c}_final_{f}"] for c, f in pairs)] for name, t in chained.items()]
         lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
                   *markdown_table(["arm", *(f"chain {c}, final {f}" for c, f in pairs)], rows)]
+    if results.get("paired"):
+        lines += ["", "Paired comparisons (exact McNemar test on the same questions)", "",
+                  *paired_table(results["paired"])]
     m = run["machine"]
     lines += ["", f"Command: `{run['command']}` on {run['data']} ({run['n_questions']} questions); {run['decoding']}.",
               f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
               f"wall time {run['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def paired_table(tests, pooled=False):
+    """Paired tests (paired_comparisons's, or summarize's pooled over runs) -> markdown lines."""
+    header = ["comparison", "metric", "A - B (points)", "A right / B wrong (b)", "A wrong / B right (c)", "p"]
+    rows = [[key, t["metric"], f"{100 * t['diff']:+.1f}", t["b"], t["c"], f"{t['p']:.3f}" if t["p"] >= 1e-3
+             else "< 0.001", *([f"{t['ahead']} of {t['runs']}"] if pooled else [])] for key, t in tests.items()]
+    return markdown_table(header + ["A ahead in runs"] * pooled, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several runs (seeds) together
+
+SHARES = ("overall", "reasoning", "perception", "chain_correct")  # what --summarize compares per arm
+
+
+def read_results(run_dir):
+    """run_dir/results.json -> its dict; missing or unreadable: one error naming it."""
+    path = os.path.join(run_dir, "results.json")
+    try:  # a missing file: open's own error names it
+        with open(path) as f:
+            results = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("arms"), dict):
+        raise ValueError(f"{path}: not a results.json of eval.py (no arms)")
+    return results
+
+
+def summarize(dirs):
+    """Run directories (one per seed) -> {runs: {dir: {arm: {share: value}}}, mean: {arm: {runs, share: {mean, min,
+    max} or None}}, pooled: {comparison: {..., b, c summed over runs, p = mcnemar(b, c), diff: mean, ahead: runs where
+    A beat B, runs}}, notes}. Pooling counts a question once per run; runs on the same questions are not independent
+    there (a hard question stays hard), so the pooled p is optimistic: read it beside `ahead`."""
+    if not dirs:
+        raise ValueError("--summarize: no run directories given")
+    loaded = {d: read_results(d) for d in dirs}
+    runs = {d: {arm: {k: m.get(k) for k in SHARES} for arm, m in r["arms"].items()} for d, r in loaded.items()}
+    mean = {arm: {"runs": sum(arm in arms for arms in runs.values())} for arms in runs.values() for arm in arms}
+    for arm, k in [(arm, k) for arm in mean for k in SHARES]:
+        v = [arms[arm][k] for arms in runs.values() if arm in arms and arms[arm][k] is not None]
+        mean[arm][k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} if v else None
+    paired, notes = {}, []
+    for d, r in loaded.items():  # an older results.json without "paired": from its per-question flags, if any
+        rows = [{"kind": k} for k in r.get("meta", {}).get("kinds", [])]
+        paired[d] = r["paired"] if "paired" in r else paired_comparisons(r["arms"], rows)
+        if not paired[d]:
+            notes.append(f"{os.path.join(d, 'results.json')}: no paired tests; left out of the pooled ones")
+            del paired[d]
+    pooled = {}
+    for key in [k for k in next(iter(paired.values()), {}) if all(k in p for p in paired.values())]:
+        tests = [p[key] for p in paired.values()]
+        b, c = sum(t["b"] for t in tests), sum(t["c"] for t in tests)
+        pooled[key] = {"arms": tests[0]["arms"], "metric": tests[0]["metric"], "b": b, "c": c, "p": mcnemar(b, c),
+                       "diff": sum(t["diff"] for t in tests) / len(tests), "ahead": sum(t["diff"] > 0 for t in tests),
+                       "runs": len(tests)}
+    if len({json.dumps(r.get("meta", {}).get("ids")) for r in loaded.values()}) > 1:
+        notes.append("The runs were evaluated on different questions.")
+    return {"runs": runs, "mean": mean, "pooled": pooled, "notes": notes}
+
+
+def summary_markdown(summary):
+    """summarize's dict -> markdown: accuracy per run and arm, mean (min..max) over runs, pooled paired tests."""
+    span = lambda s: "-" if s is None else f"{fmt(s['mean'])} ({fmt(s['min'])}..{fmt(s['max'])})"  # noqa: E731
+    header = ["overall", "reasoning", "perception", "chain correct"]
+    lines = ["Accuracy (%) per run", "", *markdown_table(["run", "arm", *header], [
+        [d, arm, *(fmt(m[k]) for k in SHARES)] for d, arms in summary["runs"].items() for arm, m in arms.items()])]
+    rows = [[arm, s["runs"], *(span(s[k]) for k in SHARES)] for arm, s in summary["mean"].items()]
+    lines += ["", f"Accuracy (%) over {len(summary['runs'])} runs: mean (min..max)", "",
+              *markdown_table(["arm", "runs", *header], rows)]
+    if summary["pooled"]:
+        lines += ["", "Paired comparisons pooled over runs (exact McNemar test on the summed b and c)", "",
+                  *paired_table(summary["pooled"], pooled=True)]
+    return "\n".join(lines + ["", *summary["notes"]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,11 +374,17 @@ class EvalConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     precision: str = option("auto", "decoding precision: auto = bf16 on a GPU (fp16 before Ampere), fp32 on "
                             "the CPU", choices=["auto", "bf16", "fp16", "fp32"])
+    summarize: str = option(None, "run directories (seeds): their results.json side by side, the mean per arm "
+                            "and the paired tests pooled over runs; evaluates nothing", nargs="+")
 
 
 def main(argv=None):
     cfg = data.parse_config(EvalConfig, argv, description="Accuracy of every arm, with confidence intervals.")
     try:
+        if cfg.summarize is not None:
+            summary = summarize(cfg.summarize)
+            print(summary_markdown(summary))
+            return summary
         device = train_sft.resolve_device(cfg.device)
         if cfg.data:
             return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit,

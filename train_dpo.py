@@ -5,9 +5,11 @@
 runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing (data, base
 model, both agents, the ablation arms), then runs N rounds of DPO, then the evaluation. In round t the reasoning
 agent M_t samples k chains per question, the data pipeline's assessment ranks them (answer filter, then step score),
-a question's best and worst chains become a (chosen, rejected) pair, and one epoch of DPO with the reference = M_t
-gives M_{t+1}; the summary agent stays as SFT'd. DPO (Rafailov et al. 2023) is written by hand: `dpo_loss` is a
-pure function of summed log-probabilities, which `sequence_logps` computes in fp32 for the completion tokens only.
+and a question's sound, correct chains are preferred to a wrong one: the paper's worst sample, or by default the
+chain M_t writes greedily, the mistake evaluation sees (--rejected). One epoch of DPO with the reference = M_t gives
+M_{t+1}; the summary agent stays as SFT'd, on the teacher's chains and M_0's own (on_policy_summary_set). DPO
+(Rafailov et al. 2023) is written by hand: `dpo_loss` is a pure function of summed log-probabilities, which
+`sequence_logps` computes in fp32 for the completion tokens only.
 """
 
 import contextlib
@@ -57,14 +59,20 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
-def sequence_logps(model, batch, return_counts=False):
-    """Summed fp32 log-probs of each row's completion tokens -> (B,): collate's targets are -100 on prompt, image and
-    (right) padding tokens, so only the chain and its end token count; causal attention keeps the pads out."""
+def token_logps(model, batch):
+    """fp32 log-prob of each next token -> (logps (B, T-1), mask (B, T-1)), position t scoring token t+1. mask is
+    collate's targets != -100: True on the completion (the chain and its end token), False on prompt, image and
+    (right) padding tokens; causal attention keeps the pads out. DPO sums it per row, GRPO weighs it per token."""
     logits, _ = model(batch["input_ids"], pixel_values=batch["pixel_values"])
     logits, targets = logits[:, :-1].float(), batch["targets"][:, 1:]  # position t predicts token t+1
-    mask = targets != -100
-    token_logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    logps = (token_logps * mask).sum(-1)
+    logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logps, targets != -100
+
+
+def sequence_logps(model, batch, return_counts=False):
+    """Summed fp32 log-probs of each row's completion tokens -> (B,) (with their counts (B,) if return_counts)."""
+    logps, mask = token_logps(model, batch)
+    logps = (logps * mask).sum(-1)
     return (logps, mask.sum(-1)) if return_counts else logps
 
 
@@ -92,6 +100,27 @@ def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="
     return pairs
 
 
+def aimed_pairs(candidates, greedy, max_pairs_per_question=2, min_chosen_score=0):
+    """Pairs aimed at the mistake greedy decoding makes, the one evaluation sees: rejected = the policy's own greedy
+    chain when its answer is wrong, chosen = the best sound, correct candidates (distinct texts, at most
+    max_pairs_per_question). No pair when greedy is right or no candidate is sound. With candidates continued from
+    greedy's steps before its first wrong one (first_error_prefix), chosen and rejected share that prefix, whose
+    log-probs cancel in the margin: the preference falls on the first wrong step (Step-DPO, Lai et al. 2024)."""
+    if greedy["correct"]:
+        return []
+    sound = {}
+    for c in sorted(candidates, key=lambda c: c["key"], reverse=True):
+        if c["correct"] and c["score"] >= min_chosen_score and c["text"] != greedy["text"]:
+            sound.setdefault(c["text"], c)
+    return [(c, greedy) for c in list(sound.values())[:max_pairs_per_question]]
+
+
+def first_error_prefix(row, text, scorer):
+    """The start of a wrong chain up to (not including) its first wrong step, open for the policy to continue."""
+    steps = data.parse_chain(text)[:scorer.first_error(row, text) or 0]
+    return data.render_chain(steps).removesuffix("</thoughts>")
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
@@ -101,7 +130,9 @@ class DPOConfig:
     out: str = data.option("out", "where data, checkpoints, logs and results go")
     init: str = data.option(None, "start the base stage from this checkpoint")
     force: bool = data.option(False, "rebuild every stage even if cached")
-    pool_size: int = data.option(1200, "training questions sampled per round", min=1)
+    pool_size: int = data.option(1200, "questions sampled per round", min=1)
+    fresh_pool: bool = data.option(True, "each round's questions on new scenes (the world is free), not the SFT "
+                                         "questions the agent has fitted")
     samples_per_question: int = data.option(8, "k chains sampled per question (a pair needs 2)", min=2)
     temperature: float = data.option(0.9, "sampling temperature for the chains", min=0)
     top_p: float = data.option(0.95, "nucleus sampling for the chains (paper: 0.95)", above=0, max=1)
@@ -109,7 +140,10 @@ class DPOConfig:
     max_chain_tokens: int = data.option(160, "cap on a sampled chain's length", min=1)
     max_pairs_per_question: int = data.option(2, "at most this many pairs per question", min=1)
     min_chosen_score: float = data.option(90, "minimum step score of a chosen chain (90 = High)", min=0, max=100)
-    rejected: str = data.option("worst", "best vs worst, or vs closest wrong chains", choices=["worst", "closest"])
+    rejected: str = data.option("greedy", "the rejected chain: the worst sample (paper), the closest wrong one, "
+                                          "the policy's greedy chain when wrong, or that chain with a chosen one "
+                                          "continued from before its first wrong step (Step-DPO)",
+                                choices=["worst", "closest", "greedy", "first_error"])
     beta: float = data.option(0.1, "DPO beta (paper: 0.1)", above=0)
     loss_type: str = data.option("sigmoid", "sigmoid or ipo", choices=["sigmoid", "ipo"])
     label_smoothing: float = data.option(0.0, "conservative DPO epsilon (above 0.5 it prefers the rejected chain)",
@@ -124,6 +158,9 @@ class DPOConfig:
     precision: str = data.option("auto", "mixed precision", choices=["auto", "bf16", "fp16", "fp32"])
     device: str = data.option("auto", "auto, cpu or cuda")
     val_size: int = data.option(300, "val questions for the per-round report", min=1)
+    summary_chains: int = data.option(1, "the reasoning agent's own chains per training question added to the "
+                                         "summary set (0 = the teacher's only)", min=0)
+    summary_temperature: float = data.option(0.7, "sampling temperature of those chains", min=0)
     eval_limit: int = data.option(0, "evaluate on only this many test questions (0 = all)", min=0)
     seed: int = data.option(0, "seed for pools, sampling and shuffling")
     sft_seed: int = data.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
@@ -133,15 +170,16 @@ class DPOConfig:
 # ----------------------------------------------------------------------------------------------
 # One round
 
-def sample_chains(policy, rows, image_root, cfg, seed):
-    """k chains per question from the current policy -> {row id: [chain text, ...]}."""
-    k, out = cfg.samples_per_question, {}
+def sample_chains(policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
+    """k chains per question (default --samples-per-question at --temperature; 0 = greedy) from the policy -> {row id:
+    [chain text, ...]}; prefixes {row id: start of the chain} are continued."""
+    k, temperature, out = k or cfg.samples_per_question, cfg.temperature if temperature is None else temperature, {}
     per_batch = max(1, cfg.sample_batch // k)  # prompts per generate call: k samples each
     for i, (batch, images) in enumerate(agents.batches(rows, image_root, policy.config.vision.image_size, per_batch,
-                                                       desc="  sampling chains")):
+                                                       desc=f"  {desc} chains")):
         texts = agents.complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
-                                cfg.max_chain_tokens, cfg.temperature, cfg.top_p, num_samples=k, seed=seed + i,
-                                precision=cfg.precision)
+                                cfg.max_chain_tokens, temperature, cfg.top_p, num_samples=k, seed=seed + i,
+                                precision=cfg.precision, prefixes=prefixes and [prefixes[r["id"]] for r in batch])
         for j, r in enumerate(batch):
             out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
     return out
@@ -229,8 +267,55 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     return {k: (len(pairs) if k == "pairs" else v / n) for k, v in totals.items()}
 
 
+def round_pairs(policy, pool, data_dir, cfg, seed, answer_filter, scorer):
+    """Sample, assess and pair one round's pool -> (pairs [(row, chosen, rejected)], stats)."""
+    def ranked(rows, **options):  # {row id: the assessed samples}
+        chains = sample_chains(policy, rows, data_dir, cfg, seed, **options)
+        return {r["id"]: rank_samples(r, chains[r["id"]], answer_filter, scorer) for r in rows}
+    def share(flags):
+        return sum(flags) / max(1, len(flags))
+    if cfg.rejected in ("worst", "closest"):
+        samples = ranked(pool)
+        pairs = [(r, c, w) for r in pool for c, w in build_pairs(samples[r["id"]], cfg.max_pairs_per_question,
+                                                                 cfg.min_chosen_score, cfg.rejected)]
+        return pairs, {"sample_correct": share([s["correct"] for rs in samples.values() for s in rs])}
+    greedy = {i: rs[0] for i, rs in ranked(pool, k=1, temperature=0.0, desc="greedy").items()}
+    wrong = [r for r in pool if not greedy[r["id"]]["correct"]]
+    if cfg.rejected == "greedy":  # k fresh samples of the questions greedy gets wrong
+        samples = ranked(wrong)
+    else:  # first_error: k continuations of greedy's own steps from before its first mistake
+        samples = ranked(wrong, prefixes={r["id"]: first_error_prefix(r, greedy[r["id"]]["text"], scorer)
+                                          for r in wrong}, desc="continuing")
+    pairs = [(r, c, w) for r in wrong for c, w in aimed_pairs(samples[r["id"]], greedy[r["id"]],
+                                                              cfg.max_pairs_per_question, cfg.min_chosen_score)]
+    return pairs, {"greedy_correct": 1 - len(wrong) / max(1, len(pool)),
+                   "sample_correct": share([s["correct"] for rs in samples.values() for s in rs])}
+
+
 # ----------------------------------------------------------------------------------------------
 # The main job
+
+def on_policy_summary_set(cfg, data_dir, device):
+    """The summary set the summary agent trains on: the teacher's rows plus --summary-chains chains per training
+    question sampled from the SFT reasoning agent, each with its question's true answer as the target. At test time
+    the summary agent reads this agent's chains, whose mistakes differ from the teacher's injected ones (e.g. a right
+    last step, then another answer); the paper's summary data comes from the reasoning data's generator likewise.
+    Rows are the teacher's format ("path": agentK marks them) -> the file's name in data_dir."""
+    name, answer_filter, scorer = "summary_onpolicy_sft.jsonl", data.AnswerFilter(), data.SceneStepScorer()
+    print(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> {name}")
+    reasoner = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
+                           temperature=cfg.summary_temperature, desc="summary-set")
+    rows = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl"))
+    for r in train:
+        for k, s in enumerate(rank_samples(r, chains[r["id"]], answer_filter, scorer)):
+            rows.append(data.sft_row(r, "summary", data.render_chain(data.parse_chain(s["text"])), path=f"agent{k}",
+                                     bucket=data.bucket(s["score"]), chain_correct=s["correct"]))
+    random.Random(cfg.seed).shuffle(rows)
+    atomic_write(os.path.join(data_dir, name), lambda p: data.write_jsonl(p, rows))
+    return name
+
 
 def build_missing_stages(cfg):
     """Data, base, both agents and the ablation arms, each reused when already built (unless --force)."""
@@ -238,6 +323,7 @@ def build_missing_stages(cfg):
     if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
         print(f"[stage] data -> {data_dir}")
         data.build_world(data_dir)
+    summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
         stage_path = train_sft.stage_dir(cfg.out, stage)
         if not cfg.force and os.path.isfile(os.path.join(stage_path, train_sft.STAGE_DONE)):
@@ -246,8 +332,11 @@ def build_missing_stages(cfg):
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
         resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
         init = cfg.init if stage == "base" and cfg.init else None  # --init stands in for the base stage's fresh model
-        train_sft.run_stage(stage, train_sft.TrainConfig(stage=stage, out=cfg.out, init=init, precision=cfg.precision,
-                                                         device=cfg.device, resume=resume, seed=cfg.sft_seed))
+        if stage in ("summary", "summary-only") and cfg.summary_chains and summary_file is None:
+            summary_file = on_policy_summary_set(cfg, data_dir, train_sft.resolve_device(cfg.device))
+        train_sft.run_stage(stage, train_sft.TrainConfig(
+            stage=stage, out=cfg.out, init=init, precision=cfg.precision, device=cfg.device, resume=resume,
+            seed=cfg.sft_seed, data_file=summary_file if stage in ("summary", "summary-only") else None))
 
 
 def run(cfg):
@@ -289,17 +378,15 @@ def run(cfg):
             continue
         print(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x {cfg.pool_size} "
               f"questions, rank, pair, train")
-        pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))  # fixed per round
-        chains = sample_chains(policy, pool, data_dir, cfg, cfg.seed + 1000 * t)
-        ranked = [(row, rank_samples(row, chains[row["id"]], answer_filter, scorer)) for row in pool]
-        pairs = [(row, c, r) for row, rs in ranked
-                 for c, r in build_pairs(rs, cfg.max_pairs_per_question, cfg.min_chosen_score, cfg.rejected)]
+        if cfg.fresh_pool:  # new scenes for every round, each seed its own
+            pool = data.extra_split(data_dir, f"dpo{t}-seed{cfg.seed}", cfg.pool_size)
+        else:  # fixed per round
+            pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))
+        pairs, pair_stats = round_pairs(policy, pool, data_dir, cfg, cfg.seed + 1000 * t, answer_filter, scorer)
         if not pairs:
             raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
                              f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
-        stats = dpo_round(policy, pairs, cfg, device, log, t, data_dir)
-        samples = [s for _, rs in ranked for s in rs]
-        stats["sample_correct"] = sum(s["correct"] for s in samples) / max(1, len(samples))
+        stats = {**dpo_round(policy, pairs, cfg, device, log, t, data_dir), **pair_stats}
         row = report(f"dpo{t}", stats)
         policy.save_pretrained(round_dir)
         atomic_write(os.path.join(round_dir, "round.json"), lambda f: write_json(row, f))

@@ -29,17 +29,19 @@ from model import PRESETS, VLM, atomic_write, get_config, pixel_shuffle, reading
 # ----------------------------------------------------------------------------------------------
 # Stages: each reads an SFT file of data.py, from a fresh model (base) or another stage; `task` re-renders the rows
 # for the paper's Table 5 ablations. Epochs and lr are tuned on val (docs/experiments.md); the vision tower is frozen.
+# train_dpo.py trains summary and summary-only on a larger set (`--data-file`: the teacher's rows plus the reasoning
+# agent's own chains, 1.6x the rows), hence their 2 epochs.
 
 STAGES = {
     "base": dict(data="base.jsonl", init=None, task=None, epochs=3, lr=2e-3,
                  about="a general VLM from scratch: scene descriptions and direct answers"),
-    "reasoning": dict(data="reasoning_sft.jsonl", init="base", task=None, epochs=4, lr=1e-3,
+    "reasoning": dict(data="reasoning_sft.jsonl", init="base", task=None, epochs=8, lr=1e-3,
                       about="the reasoning agent: image + question -> chain only"),
-    "summary": dict(data="summary_sft.jsonl", init="base", task=None, epochs=3, lr=1e-3,
+    "summary": dict(data="summary_sft.jsonl", init="base", task=None, epochs=2, lr=1e-3,
                     about="the summary agent: image + question + chain (right or flawed) -> answer"),
-    "vanilla": dict(data="reasoning_sft.jsonl", init="base", task="vanilla", epochs=4, lr=1e-3,
+    "vanilla": dict(data="reasoning_sft.jsonl", init="base", task="vanilla", epochs=8, lr=1e-3,
                     about="ablation: one model writes the chain and then the answer in one response"),
-    "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=3, lr=1e-3,
+    "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
 }
 STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
@@ -53,6 +55,7 @@ def stage_dir(out, stage):
 @dataclass
 class TrainConfig:
     stage: str = data.option("base", "what to train", choices=list(STAGES))
+    data_file: str = data.option(None, "train on this JSONL of OUT/data instead of the stage's (see train_dpo.py)")
     out: str = data.option("out", "run directory: data in OUT/data, checkpoints in OUT/<stage>")
     init: str = data.option(None, "start from this checkpoint, not the stage's default")
     preset: str = data.option("tiny", "model shape from scratch", choices=list(PRESETS))
@@ -383,6 +386,7 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+    optimizer.zero_grad(set_to_none=True)  # the frozen tower's last gradients would join every later step's clip norm
     vision.eval()
     with torch.no_grad():
         x, y = load(val_rows) if val_rows else (images[:batch_size], labels[:batch_size])
@@ -402,7 +406,7 @@ def run_stage(stage, cfg):
     if cfg.resume and os.path.isfile(os.path.join(out_dir, STAGE_DONE)):  # resuming would overwrite its summary
         raise ValueError(f"{out_dir} is already finished ({STAGE_DONE} is there): nothing to resume; run without "
                          f"--resume to train it again")
-    path = os.path.join(data_dir, spec["data"])
+    path = os.path.join(data_dir, cfg.data_file or spec["data"])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `python data.py --out {data_dir}` first")
     init = cfg.init or (stage_dir(cfg.out, spec["init"]) if spec["init"] else None)
@@ -427,7 +431,7 @@ def run_stage(stage, cfg):
     # Every row is encoded once, up front (the world is small); held-out images make the val set: none is trained on.
     task, required = spec["task"], ("image", "question", "answer") + (() if spec["task"] else ("task",))
     examples, skipped, images = [], 0, {}
-    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {spec['data']}", leave=False):
+    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {os.path.basename(path)}", leave=False):
         ex = encode_row(row, model.tokenizer, model.config, data_dir, task)
         if not (ex["targets"] != -100).any():
             raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn "

@@ -19,6 +19,7 @@ import torch
 
 import agents
 import data
+import generate
 import model as M
 
 
@@ -265,3 +266,40 @@ def test_help_lists_the_real_data_options_and_no_world_options(capsys):
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--paths-per-question", "--max-steps", "--flawed-per-sound", "--seed"))
     assert not any(flag in text for flag in ("--train-scenes", "--miscount", "--vocab-size", "--min-objects"))
+
+
+# ---------------------------------------------------------------------------------------------- continuing a prefix
+
+PREFIXES = ["<thoughts>\nCount: red objects at top left, total 1.\n", "<thoughts>\nLook: center is empty.\n"]
+
+
+def reasoning_batch(rows, world, n=2):
+    conversations = [data.task_messages("reasoning", r["question"]) for r in rows[:n]]
+    images = torch.stack([data.load_image(os.path.join(world, r["image"]), 32) for r in rows[:n]])
+    return conversations, images
+
+
+def test_complete_continues_each_prefix_as_greedy_decoding_of_prompt_plus_prefix(vlm, rows, world):
+    conversations, images = reasoning_batch(rows, world)
+    texts = agents.complete(vlm, conversations, images, max_new_tokens=6, prefixes=PREFIXES)
+    tok, ids = vlm.tokenizer, data.special_ids(vlm.tokenizer)
+    for i, (messages, prefix) in enumerate(zip(conversations, PREFIXES)):
+        prompt = data.render_conversation(tok, messages, vlm.config.tokens_per_image, add_generation_prompt=True)[0]
+        prompt += tok.encode(" " + prefix, add_special_tokens=False).ids  # the assistant text starts " <thoughts>"
+        new = generate.generate(vlm, [prompt], images[i:i + 1], max_new_tokens=6, stop_ids=[ids["eou"]],
+                              pad_id=ids["pad"])[0]
+        assert texts[i] == (prefix + tok.decode([t for t in new if t != ids["eou"]])).strip()
+        # The reply's end is stripped: a continuation of newlines only takes the prefix's last newline with it.
+        assert texts[i].startswith(prefix.rstrip())
+    # An empty prefix is no prefix.
+    assert agents.complete(vlm, conversations, images, 6, prefixes=["", ""]) == agents.complete(
+        vlm, conversations, images, 6)
+
+
+def test_complete_samples_start_with_their_own_prompts_prefix(vlm, rows, world):
+    conversations, images = reasoning_batch(rows, world)
+    texts = agents.complete(vlm, conversations, images, max_new_tokens=5, temperature=1.0, num_samples=2, seed=3,
+                            prefixes=PREFIXES)
+    assert len(texts) == 4  # prompt-major: two samples of the first prompt, then two of the second
+    assert [t.startswith(PREFIXES[0]) for t in texts] == [True, True, False, False]
+    assert [t.startswith(PREFIXES[1]) for t in texts] == [False, False, True, True]

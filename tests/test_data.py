@@ -398,3 +398,131 @@ def test_data_imports_nothing_above_it():
                  if isinstance(node, ast.ImportFrom) and node.module}
     above = {"generate", "train_sft", "agents", "eval", "train_dpo", "train_grpo", "bench"}
     assert not imported & above and "torch" in imported  # the walk did find the imports
+
+
+# ---------------------------------------------------------------- the first wrong step
+
+def sound_steps(rec, answer=None):
+    """The question's reference chain as steps, its last step stating `answer` (default: the true one)."""
+    claims = data.solve(rec["objects"], rec["spec"])
+    return [data.to_step(c) for c in claims[:-1]] + [data.to_step(claims[-1], answer or rec["answer"])]
+
+
+def wrong_answer(answer):
+    """An answer that is not `answer`, of the same kind."""
+    if answer.isdigit():
+        return str(int(answer) + 1)
+    if answer in ("yes", "no"):
+        return {"yes": "no", "no": "yes"}[answer]
+    pool = list(data.COLORS) if answer in data.COLORS else list(data.SHAPES) + ["none"]
+    return next(a for a in pool if a != answer)
+
+
+def false_look(rec):
+    """A readable but false step: the first object's colour misread."""
+    o = rec["objects"][0]
+    other = next(c for c in data.COLORS if c != o["color"])
+    return {"title": "Look", "content": f"{o['cell']} has a {o['size']} {other} {o['shape']}."}
+
+
+def test_first_error_is_none_for_a_right_chain(world):
+    out, _ = world
+    scorer = data.SceneStepScorer()
+    for r in rows(out, "train"):
+        steps = sound_steps(r)
+        assert scorer.first_error(r, data.render_chain(steps)) is None
+        assert scorer.first_error(r, {"steps": steps}) is None  # a path dict reads the same
+        assert scorer.first_error(r, data.render_chain([false_look(r)] + steps)) is None  # the answer decides
+
+
+def test_first_error_finds_the_first_false_or_unreadable_step(world):
+    out, _ = world
+    scorer = data.SceneStepScorer()
+    multi = [r for r in rows(out, "train") if len(data.solve(r["objects"], r["spec"])) >= 2]
+    assert {r["family"] for r in multi} >= {"sum", "difference", "spatial_count", "most_color"}
+    for r in multi:
+        wrong = wrong_answer(r["answer"])
+        steps = sound_steps(r, wrong)
+        last = len(steps) - 1
+        for i in range(len(steps)):
+            for bad in (false_look(r), {"title": "Count", "content": "I think there are some."}):
+                corrupted = [dict(s) for s in steps]
+                corrupted[i] = dict(bad, content=bad["content"].rstrip(".") + (
+                    f", so the answer is {wrong}." if i == last else "."))
+                assert scorer.first_error(r, data.render_chain(corrupted)) == i, (r["question"], i, bad)
+            # two wrong steps: the first one counts
+            if i < last:
+                corrupted = [dict(s) for s in steps]
+                corrupted[i] = false_look(r)
+                corrupted[last] = dict(false_look(r), content=f"x, so the answer is {wrong}.")
+                assert scorer.first_error(r, data.render_chain(corrupted)) == i
+
+
+def test_first_error_of_right_steps_and_a_wrong_answer_is_the_last_step(world):
+    out, _ = world
+    scorer = data.SceneStepScorer()
+    for r in rows(out, "train"):
+        steps = sound_steps(r, wrong_answer(r["answer"]))
+        assert scorer.first_error(r, data.render_chain(steps)) == len(steps) - 1
+        assert scorer.first_error(r, data.render_chain(steps[:-1])) == max(0, len(steps) - 2)  # stops, no answer
+
+
+def test_first_error_of_an_empty_chain_is_zero(world):
+    out, _ = world
+    scorer = data.SceneStepScorer()
+    r = rows(out, "train")[0]
+    assert scorer.first_error(r, "") == 0
+    assert scorer.first_error(r, data.render_chain([])) == 0
+    assert scorer.first_error(r, {"steps": [], "final_answer": wrong_answer(r["answer"])}) == 0
+
+
+# ---------------------------------------------------------------- extra splits and split-free tokenizer
+
+def test_val_split_default_is_400_scenes():
+    assert data.DataConfig().val_scenes == 400
+
+
+def test_tokenizer_train_and_test_do_not_depend_on_the_val_split(tmp_path):
+    tiny = dict(train_scenes=6, test_scenes=2)
+    data.build_world(str(tmp_path / "a"), val_scenes=1, **tiny)
+    data.build_world(str(tmp_path / "b"), val_scenes=3, **tiny)
+    a, b = all_bytes(tmp_path / "a"), all_bytes(tmp_path / "b")
+    assert a["val.jsonl"] != b["val.jsonl"]  # the val splits do differ
+    for name in ("tokenizer.json", "train.jsonl", "test.jsonl"):
+        assert a[name] == b[name], name
+
+
+@pytest.fixture
+def small_world(tmp_path):
+    """A tiny world of 4-object scenes (the default draws 3 to 7)."""
+    out = str(tmp_path / "world")
+    data.build_world(out, train_scenes=6, val_scenes=2, test_scenes=2, min_objects=4, max_objects=4)
+    return out
+
+
+def test_extra_split_has_new_scenes_images_and_rows(small_world):
+    out = small_world
+    taken = {data.scene_graph(r["objects"]) for s in ("train", "val", "test") for r in rows(out, s)}
+    before = set(os.listdir(os.path.join(out, "images")))
+    extra = data.extra_split(out, "dpo1-seed0", 7)  # 3 questions a scene: 3 scenes, 9 questions, 7 returned
+    assert len(extra) == 7
+    assert len({r["id"] for r in extra}) == 7 and all(r["id"].startswith("dpo1-seed0-") for r in extra)
+    assert rows(out, "dpo1-seed0")[:7] == extra  # written to out/<split>.jsonl
+    assert all(data.scene_graph(r["objects"]) not in taken for r in extra)
+    assert all(len(r["objects"]) == 4 for r in extra)  # the world's own config (4 objects), not the default
+    assert rows(out, "train")[0].keys() == extra[0].keys()
+    added = set(os.listdir(os.path.join(out, "images"))) - before
+    assert {os.path.basename(r["image"]) for r in extra} <= added
+    for r in extra:
+        with Image.open(os.path.join(out, r["image"])) as im:
+            assert im.size == (48, 48)
+        assert rederive(r["question"], r["objects"]) == r["answer"]
+
+
+def test_extra_split_is_deterministic(small_world):
+    first = data.extra_split(small_world, "pool", 5)
+    written = all_bytes(small_world)
+    assert data.extra_split(small_world, "pool", 5) == first
+    assert all_bytes(small_world) == written  # the same file and images, byte for byte
+    other = data.extra_split(small_world, "pool2", 5)  # another name: other scenes
+    assert [r["objects"] for r in other] != [r["objects"] for r in first]

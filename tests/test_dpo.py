@@ -204,8 +204,8 @@ def micro_run(out):
 def teacher_sampler(real_sampler):
     """A random micro policy writes gibberish, so every sample would tie. The real sampler still runs;
     scripted-teacher chains (one sound, two flawed) are added so the round has pairs to learn from."""
-    def sampler(policy, rows, image_root, cfg, seed):
-        chains = real_sampler(policy, rows, image_root, cfg, seed)
+    def sampler(policy, rows, image_root, cfg, seed, **options):
+        chains = real_sampler(policy, rows, image_root, cfg, seed, **options)
         sound = data.ScriptedTeacher(data.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(data.ErrorRates)}))
         flawed = data.ScriptedTeacher(data.ErrorRates(miscount=0.5, arithmetic_slip=0.5))
         rng = random.Random(seed)
@@ -236,6 +236,269 @@ def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
     (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
     seen = {}
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.seed))
-    train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), sft_seed=7))
+    train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), sft_seed=7, summary_chains=0))
     assert seen == dict.fromkeys(train_sft.STAGES, 7)  # every stage, each with the given seed
     assert train_dpo.DPOConfig().sft_seed == train_sft.TrainConfig().seed  # the default job is unchanged
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs aimed at greedy decoding's mistake
+
+
+def scored(text, correct, score):
+    """A chain as rank_samples scores it."""
+    return {"text": text, "correct": correct, "score": score, "key": (int(correct), score)}
+
+
+def aimed(candidates, greedy, cap=2, floor=90):
+    return [(c["text"], r["text"]) for c, r in train_dpo.aimed_pairs(candidates, greedy, cap, floor)]
+
+
+def test_aimed_pairs_need_a_wrong_greedy_chain():
+    candidates = [scored("a", True, 100), scored("b", False, 40)]
+    assert train_dpo.aimed_pairs(candidates, scored("g", True, 100), 2, 90) == []  # greedy right: nothing to fix
+
+
+def test_aimed_pairs_best_sound_candidates_against_greedy():
+    greedy = scored("g", False, 51)
+    candidates = [scored("a", True, 92), scored("w", False, 60), scored("b", True, 100), scored("d", True, 95)]
+    assert aimed(candidates, greedy, cap=2) == [("b", "g"), ("d", "g")]  # key order: 100, then 95
+    assert aimed(candidates, greedy, cap=3) == [("b", "g"), ("d", "g"), ("a", "g")]
+    assert aimed(candidates, greedy, cap=1) == [("b", "g")]
+    pairs = train_dpo.aimed_pairs(candidates, greedy, 2, 90)
+    assert all(r is greedy for _, r in pairs)  # the rejected chain is greedy's own record
+
+
+def test_aimed_pairs_deduplicate_and_never_choose_greedys_text():
+    greedy = scored("g", False, 51)
+    twice = [scored("a", True, 100), scored("a", True, 100), scored("b", True, 95)]
+    assert aimed(twice, greedy, cap=2) == [("a", "g"), ("b", "g")]  # "a" once, so "b" gets the second pair
+    same = [scored("g", True, 100), scored("b", True, 95)]  # a candidate with greedy's text is skipped
+    assert aimed(same, greedy, cap=2) == [("b", "g")]
+
+
+def test_aimed_pairs_need_a_sound_correct_candidate():
+    greedy = scored("g", False, 51)
+    lucky = [scored("lucky", True, 89), scored("w", False, 95)]  # right answer, wrong steps; wrong answer
+    assert aimed(lucky, greedy, floor=90) == []
+    assert aimed(lucky, greedy, floor=0) == [("lucky", "g")]  # without the floor it is chosen
+    assert aimed([scored("edge", True, 90)], greedy, floor=90) == [("edge", "g")]  # the floor itself passes
+    assert aimed([], greedy) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Step-DPO: the prefix before the first wrong step
+
+
+# A hand-made scene: a red circle at top left, a blue square at center, a red triangle at bottom right.
+SCENE = [{"cell": "top left", "shape": "circle", "color": "red", "size": "small", "x": 8, "y": 8},
+         {"cell": "center", "shape": "square", "color": "blue", "size": "large", "x": 24, "y": 24},
+         {"cell": "bottom right", "shape": "triangle", "color": "red", "size": "small", "x": 40, "y": 40}]
+RED_TWO = "Count: red objects at top left, bottom right, total 2.\n"
+SOUND = ("<thoughts>\n" + RED_TWO + "Count: blue objects at center, total 1.\n"
+         "Add: 2 + 1 = 3, so the answer is 3.\n</thoughts>")
+WRONG_AT_1 = ("<thoughts>\n" + RED_TWO + "Count: blue objects at center, middle left, total 2.\n"
+              "Add: 2 + 2 = 4, so the answer is 4.\n</thoughts>")
+WRONG_AT_0 = ("<thoughts>\nCount: red objects at top left, total 1.\nCount: blue objects at center, total 1.\n"
+              "Add: 1 + 1 = 2, so the answer is 2.\n</thoughts>")
+
+
+def sum_row(qid="q0"):
+    """'How many red objects and blue objects are there in total?' on SCENE: 2 + 1 = 3."""
+    return {"id": qid, "image": "images/none.png",
+            "question": "How many red objects and blue objects are there in total?", "answer": "3", "family": "sum",
+            "kind": "reasoning", "objects": SCENE,
+            "spec": {"family": "sum", "a": {"color": "red"}, "b": {"color": "blue"}}}
+
+
+def test_hand_made_question_and_chains_are_as_labelled():
+    row, scorer = sum_row(), data.SceneStepScorer()
+    claims = data.solve(SCENE, row["spec"])
+    assert data.answer_of(claims[-1], row["spec"]) == "3"
+    assert SOUND == data.render_chain([data.to_step(c) for c in claims[:-1]] + [data.to_step(claims[-1], "3")])
+    assert [scorer.first_error(row, t) for t in (SOUND, WRONG_AT_1, WRONG_AT_0)] == [None, 1, 0]
+
+
+def test_first_error_prefix_keeps_the_steps_before_the_first_wrong_one():
+    row, scorer = sum_row(), data.SceneStepScorer()
+    assert train_dpo.first_error_prefix(row, WRONG_AT_1, scorer) == "<thoughts>\n" + RED_TWO
+    assert train_dpo.first_error_prefix(row, WRONG_AT_0, scorer) == "<thoughts>\n"
+    right_steps_wrong_answer = SOUND.replace("so the answer is 3", "so the answer is 4")
+    assert train_dpo.first_error_prefix(row, right_steps_wrong_answer, scorer) == (
+        "<thoughts>\n" + RED_TWO + "Count: blue objects at center, total 1.\n")  # all but the last step
+    for text in (WRONG_AT_1, WRONG_AT_0, right_steps_wrong_answer):
+        prefix = train_dpo.first_error_prefix(row, text, scorer)
+        assert text.startswith(prefix) and "</thoughts>" not in prefix
+
+
+def test_first_error_prefix_is_shared_by_chosen_and_rejected_text_and_tokens(tmp_path):
+    """Step-DPO: the continued sound chain and the wrong one share the prefix, token for token."""
+    data.build_world(str(tmp_path), train_scenes=4, val_scenes=1, test_scenes=1)
+    tok = data.load_tokenizer(str(tmp_path))
+    row = sum_row()
+    prefix = train_dpo.first_error_prefix(row, WRONG_AT_1, data.SceneStepScorer())
+    chosen = prefix + SOUND[len(prefix):]  # the prefix + a sound continuation
+    assert chosen == SOUND and WRONG_AT_1.startswith(prefix)
+    prompt, _ = data.render_conversation(tok, data.task_messages("reasoning", row["question"]), 9, True)
+    shared = prompt + tok.encode(" " + prefix, add_special_tokens=False).ids  # what agents.complete continues
+    for text in (chosen, WRONG_AT_1):
+        ids, mask = data.render_conversation(tok, data.task_messages("reasoning", row["question"], text), 9)
+        assert ids[:len(shared)] == shared and sum(mask[:len(shared)]) == len(shared) - len(prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# One round's pairs with --rejected greedy / first_error, on scripted chains
+
+
+class ScriptedSampler:
+    """Stands in for train_dpo.sample_chains: the chains of each call come from a script, every call is recorded."""
+
+    def __init__(self, *replies):
+        self.replies, self.calls = list(replies), []
+
+    def __call__(self, policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
+        self.calls.append({"ids": [r["id"] for r in rows], "k": k, "temperature": temperature, "prefixes": prefixes})
+        reply = self.replies.pop(0)
+        return {r["id"]: reply[r["id"]] for r in rows}
+
+
+def pairs_of(pairs):
+    return [(row["id"], chosen["text"], rejected["text"]) for row, chosen, rejected in pairs]
+
+
+def test_round_pairs_greedy_rejects_the_greedy_chain_when_wrong(monkeypatch):
+    pool = [sum_row("q0"), sum_row("q1"), sum_row("q2")]
+    greedy = {"q0": [SOUND], "q1": [WRONG_AT_1], "q2": [WRONG_AT_1]}
+    samples = {"q1": [WRONG_AT_0, SOUND], "q2": [WRONG_AT_1, WRONG_AT_0]}  # only greedy's wrong questions
+    sampler = ScriptedSampler(greedy, samples)
+    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+    cfg = train_dpo.DPOConfig(rejected="greedy", samples_per_question=2, min_chosen_score=90)
+    pairs, stats = train_dpo.round_pairs(None, pool, "unused", cfg, 5, data.AnswerFilter(), data.SceneStepScorer())
+    # q0: greedy is right; q2: no sound sample; q1: its sound sample against its greedy chain
+    assert pairs_of(pairs) == [("q1", SOUND, WRONG_AT_1)]
+    assert stats == {"sample_correct": pytest.approx(1 / 4), "greedy_correct": pytest.approx(1 / 3)}
+    assert [(c["ids"], c["k"], c["temperature"], c["prefixes"]) for c in sampler.calls] == [
+        (["q0", "q1", "q2"], 1, 0.0, None), (["q1", "q2"], None, None, None)]
+
+
+def test_round_pairs_first_error_continues_the_wrong_greedy_chains(monkeypatch):
+    pool = [sum_row("q0"), sum_row("q1"), sum_row("q2")]
+    greedy = {"q0": [SOUND], "q1": [WRONG_AT_1], "q2": [WRONG_AT_0]}
+    p1 = "<thoughts>\n" + RED_TWO
+    other_wrong = p1 + "Count: no blue objects, total 0.\nAdd: 2 + 0 = 2, so the answer is 2.\n</thoughts>"
+    continued = {"q1": [SOUND, other_wrong], "q2": [WRONG_AT_0, "<thoughts>\nblue blue"]}
+    sampler = ScriptedSampler(greedy, continued)
+    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+    cfg = train_dpo.DPOConfig(rejected="first_error", samples_per_question=2, min_chosen_score=90)
+    pairs, stats = train_dpo.round_pairs(None, pool, "unused", cfg, 5, data.AnswerFilter(), data.SceneStepScorer())
+    # the continuation call: exactly the questions greedy got wrong, each from before its first wrong step
+    continuing = sampler.calls[1]
+    assert len(sampler.calls) == 2 and continuing["ids"] == ["q1", "q2"]
+    assert continuing["prefixes"] == {"q1": p1, "q2": "<thoughts>\n"}
+    # q2's continuations are all wrong: no pair
+    assert pairs_of(pairs) == [("q1", SOUND, WRONG_AT_1)]
+    assert all(c["text"].startswith(continuing["prefixes"][row["id"]]) for row, c, _ in pairs)
+    assert stats["greedy_correct"] == pytest.approx(1 / 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary set with the reasoning agent's own chains
+
+
+NO_SLIPS = data.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(data.ErrorRates)})
+
+
+def other_answer(answer):
+    if answer.isdigit():
+        return str(int(answer) + 1)
+    if answer in ("yes", "no"):
+        return "no" if answer == "yes" else "yes"
+    return next(a for a in list(data.COLORS) + list(data.SHAPES) if a != answer)
+
+
+def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    data_dir = os.path.join(out, "data")
+    data.build_world(data_dir, train_scenes=4, val_scenes=2, test_scenes=2)
+    tok = data.load_tokenizer(data_dir)
+    torch.manual_seed(0)
+    vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
+    vlm.tokenizer = tok
+    vlm.save_pretrained(train_sft.stage_dir(out, "reasoning"))
+    train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    teacher = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl"))
+
+    sound = {r["id"]: data.ScriptedTeacher(NO_SLIPS).path(r, random.Random(0))["steps"] for r in train}
+
+    def untidy(steps):  # the agent's own formatting: stray spaces, blank lines, no end tag
+        return "<thoughts>\n" + "".join(f"  {s['title']}: {s['content']}  \n\n" for s in steps)
+
+    def wrong_conclusion(r):  # the sound steps, then another answer
+        steps = [dict(s) for s in sound[r["id"]]]
+        steps[-1]["content"] = steps[-1]["content"].replace(f"answer is {r['answer']}.",
+                                                            f"answer is {other_answer(r['answer'])}.")
+        return data.render_chain(steps)
+
+    chains = {r["id"]: [untidy(sound[r["id"]]), wrong_conclusion(r), "blue blue blue"] for r in train}
+    calls = []
+
+    def sampler(policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
+        calls.append((type(policy), [r["id"] for r in rows], k, temperature, prefixes))
+        return {r["id"]: chains[r["id"]][:k] for r in rows}
+    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+
+    cfg = train_dpo.DPOConfig(out=out, summary_chains=3, summary_temperature=0.7)
+    name = train_dpo.on_policy_summary_set(cfg, data_dir, torch.device("cpu"))
+    assert name == "summary_onpolicy_sft.jsonl"
+    assert calls == [(VLM, [r["id"] for r in train], 3, 0.7, None)]  # the SFT reasoning agent, every train question
+    written = data.read_jsonl(os.path.join(data_dir, name))
+    new = [r for r in written if str(r.get("path")).startswith("agent")]
+    dumps = sorted(json.dumps(r, sort_keys=True) for r in written if r not in new)
+    assert dumps == sorted(json.dumps(r, sort_keys=True) for r in teacher)  # every teacher row, unchanged
+    assert len(new) == 3 * len(train) and len(written) == len(teacher) + 3 * len(train)
+
+    teacher_keys = {frozenset(r) for r in teacher if r["task"] == "summary"}
+    assert len(teacher_keys) == 1 and all(set(r) == set(next(iter(teacher_keys))) for r in new)
+    truth = {r["id"]: r for r in train}
+    assert {r["id"] for r in new} == set(truth)  # training questions only: no val or test id
+    expected = {  # path -> (chain, chain_correct, bucket): sound 100 high; right steps, wrong answer 51 mid; junk 1 low
+        "agent0": lambda r: (data.render_chain(sound[r["id"]]), True, "high"),
+        "agent1": lambda r: (wrong_conclusion(r), False, "mid"),
+        "agent2": lambda r: ("<thoughts>\n: blue blue blue\n</thoughts>", False, "low")}
+    for r in new:
+        q = truth[r["id"]]
+        assert r["task"] == "summary" and r["answer"] == q["answer"]
+        assert all(r[k] == q[k] for k in ("image", "question", "family", "kind"))
+        assert (r["chain"], r["chain_correct"], r["bucket"]) == expected[r["path"]](q)
+        assert r["chain"] == data.render_chain(data.parse_chain(chains[r["id"]][int(r["path"][-1])]))
+    assert sorted(r["path"] for r in new) == sorted(["agent0", "agent1", "agent2"] * len(train))
+
+
+def test_summary_stages_train_on_the_on_policy_set_built_once(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "data")
+    (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
+    seen, built = {}, []
+    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.data_file))
+    monkeypatch.setattr(train_dpo, "on_policy_summary_set",
+                        lambda cfg, data_dir, device: built.append(data_dir) or "summary_onpolicy_sft.jsonl")
+    train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=2, device="cpu"))
+    assert built == [os.path.join(str(tmp_path), "data")]  # once, for both summary stages
+    assert seen == {"base": None, "reasoning": None, "summary": "summary_onpolicy_sft.jsonl", "vanilla": None,
+                    "summary-only": "summary_onpolicy_sft.jsonl"}
+    seen.clear()
+    train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=0, device="cpu"))
+    assert len(built) == 1 and seen == dict.fromkeys(train_sft.STAGES)  # 0 chains: the teacher's set, no build
+
+
+def test_summary_only_stage_alone_still_gets_the_on_policy_set(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "data")
+    (tmp_path / "data" / "card.json").write_text("{}")
+    for stage in ("base", "reasoning", "summary", "vanilla"):  # finished earlier: reused
+        os.makedirs(train_sft.stage_dir(str(tmp_path), stage))
+        (tmp_path / stage / train_sft.STAGE_DONE).write_text("{}")
+    seen, built = {}, []
+    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.data_file))
+    monkeypatch.setattr(train_dpo, "on_policy_summary_set",
+                        lambda cfg, data_dir, device: built.append(device) or "summary_onpolicy_sft.jsonl")
+    train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=1, device="cpu"))
+    assert seen == {"summary-only": "summary_onpolicy_sft.jsonl"} and built == [torch.device("cpu")]

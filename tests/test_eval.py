@@ -1,6 +1,7 @@
-"""eval.py: Wilson intervals and the metrics on hand-made predictions (values computed by hand),
-the 2x2 chain-vs-final table, the whole run writing results.json / results.md, and the JSONL
-benchmark path with open and multiple-choice items.
+"""eval.py: Wilson intervals, McNemar's exact test and the metrics on hand-made predictions (values
+computed by hand), the 2x2 chain-vs-final table, the paired comparisons, the whole run writing
+results.json / results.md, the JSONL benchmark path with open and multiple-choice items, and
+--summarize over several runs.
 
 Model outputs are mocked by replacing the one generation helper, agents.complete, and checkpoint
 loading by a stand-in model, so no test trains or decodes anything.
@@ -28,6 +29,15 @@ def test_wilson_interval_hand_values():
     assert E.rate([]) == (None, None)
     share, ci = E.rate([True, True, False, True, False])
     assert share == 0.6 and ci == pytest.approx([0.2307, 0.8824], abs=1e-4)
+
+
+def test_mcnemar_hand_values():
+    # Exact two-sided: 2 * P(Binomial(b + c, 1/2) <= min(b, c)), at most 1.
+    assert E.mcnemar(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 0.03857...
+    assert E.mcnemar(2, 10) == E.mcnemar(10, 2)
+    assert E.mcnemar(5, 0) == 2 / 32 and E.mcnemar(0, 5) == 2 / 32
+    assert E.mcnemar(7, 7) == E.mcnemar(1, 1) == E.mcnemar(0, 0) == 1.0
+    assert E.mcnemar(600, 400) == pytest.approx(2.7284641560e-10, rel=1e-9)  # big n, no overflow (= scipy binomtest)
 
 
 ROWS = [
@@ -60,9 +70,42 @@ def test_metrics_on_hand_made_predictions():
     assert m["chain_correct"] == 2 / 5
     assert m["chain_vs_final"] == {"chain_right_final_right": 1, "chain_right_final_wrong": 1,
                                    "chain_wrong_final_right": 2, "chain_wrong_final_wrong": 1}
+    assert (m["correct"], m["chain_right"]) == ("11010", "10100")  # per question, in row order
     # A single model without a chain has no chain metrics.
     direct = E.score(ROWS, predictions(with_chain=False))
     assert direct["overall"] == 3 / 5 and "chain_correct" not in direct and "chain_vs_final" not in direct
+    assert "chain_right" not in direct
+
+
+def test_paired_comparisons_hand_made():
+    rows = [{"kind": "reasoning"}] * 3 + [{"kind": "perception"}] * 3
+    arms = {"direct": {"correct": "000111"}, "vanilla": {"correct": "100000"}, "summary_only": {"correct": "111111"},
+            "two_agent": {"correct": "110100", "chain_right": "100100"},
+            "two_agent_dpo1": {"correct": "111000", "chain_right": "111000"},
+            "two_agent_dpo2": {"correct": "011111"},  # no chain: no chain comparison
+            "two_agent_dpo10": {"correct": "111110", "chain_right": "110110"}}  # the last round: 10, not 2
+    tests = E.paired_comparisons(arms, rows)
+    counts = {key: (t["b"], t["c"], t["n"]) for key, t in tests.items()}
+    assert counts == {
+        "two_agent_dpo1 vs two_agent": (1, 1, 6), "two_agent_dpo1 vs two_agent (chain)": (2, 1, 6),
+        "two_agent_dpo2 vs two_agent": (3, 1, 6),
+        "two_agent_dpo10 vs two_agent": (2, 0, 6), "two_agent_dpo10 vs two_agent (chain)": (2, 0, 6),
+        "two_agent vs vanilla": (2, 0, 6), "two_agent vs direct (reasoning)": (2, 0, 3),
+        "two_agent vs direct (perception)": (0, 2, 3),
+        "two_agent_dpo10 vs vanilla": (4, 0, 6), "two_agent_dpo10 vs direct (reasoning)": (3, 0, 3),
+        "two_agent_dpo10 vs direct (perception)": (0, 1, 3)}
+    assert tests["two_agent_dpo2 vs two_agent"] == {"arms": ["two_agent_dpo2", "two_agent"], "metric": "overall",
+                                                    "n": 6, "b": 3, "c": 1, "diff": 2 / 6, "p": 2 * 5 / 16}
+    assert tests["two_agent vs direct (perception)"]["diff"] == -2 / 3
+    assert tests["two_agent_dpo10 vs two_agent (chain)"]["metric"] == "chain"
+    assert tests["two_agent_dpo10 vs direct (reasoning)"]["metric"] == "reasoning"
+    assert tests["two_agent_dpo10 vs vanilla"]["p"] == 2 / 16
+    # Only where both arms ran, and only on questions of the kind compared.
+    assert E.paired_comparisons({k: arms[k] for k in ("two_agent_dpo10", "summary_only")}, rows) == {}
+    assert list(E.paired_comparisons({k: arms[k] for k in ("two_agent_dpo1", "vanilla")}, rows)) == [
+        "two_agent_dpo1 vs vanilla"]  # the last round present
+    assert list(E.paired_comparisons({k: arms[k] for k in ("two_agent", "direct")}, rows[:3])) == [
+        "two_agent vs direct (reasoning)"]
 
 
 def test_chain_vs_final_table():
@@ -157,7 +200,22 @@ def test_run_eval_writes_results(tmp_path, monkeypatch):
     assert "| two_agent_dpo1 | 100.0 [51.0, 100.0] |" in markdown  # Wilson 4/4 = [0.510, 1]
     assert "| color_at | perception | 100.0 | 0.0 | 100.0 |" in markdown
 
-    assert list(E.run_eval(out, arms=["two_agent"], limit=2)["arms"]) == ["two_agent"]
+    # Paired tests: the per-question flags, the ids and kinds they follow, and McNemar's p on the same questions.
+    assert (arms["direct"]["correct"], arms["two_agent"]["correct"], arms["two_agent_dpo1"]["correct"]) == (
+        "0010", "1000", "1111")
+    assert meta["ids"] == ["0", "1", "2", "3"] and meta["kinds"] == ["reasoning"] * 2 + ["perception"] * 2
+    paired = {key: (t["b"], t["c"], t["p"]) for key, t in results["paired"].items()}
+    assert paired == {"two_agent_dpo1 vs two_agent": (3, 0, 0.25), "two_agent_dpo1 vs two_agent (chain)": (3, 0, 0.25),
+                      "two_agent vs direct (reasoning)": (1, 0, 1.0), "two_agent vs direct (perception)": (0, 1, 1.0),
+                      "two_agent_dpo1 vs direct (reasoning)": (2, 0, 0.5),
+                      "two_agent_dpo1 vs direct (perception)": (1, 0, 1.0)}
+    assert "Paired comparisons (exact McNemar test on the same questions)" in markdown
+    assert "| two_agent_dpo1 vs two_agent | overall | +75.0 | 3 | 0 | 0.250 |" in markdown
+    assert "| two_agent vs direct (perception) | perception | -50.0 | 0 | 1 | 1.000 |" in markdown
+
+    one = E.run_eval(out, arms=["two_agent"], limit=2)
+    assert list(one["arms"]) == ["two_agent"] and one["paired"] == {}
+    assert "Paired comparisons" not in E.results_markdown(one)
     with pytest.raises(FileNotFoundError, match="vanilla"):
         E.run_eval(out, arms=["vanilla"])
     with pytest.raises(FileNotFoundError, match="build the data first"):
@@ -206,3 +264,80 @@ def test_benchmark_open_and_multiple_choice(tmp_path, monkeypatch, capsys):
         E.main(["--data", path, "--reasoning", str(tmp_path / "reasoner")])
     with pytest.raises(SystemExit, match="^error: no such file"):
         E.main(["--data", str(tmp_path / "missing.jsonl"), "--model", str(tmp_path / "model")])
+
+
+# ----------------------------------------------------------------------------------------------
+# --summarize: several runs' results.json (hand-written) side by side
+
+
+def write_results(folder, arms, paired=None, ids=None, kinds=None):
+    os.makedirs(folder)
+    results = {"arms": arms, "meta": {"ids": ids or [str(i) for i in range(10)], **({"kinds": kinds} if kinds else {})}}
+    if paired is not None:
+        results["paired"] = paired
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f)
+    return folder
+
+
+def shares(overall, reasoning, perception, chain=None, **flags):
+    return {"overall": overall, "reasoning": reasoning, "perception": perception, "n": 10, "families": {},
+            **({"chain_correct": chain} if chain is not None else {}), **flags}
+
+
+def test_summarize_runs(tmp_path, capsys):
+    key = "two_agent vs direct (reasoning)"
+
+    def paired(b, c, n=10):
+        return {"arms": ["two_agent", "direct"], "metric": "reasoning", "n": n, "b": b, "c": c, "diff": (b - c) / n,
+                "p": E.mcnemar(b, c)}
+
+    run1 = write_results(str(tmp_path / "seed0"), {"direct": shares(0.25, 0.5, 0.0),
+                                                   "two_agent": shares(0.5, 0.75, 0.25, 0.5)},
+                         {key: paired(4, 1), "two_agent_dpo1 vs two_agent": paired(1, 0)})  # only in this run: not pooled
+    run2 = write_results(str(tmp_path / "seed1"), {"direct": shares(0.5, 0.5, 0.5),
+                                                   "two_agent": shares(0.75, 1.0, 0.5, 0.25)},
+                         {key: paired(2, 3)})
+    # A results.json without "paired" but with per-question flags: the tests are computed from them.
+    run3 = write_results(str(tmp_path / "seed2"), {"direct": shares(0.25, 0.5, 0.0, correct="0100"),
+                                                   "two_agent": shares(0.5, 1.0, 0.0, 0.75, correct="1100")},
+                         ids=["a", "b", "c", "d"], kinds=["reasoning"] * 2 + ["perception"] * 2)
+    summary = E.summarize([run1, run2, run3])
+
+    assert summary["runs"][run2]["two_agent"] == {"overall": 0.75, "reasoning": 1.0, "perception": 0.5,
+                                                  "chain_correct": 0.25}
+    mean = summary["mean"]["two_agent"]
+    assert mean["runs"] == 3 and mean["overall"] == pytest.approx({"mean": 7 / 12, "min": 0.5, "max": 0.75})
+    assert mean["chain_correct"] == pytest.approx({"mean": 0.5, "min": 0.25, "max": 0.75})
+    assert summary["mean"]["direct"]["chain_correct"] is None
+    # Pooled: b = 4 + 2 + 1, c = 1 + 3 + 0; p = 2 * sum_{i <= 4} C(11, i) / 2^11 = 2 * 562 / 2048.
+    assert list(summary["pooled"]) == [key]
+    pooled = summary["pooled"][key]
+    assert (pooled["b"], pooled["c"], pooled["ahead"], pooled["runs"]) == (7, 4, 2, 3)
+    assert pooled["p"] == pytest.approx(2 * 562 / 2048) and pooled["diff"] == pytest.approx((0.3 - 0.1 + 0.5) / 3)
+    assert summary["notes"] == ["The runs were evaluated on different questions."]
+
+    E.main(["--summarize", run1, run2, run3])
+    out = capsys.readouterr().out
+    assert f"| {run2} | two_agent | 75.0 | 100.0 | 50.0 | 25.0 |" in out
+    assert f"| {run1} | direct | 25.0 | 50.0 | 0.0 | - |" in out
+    assert "| two_agent | 3 | 58.3 (50.0..75.0) | 91.7 (75.0..100.0) | 25.0 (0.0..50.0) | 50.0 (25.0..75.0) |" in out
+    assert f"| {key} | reasoning | +23.3 | 7 | 4 | 0.549 | 2 of 3 |" in out
+
+    # An older results.json without per-question results is left out of the pooled tests, with a note.
+    old = write_results(str(tmp_path / "old"), {"direct": shares(0.5, 0.5, 0.5), "two_agent": shares(0.5, 0.5, 0.5)})
+    summary = E.summarize([run1, old])
+    assert summary["pooled"][key]["runs"] == 1 and summary["mean"]["two_agent"]["runs"] == 2
+    assert f"{old}/results.json: no paired tests; left out of the pooled ones" in summary["notes"]
+
+    missing = tmp_path / "seed9"
+    with pytest.raises(FileNotFoundError, match="seed9/results.json"):
+        E.summarize([run1, str(missing)])
+    with pytest.raises(SystemExit, match=f"^error: .*{missing}/results.json"):
+        E.main(["--summarize", run1, str(missing)])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match=f"^error: {tmp_path / 'bad' / 'results.json'}: unreadable"):
+        E.main(["--summarize", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="no run directories given"):
+        E.summarize([])
