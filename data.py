@@ -28,9 +28,11 @@ from collections import Counter
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
+
+from model import SPECIAL_TOKENS  # the chat format's special tokens, which the model's loader also needs
 
 # ----------------------------------------------------------------------------------------------
 # Configuration: dataclasses whose fields are also command-line flags (--train-scenes 500).
@@ -598,8 +600,6 @@ def bucket(score, high=DataConfig.high, mid=DataConfig.mid):
 # ----------------------------------------------------------------------------------------------
 # Tokenizer, the agents' prompts (defined here only) and the chat format (the same for the tiny preset and SmolVLM).
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
-                  "<global-img>")
 IMAGE_MEAN = IMAGE_STD = 0.5
 DIRECT_PROMPT = "Answer with one word or number."
 REASONING_PROMPT = "Reason step by step. Give only the reasoning."
@@ -673,9 +673,13 @@ def render_conversation(tok, messages, image_seq_len, add_generation_prompt=Fals
 
 
 def load_image(path, image_size):
-    """(3, H, W) float, normalised as SigLIP expects: (x / 255 - 0.5) / 0.5."""
+    """(3, H, W) float, normalised as SigLIP expects: (x / 255 - 0.5) / 0.5. Any file Pillow reads, in any mode and
+    size, is squashed to the model's square input (SmolVLM's global image is too); a photo is turned upright first."""
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # phones store photos sideways, with an EXIF tag saying how to turn them
+            if im.mode.startswith("I;16"):  # 16-bit grey: RGB conversion would clip it to white, so scale to 8 bits
+                im = im.point(lambda v: v / 256).convert("L")
             im = im.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None

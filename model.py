@@ -29,6 +29,12 @@ from tokenizers import Tokenizer
 # ----------------------------------------------------------------------------------------------
 # Configuration
 
+# The chat format's special tokens (SmolVLM's template, data.render_conversation): the world's tokenizer is trained
+# with them, SmolVLM's has them, and VLM.from_parts adds the ones a text checkpoint's tokenizer lacks.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                  "<global-img>")
+
+
 @dataclass
 class VisionConfig:
     image_size: int = 48  # square input images, in pixels
@@ -482,19 +488,29 @@ class VLM(nn.Module):
 
     @classmethod
     def from_parts(cls, vision_dir, text_dir, scale_factor=2, image_token_id=None, dtype=None):
-        """A SigLIP checkpoint + a Llama-family checkpoint; the projector is freshly initialised."""
+        """A SigLIP checkpoint + a Llama-family checkpoint; the projector is freshly initialised. The chat format's
+        special tokens its tokenizer lacks (SmolLM2's has no <image>) are added, with new embedding rows; the image
+        token's id goes into the config and the grown tokenizer is saved with the model. image_token_id= is for a
+        text checkpoint without a tokenizer.json."""
         vconf, tconf = _read_config(vision_dir), _read_config(text_dir)
         vtype, ttype = vconf.get("model_type"), tconf.get("model_type")
         if vtype not in ("siglip", "siglip_vision_model"):
             raise ValueError(f"{vision_dir}/config.json: expected a SigLIP checkpoint, got model_type {vtype!r}")
         if ttype != "llama":
             raise ValueError(f"{text_dir}/config.json: expected a Llama checkpoint, got model_type {ttype!r}")
-        tokenizer = _read_tokenizer(text_dir)
+        text_cfg, tokenizer = _llama_config(tconf, tconf), _read_tokenizer(text_dir)
+        text = _rename(_read_safetensors(text_dir), {"model.": "text_model.", "lm_head.": "lm_head."})
+        if tokenizer is not None:
+            old_ids = sorted(i for i in tokenizer.get_vocab().values() if i < text_cfg.vocab_size)
+            added = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+            tokenizer.add_special_tokens(added)
+            new_ids = [tokenizer.token_to_id(t) for t in added]
+            text_cfg.vocab_size = _add_token_rows(text, new_ids, old_ids, text_cfg.vocab_size)
         if image_token_id is None:
-            image_token_id = tokenizer.token_to_id("<image>") if tokenizer is not None else None
-            if image_token_id is None:
-                raise ValueError(f"{text_dir}: no '<image>' token in its tokenizer; pass image_token_id=")
-        cfg = VLMConfig(_siglip_config(vconf.get("vision_config", vconf)), _llama_config(tconf, tconf),
+            if tokenizer is None:
+                raise ValueError(f"{text_dir}: no tokenizer.json, so no '<image>' token to use; pass image_token_id=")
+            image_token_id = tokenizer.token_to_id("<image>")
+        cfg = VLMConfig(_siglip_config(vconf.get("vision_config", vconf)), text_cfg,
                         scale_factor=scale_factor, image_token_id=image_token_id)
         vision = _read_safetensors(vision_dir)
         if vtype == "siglip_vision_model":
@@ -503,7 +519,6 @@ class VLM(nn.Module):
         # A dual-tower SigLIP also holds a text tower and a pooling head: only the vision trunk is used.
         vision = {k: v for k, v in vision.items()
                   if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
-        text = _rename(_read_safetensors(text_dir), {"model.": "text_model.", "lm_head.": "lm_head."})
         model = cls(cfg)
         model._load_checked({**vision, **text}, f"{vision_dir} + {text_dir}", fresh=("connector.",))
         model.tokenizer = tokenizer
@@ -611,6 +626,20 @@ def _rename(state, prefix_map):
         src = next((p for p in prefix_map if key.startswith(p)), None)
         out[key if src is None else prefix_map[src] + key[len(src):]] = value
     return out
+
+
+def _add_token_rows(state, new_ids, old_ids, vocab_size):
+    """Give tokens added to a tokenizer their rows of the embedding (and of an untied head) -> the new vocab size.
+    An id past the matrices grows them; every new row starts as the mean of the rows the tokenizer already used, so
+    the token begins as an average one, not noise with an outsized logit (Hewitt 2021, "Initializing new word
+    embeddings"). Spare rows of a padded vocabulary are never used, so they stay out of the mean."""
+    new_size = max([vocab_size, *(i + 1 for i in new_ids)])
+    for key in ("text_model.embed_tokens.weight", "lm_head.weight"):  # lm_head is absent when tied
+        if key in state and new_ids:
+            w = torch.cat([state[key], state[key].new_zeros(new_size - len(state[key]), state[key].shape[1])])
+            w[new_ids] = w[old_ids].float().mean(0).to(w.dtype)
+            state[key] = w
+    return new_size
 
 
 def _siglip_config(v):

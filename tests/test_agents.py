@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+from PIL import Image
 
 import agents
 import data
@@ -174,6 +175,33 @@ def test_cli(vlm, rows, world, tmp_path, capsys):
         agents.main(["--image", str(bad), "--question", "q", "--reasoning", ckpt, "--summary", ckpt])
     with pytest.raises(SystemExit, match="^error: pass both"):
         agents.main(["--image", image])
+
+
+def test_cli_on_an_idefics3_checkpoint_and_a_photo_of_any_size_and_mode(world, tmp_path, capsys):
+    # A published SmolVLM directory as a user downloads it: transformers' config.json and safetensors, the tokenizer
+    # beside them; here tiny and random. Photos: odd sizes, with alpha, a palette, CMYK, 16-bit grey.
+    transformers = pytest.importorskip("transformers")
+    tok = data.load_tokenizer(world)
+    config = transformers.Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+        scale_factor=2, image_token_id=data.special_ids(tok)["image"])
+    torch.manual_seed(0)
+    ckpt = tmp_path / "smolvlm"
+    transformers.Idefics3ForConditionalGeneration(config).save_pretrained(ckpt)
+    tok.save(str(ckpt / "tokenizer.json"))
+    rgb = (torch.arange(57 * 31 * 3) % 251).to(torch.uint8).view(31, 57, 3).numpy()
+    photos = {"photo.png": Image.fromarray(rgb).convert("RGBA"), "palette.png": Image.fromarray(rgb).convert("P"),
+              "photo.jpg": Image.fromarray(rgb).convert("CMYK"),
+              "grey16.png": Image.fromarray((torch.arange(40 * 20) * 80).view(20, 40).numpy().astype("uint16"))}
+    for name, im in photos.items():
+        im.save(tmp_path / name)
+        agents.main(["--reasoning", str(ckpt), "--summary", str(ckpt), "--image", str(tmp_path / name),
+                     "--question", "What is in the picture?", "--max-new-tokens", "5"])
+        out = capsys.readouterr().out
+        assert f"reasoning agent: {ckpt}" in out and "\nanswer: " in out
 
 
 # ---------------------------------------------------------------------------------------------- real data

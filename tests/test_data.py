@@ -154,6 +154,23 @@ def test_load_image_normalises_and_rejects_corrupt(world, tmp_path):
         data.load_image(str(tmp_path / "missing.png"), 48)
 
 
+def test_load_image_turns_photos_upright_and_keeps_16_bit_grey(tmp_path):
+    # A phone photo stored sideways: left half red, right half blue, EXIF orientation 6 (turn 90 degrees clockwise).
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "sideways.jpg", exif=exif)
+    x = data.load_image(str(tmp_path / "sideways.jpg"), 16)
+    assert x[0, 2, 8] > 0.9 and x[2, 2, 8] < -0.9  # red on top
+    assert x[2, 13, 8] > 0.9 and x[0, 13, 8] < -0.9  # blue below
+    # 16-bit grey: a ramp to 3/4 of the 16-bit range, not clipped to white.
+    ramp = (torch.arange(64).view(1, 64).expand(8, 64) * 768).numpy().astype("uint16")  # 0 .. 48384
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    y = data.load_image(str(tmp_path / "grey16.png"), 64)
+    assert y[0, 0, 0] == -1 and abs((y[0, 0, -1] + 1) / 2 - 48384 / 65535) < 0.01 and (y[0] == y[1]).all()
+
+
 # ---------------------------------------------------------------- teacher and assessment
 
 def teacher_paths(out, rates, n=4):

@@ -23,7 +23,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
-from model import VLM, KVCache, SiglipEmbeddings, apply_rotary, get_config, rotary_cos_sin  # noqa: E402
+from model import (SPECIAL_TOKENS, VLM, KVCache, SiglipEmbeddings, apply_rotary, get_config,  # noqa: E402
+                   rotary_cos_sin)
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -168,6 +169,73 @@ def test_from_parts_reads_top_level_rope_theta(refs, tmp_path):
     ids = torch.arange(1, 20)[None]
     with torch.no_grad():
         assert max_diff(vlm(ids)[0], refs["llama_False"](input_ids=ids).logits) <= TOL
+
+
+def text_dir_with_tokenizer(refs, tmp_path, tied, tokens):
+    """A copy of a Llama reference with a tokenizer.json of the given tokens (ids in order), as SmolLM2 ships one."""
+    text_dir = shutil.copytree(refs[f"llama_{tied}_dir"], tmp_path / f"llama_tied{tied}")
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[-1]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(text_dir / "tokenizer.json"))
+    return str(text_dir)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_from_parts_adds_the_chat_tokens_a_text_tokenizer_lacks(refs, tmp_path, tied):
+    # The vocabulary fills the embedding, has <|endoftext|> and <|im_start|> but no <image>, as SmolLM2's.
+    V = TEXT["vocab_size"]
+    tokens = ["<|endoftext|>", "<|im_start|>"] + [f"w{i}" for i in range(V - 2)]
+    vlm = VLM.from_parts(refs["siglip_dual_dir"], text_dir_with_tokenizer(refs, tmp_path, tied, tokens)).eval()
+    ids = {t: vlm.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    new = [ids[t] for t in SPECIAL_TOKENS[2:]]  # the four it lacked, appended after the old vocabulary
+    assert ids["<|endoftext|>"] == 0 and ids["<|im_start|>"] == 1 and sorted(new) == list(range(V, V + 4))
+    assert vlm.config.image_token_id == ids["<image>"] and vlm.config.text.vocab_size == V + 4
+    # New rows start at the mean of the old ones, in the embedding and in an untied head.
+    ref = refs[f"llama_{tied}"]
+    for ours, theirs in ((vlm.text_model.embed_tokens.weight, ref.model.embed_tokens.weight),
+                         (vlm.lm_head.weight, ref.lm_head.weight)):
+        assert ours.shape == (V + 4, TEXT["hidden_size"]) and torch.equal(ours[:V], theirs)
+        assert torch.allclose(ours[V:], theirs.mean(0).expand(4, -1), atol=1e-6)
+    assert (vlm.lm_head.weight is vlm.text_model.embed_tokens.weight) == tied
+    # Text-only logits over the old vocabulary still equal the Llama reference.
+    text_ids = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, _ = vlm(text_ids)
+        assert max_diff(got[..., :V], ref(input_ids=text_ids).logits) <= TOL
+    # A forward with an image, prompted in the chat format (every special token now has an id).
+    n = vlm.config.tokens_per_image
+    prompt = torch.tensor([[ids["<|im_start|>"], 5, ids["<fake_token_around_image>"], ids["<global-img>"]] +
+                           [ids["<image>"]] * n + [ids["<fake_token_around_image>"], 6, 7, ids["<end_of_utterance>"]]])
+    with torch.no_grad():
+        with_image, _ = vlm(prompt, pixel_values=images(1, seed=6))
+    assert with_image.shape == (1, prompt.shape[1], V + 4) and torch.isfinite(with_image).all()
+    # save_pretrained -> from_pretrained: the same ids, config and logits.
+    vlm.save_pretrained(str(tmp_path / "saved"))
+    loaded = VLM.from_pretrained(str(tmp_path / "saved")).eval()
+    assert loaded.config == vlm.config and {t: loaded.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS} == ids
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt, pixel_values=images(1, seed=6))[0], with_image)
+
+
+def test_from_parts_keeps_a_tokenizer_that_has_the_chat_tokens(refs, tmp_path):
+    # Every special token present (at ids 90..95 of 128): nothing is added, no row changes.
+    tokens = [f"w{i}" for i in range(90)] + list(SPECIAL_TOKENS) + [f"v{i}" for i in range(32)]
+    vlm = VLM.from_parts(refs["siglip_dual_dir"], text_dir_with_tokenizer(refs, tmp_path, False, tokens))
+    assert vlm.config.text.vocab_size == TEXT["vocab_size"] and vlm.config.image_token_id == 93
+    assert vlm.tokenizer.get_vocab_size() == TEXT["vocab_size"]
+    assert torch.equal(vlm.text_model.embed_tokens.weight, refs["llama_False"].model.embed_tokens.weight)
+
+
+def test_from_parts_gives_spare_rows_to_new_tokens(refs, tmp_path):
+    # A tokenizer smaller than the embedding (padded vocabularies are common): new tokens take spare rows, which start
+    # at the mean of the rows the tokenizer used (not of the spare ones), and nothing grows.
+    tokens = ["<|endoftext|>", "<|im_start|>"] + [f"w{i}" for i in range(98)]
+    vlm = VLM.from_parts(refs["siglip_dual_dir"], text_dir_with_tokenizer(refs, tmp_path, True, tokens))
+    emb, ref = vlm.text_model.embed_tokens.weight, refs["llama_True"].model.embed_tokens.weight
+    assert vlm.config.text.vocab_size == TEXT["vocab_size"] and vlm.config.image_token_id in range(100, 104)
+    assert torch.equal(emb[:100], ref[:100]) and torch.equal(emb[104:], ref[104:])
+    assert torch.allclose(emb[100:104], ref[:100].mean(0).expand(4, -1), atol=1e-6)
 
 
 def idefics_batch(tokens_per_image):
