@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
 
+import data  # noqa: E402
 from model import (SPECIAL_TOKENS, VLM, KVCache, SiglipEmbeddings, apply_rotary, get_config,  # noqa: E402
                    rotary_cos_sin)
 
@@ -203,10 +204,10 @@ def test_from_parts_adds_the_chat_tokens_a_text_tokenizer_lacks(refs, tmp_path, 
     with torch.no_grad():
         got, _ = vlm(text_ids)
         assert max_diff(got[..., :V], ref(input_ids=text_ids).logits) <= TOL
-    # A forward with an image, prompted in the chat format (every special token now has an id).
-    n = vlm.config.tokens_per_image
-    prompt = torch.tensor([[ids["<|im_start|>"], 5, ids["<fake_token_around_image>"], ids["<global-img>"]] +
-                           [ids["<image>"]] * n + [ids["<fake_token_around_image>"], 6, 7, ids["<end_of_utterance>"]]])
+    # A forward with an image, prompted in the chat format the agents use (every special token now has an id).
+    messages = [{"role": "user", "content": "w5 w6", "image": True}]
+    prompt = torch.tensor([data.render_conversation(vlm.tokenizer, messages, vlm.config.tokens_per_image, True)[0]])
+    assert (prompt == ids["<image>"]).sum() == vlm.config.tokens_per_image
     with torch.no_grad():
         with_image, _ = vlm(prompt, pixel_values=images(1, seed=6))
     assert with_image.shape == (1, prompt.shape[1], V + 4) and torch.isfinite(with_image).all()
