@@ -1,6 +1,7 @@
 """Iterative DPO on the reasoning agent (Insight-V, Sec. 3.3), and the main job of this project.
 
     python train_dpo.py --iters 3
+    torchrun --standalone --nproc_per_node=4 train_dpo.py --iters 3   # the same job on 4 GPUs
 
 runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing (data, base
 model, both agents, the ablation arms), then runs N rounds of DPO, then the evaluation. In round t the reasoning
@@ -9,7 +10,8 @@ and a question's sound, correct chains are preferred to a wrong one: the paper's
 chain M_t writes greedily, the mistake evaluation sees (--rejected). One epoch of DPO with the reference = M_t gives
 M_{t+1}; the summary agent stays as SFT'd, on the teacher's chains and M_0's own (on_policy_summary_set). DPO
 (Rafailov et al. 2023) is written by hand: `dpo_loss` is a pure function of summed log-probabilities, which
-`sequence_logps` computes in fp32 for the completion tokens only.
+`sequence_logps` computes in fp32 for the completion tokens only. Under torchrun every process samples its share of
+each round's questions and trains on its share of each batch of pairs (train_sft's data parallelism).
 """
 
 import contextlib
@@ -172,17 +174,22 @@ class DPOConfig:
 
 def sample_chains(policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
     """k chains per question (default --samples-per-question at --temperature; 0 = greedy) from the policy -> {row id:
-    [chain text, ...]}; prefixes {row id: start of the chain} are continued."""
+    [chain text, ...]}; prefixes {row id: start of the chain} are continued. Under torchrun process r decodes batches
+    r, r + N, ..., each with the seed it has in one process, and every process gets all the chains."""
     k, temperature, out = k or cfg.samples_per_question, cfg.temperature if temperature is None else temperature, {}
     per_batch = max(1, cfg.sample_batch // k)  # prompts per generate call: k samples each
-    for i, (batch, images) in enumerate(agents.batches(rows, image_root, policy.config.vision.image_size, per_batch,
-                                                       desc=f"  {desc} chains")):
+    rank, world = train_sft.distributed()
+    mine = [r for start in range(rank * per_batch, len(rows), world * per_batch) for r in rows[start:start + per_batch]]
+    for i, (batch, images) in enumerate(agents.batches(mine, image_root, policy.config.vision.image_size, per_batch,
+                                                       desc=f"  {desc} chains" if rank == 0 else None)):
         texts = agents.complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
-                                cfg.max_chain_tokens, temperature, cfg.top_p, num_samples=k, seed=seed + i,
-                                precision=cfg.precision, prefixes=prefixes and [prefixes[r["id"]] for r in batch])
+                                cfg.max_chain_tokens, temperature, cfg.top_p, num_samples=k,
+                                seed=seed + rank + i * world, precision=cfg.precision,  # batch rank + i * N of all
+                                prefixes=prefixes and [prefixes[r["id"]] for r in batch])
         for j, r in enumerate(batch):
             out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
-    return out
+    chains = {i: c for part in train_sft.all_gather(out) for i, c in part.items()}
+    return {r["id"]: chains[r["id"]] for r in rows}  # in the rows' order
 
 
 def rank_samples(row, texts, answer_filter, scorer):
@@ -199,11 +206,17 @@ def encode_pairs(pairs, tok, cfg, image_root):
 
 
 def pair_batches(encoded, batch_size, pad_id, generator):
-    """Shuffled batches; each is ONE collated batch: chosen rows first, then their rejected rows."""
+    """Shuffled batches of pairs -> (this process's part as ONE collated batch: chosen rows first, then their rejected
+    rows; its number of pairs; the batch's). Under torchrun process r takes pairs r, r + N, ... of each batch; a short
+    last batch may leave it none, and it then runs the batch's first pair, counted as 0: DDP needs every process in
+    every backward."""
+    rank, world = train_sft.distributed()
     order = torch.randperm(len(encoded), generator=generator).tolist()
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        yield train_sft.collate([encoded[j][0] for j in idx] + [encoded[j][1] for j in idx], pad_id)
+        part = idx[rank::world] or idx[:1]
+        yield (train_sft.collate([encoded[j][0] for j in part] + [encoded[j][1] for j in part], pad_id),
+               len(idx[rank::world]), len(idx))
 
 
 def same_kernels(device):
@@ -215,28 +228,33 @@ def same_kernels(device):
 
 
 def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
-    """One epoch of DPO with the reference = the policy at the start of the round."""
+    """One epoch of DPO with the reference = the policy at the start of the round. Under torchrun every process has
+    all the pairs, runs its part of each batch (pair_batches), and its gradients and metrics are the whole batch's."""
+    rank, world = train_sft.distributed()
     pad_id = data.special_ids(policy.tokenizer)["pad"]
     encoded = encode_pairs(pairs, policy.tokenizer, policy.config, image_root)
     g = torch.Generator().manual_seed(cfg.seed + round_idx)
-    batches = [train_sft.to_device(b, device) for b in pair_batches(encoded, cfg.batch_size, pad_id, g)]
+    parts = pair_batches(encoded, cfg.batch_size, pad_id, g)
+    batches = [(train_sft.to_device(b, device), n_part, n_pairs) for b, n_part, n_pairs in parts]
 
     # Reference log-probs once, from the round's starting policy on the same batches: no second model in memory. Train
     # mode (no dropout) and same_kernels pick the training forward's kernels, so the ln 2 check below is exact.
     policy.train()
     with torch.no_grad(), train_sft.autocast(device, cfg.precision), same_kernels(device):  # no_grad: autocast's cache
-        refs = [sequence_logps(policy, b).chunk(2) for b in tqdm(batches, desc="  reference log-probs", leave=False)]
+        refs = [sequence_logps(policy, b).chunk(2)
+                for b, _, _ in tqdm(batches, desc="  reference log-probs", leave=False, disable=rank > 0)]
 
     # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
     order = torch.cat([torch.randperm(len(batches), generator=g) for _ in range(cfg.epochs)]).tolist()
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
+    model = train_sft.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
     totals = {}
-    bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False)
-    for step, (batch, (ref_c, ref_r)) in enumerate(bar):
+    bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False, disable=rank > 0)
+    for step, ((batch, n_part, n_pairs), (ref_c, ref_r)) in enumerate(bar):
         with train_sft.autocast(device, cfg.precision), same_kernels(device):
-            logps, counts = sequence_logps(policy, batch, return_counts=True)  # chosen and rejected in one forward
+            logps, counts = sequence_logps(model, batch, return_counts=True)  # chosen and rejected in one forward
         pol_c, pol_r = logps.chunk(2)
         chosen_nll = -pol_c / counts.chunk(2)[0].clamp(min=1)
         loss, r_c, r_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing,
@@ -249,18 +267,22 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
             expect, pure = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2), pure.item()
             assert abs(pure - expect) < 1e-4 * max(1.0, expect), f"round start loss {pure} != {expect}"
             log({"round": round_idx, "event": "start_check", "loss": pure, "expected": expect})
-        scaler.scale(loss).backward()
+        # The process's part of the batch's mean, x N: DDP's mean over the N processes is then their sum (as in SFT).
+        share = n_part / n_pairs
+        scaler.scale(loss * share * world).backward()
         stats = {"loss": loss, "rewards/chosen": r_c.mean(), "rewards/rejected": r_r.mean(),
                  "rewards/accuracies": (r_c > r_r).float().mean(), "rewards/margins": (r_c - r_r).mean(),
                  "logps/chosen": pol_c.mean(), "logps/rejected": pol_r.mean()}
+        # The whole batch's means: each process's, weighted by its share of the pairs, summed over the processes.
+        stats = dict(zip(stats, train_sft.all_reduce_sum(torch.stack([v.detach() for v in stats.values()]) * share)))
         def check(m):  # SFT's guard: the bad update never happens, and the round is saved only when it ends
             train_sft.halt_if_diverged(m, scaler, f"DPO round {round_idx} step {step + 1}",
                                        f"nothing of round {round_idx} was saved", device, cfg.precision)
-        metrics = {**train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, check), "pairs": len(ref_c)}
+        metrics = {**train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, check), "pairs": n_pairs}
         sched.step()
         log({"round": round_idx, "step": step, "lr": sched.get_last_lr()[0], **metrics})
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * len(ref_c))
+            totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * n_pairs)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     policy.eval()
     n = max(1, totals.get("pairs", 0))  # pair-steps: each pair counts once per epoch
@@ -300,9 +322,11 @@ def on_policy_summary_set(cfg, data_dir, device):
     question sampled from the SFT reasoning agent, each with its question's true answer as the target. At test time
     the summary agent reads this agent's chains, whose mistakes differ from the teacher's injected ones (e.g. a right
     last step, then another answer); the paper's summary data comes from the reasoning data's generator likewise.
-    Rows are the teacher's format ("path": agentK marks them) -> the file's name in data_dir."""
+    Rows are the teacher's format ("path": agentK marks them) -> the file's name in data_dir. Under torchrun the
+    processes share the sampling, and rank 0 writes the file."""
     name, answer_filter, scorer = "summary_onpolicy_sft.jsonl", data.AnswerFilter(), data.SceneStepScorer()
-    print(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> {name}")
+    train_sft.print0(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> "
+                     f"{name}")
     reasoner = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
     train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
@@ -313,22 +337,29 @@ def on_policy_summary_set(cfg, data_dir, device):
             rows.append(data.sft_row(r, "summary", data.render_chain(data.parse_chain(s["text"])), path=f"agent{k}",
                                      bucket=data.bucket(s["score"]), chain_correct=s["correct"]))
     random.Random(cfg.seed).shuffle(rows)
-    atomic_write(os.path.join(data_dir, name), lambda p: data.write_jsonl(p, rows))
+    train_sft.on_rank0(atomic_write, os.path.join(data_dir, name), lambda p: data.write_jsonl(p, rows))
     return name
 
 
 def build_missing_stages(cfg):
-    """Data, base, both agents and the ablation arms, each reused when already built (unless --force)."""
+    """Data, base, both agents and the ablation arms, each reused when already built (unless --force). Under torchrun
+    rank 0 builds the data while the others wait, and every stage trains on all the processes."""
     data_dir = os.path.join(cfg.out, "data")
     if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
-        print(f"[stage] data -> {data_dir}")
-        data.build_world(data_dir)
+        train_sft.print0(f"[stage] data -> {data_dir}")
+        train_sft.on_rank0(data.build_world, data_dir)
+    # N processes take each step's 32 rows as N micro-batches of 32 / N. The steps are one process's until the first
+    # epoch ends; micro_batch cuts each epoch by the micro-batch size, so later steps straddle epochs differently.
+    rows, world = train_sft.TrainConfig().batch_size, train_sft.distributed()[1]
     summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
         stage_path = train_sft.stage_dir(cfg.out, stage)
         if not cfg.force and os.path.isfile(os.path.join(stage_path, train_sft.STAGE_DONE)):
-            print(f"[stage] {stage}: cached at {stage_path}")
+            train_sft.print0(f"[stage] {stage}: cached at {stage_path}")
             continue
+        if rows % world:
+            raise ValueError(f"the SFT stages take {rows} rows a step, which do not split over {world} processes: "
+                             f"run on a number of processes that divides {rows}, or build them with train_sft.py")
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
         resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
         init = cfg.init if stage == "base" and cfg.init else None  # --init stands in for the base stage's fresh model
@@ -336,14 +367,16 @@ def build_missing_stages(cfg):
             summary_file = on_policy_summary_set(cfg, data_dir, train_sft.resolve_device(cfg.device))
         train_sft.run_stage(stage, train_sft.TrainConfig(
             stage=stage, out=cfg.out, init=init, precision=cfg.precision, device=cfg.device, resume=resume,
-            seed=cfg.sft_seed, data_file=summary_file if stage in ("summary", "summary-only") else None))
+            seed=cfg.sft_seed, batch_size=rows // world, grad_accum=world,
+            data_file=summary_file if stage in ("summary", "summary-only") else None))
 
 
 def run(cfg):
-    """The whole job for a DPOConfig: missing stages, the DPO rounds, the evaluation -> eval.run_eval's results."""
+    """The whole job for a DPOConfig: missing stages, the DPO rounds, the evaluation -> eval.run_eval's results. Under
+    torchrun rank 0 alone writes, logs, prints and evaluates; the others wait for its results."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    device = train_sft.resolve_device(cfg.device)
+    rank, _, device = train_sft.setup_distributed(cfg.device)
     data.writable_dir(cfg.out)
     build_missing_stages(cfg)
     data_dir = os.path.join(cfg.out, "data")
@@ -356,30 +389,32 @@ def run(cfg):
     log_path, t_dpo = os.path.join(cfg.out, "logs", "dpo.jsonl"), time.time()
 
     def log(record):  # elapsed_s: seconds since the DPO part began
-        with open(log_path, "a") as f:
-            f.write(json.dumps({**record, "elapsed_s": round(time.time() - t_dpo, 3)}) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({**record, "elapsed_s": round(time.time() - t_dpo, 3)}) + "\n")
 
     def report(name, stats):
-        val = evaluation.evaluate_two_agent(policy, summary, val_rows, data_dir, precision=cfg.precision)
+        val = train_sft.on_rank0(evaluation.evaluate_two_agent, policy, summary, val_rows, data_dir,
+                                 precision=cfg.precision)
         row = {"round": name, **stats, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]}
         log({"event": "round", **row})
-        print(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in row.items() if k != "round"))
+        train_sft.print0(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in row.items() if k != "round"))
         return row
 
     table = [report("sft", {})]
     for t in range(1, cfg.iters + 1):
         round_dir = train_sft.stage_dir(cfg.out, f"reasoning_dpo{t}")
         if not cfg.force and os.path.isfile(os.path.join(round_dir, "round.json")):
-            print(f"[stage] DPO round {t}: cached at {round_dir}")
+            train_sft.print0(f"[stage] DPO round {t}: cached at {round_dir}")
             policy = VLM.from_pretrained(round_dir).to(device).eval()
             with open(os.path.join(round_dir, "round.json")) as f:
                 table.append(json.load(f))
             continue
-        print(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x {cfg.pool_size} "
-              f"questions, rank, pair, train")
+        train_sft.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
+                         f"{cfg.pool_size} questions, rank, pair, train")
         if cfg.fresh_pool:  # new scenes for every round, each seed its own
-            pool = data.extra_split(data_dir, f"dpo{t}-seed{cfg.seed}", cfg.pool_size)
+            pool = train_sft.on_rank0(data.extra_split, data_dir, f"dpo{t}-seed{cfg.seed}", cfg.pool_size)
         else:  # fixed per round
             pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))
         pairs, pair_stats = round_pairs(policy, pool, data_dir, cfg, cfg.seed + 1000 * t, answer_filter, scorer)
@@ -388,29 +423,33 @@ def run(cfg):
                              f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
         stats = {**dpo_round(policy, pairs, cfg, device, log, t, data_dir), **pair_stats}
         row = report(f"dpo{t}", stats)
-        policy.save_pretrained(round_dir)
-        atomic_write(os.path.join(round_dir, "round.json"), lambda f: write_json(row, f))
+        if rank == 0:
+            policy.save_pretrained(round_dir)
+            atomic_write(os.path.join(round_dir, "round.json"), lambda f: write_json(row, f))
         table.append(row)
 
-    print("\nIterative DPO, per round (val):")
-    print("| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |")
-    print("|---|---|---|---|---|---|---|")
+    train_sft.print0("\nIterative DPO, per round (val):")
+    train_sft.print0("| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |")
+    train_sft.print0("|---|---|---|---|---|---|---|")
     for r in table:
         cells = [r.get("pairs"), r.get("rewards/accuracies"), r.get("rewards/margins"), r.get("sample_correct"),
                  r["val/chain_correct"], r["val/two_agent"]]
-        print(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
-                                               for c in cells) + " |")
-    results = evaluation.run_eval(cfg.out, limit=cfg.eval_limit or None, device=device, precision=cfg.precision)
-    print(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
+        train_sft.print0(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float)
+                                                          else str(c) for c in cells) + " |")
+    results = train_sft.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
+                                 precision=cfg.precision)
+    train_sft.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
     return results
 
 
 def main(argv=None):
     cfg = data.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
     try:
-        return run(cfg)
+        results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
+    train_sft.cleanup_distributed()
+    return results
 
 
 if __name__ == "__main__":

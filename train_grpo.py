@@ -1,13 +1,15 @@
 """GRPO on the reasoning agent: on-policy RL with verifiable rewards, side by side with iterative DPO (train_dpo.py).
 
     python train_grpo.py
+    torchrun --standalone --nproc_per_node=4 train_grpo.py   # the same run on 4 GPUs
 
 builds whatever earlier stage is missing exactly as train_dpo.py does, then trains the SFT reasoning agent with GRPO
 (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300). Each step samples G chains per question from the current policy;
 the data pipeline's own assessment rewards each (answer filter, plus the 1-100 step score); a chain's advantage is its
 reward against its group's mean, and a token-level policy gradient raises the chains above the mean. The summary agent
 stays as SFT'd, as in the DPO job. The result, OUT/reasoning_grpo, is eval.py's arm two_agent_grpo, compared on the
-same test questions with the SFT agents and the last DPO round.
+same test questions with the SFT agents and the last DPO round. Under torchrun every process samples its share of each
+step's questions and trains on its share of the chains (train_sft's data parallelism).
 """
 
 import json
@@ -153,31 +155,44 @@ def rollout(policy, rows, data_dir, cfg, dpo_cfg, seed, judges):
 
 
 def micro_batches(examples, size, pad_id, device):
-    """[(encoded chain, advantage)] -> ([(batch on the device, advantages (b,))], the step's chain tokens)."""
-    chunks, n_tokens = [], 0
-    for i in range(0, len(examples), size):
-        part = examples[i:i + size]
+    """[(encoded chain, advantage)] -> ([(batch on the device, advantages (b,))], the step's chain tokens). Under
+    torchrun process r takes chains r, r + N, ...; the tokens are every process's, as every token weighs alike."""
+    rank, world = train_sft.distributed()
+    # Counted on the host, as collate counts them: the loss's denominator, over the whole step.
+    n_tokens = sum(int((e["targets"][1:] != -100).sum()) for e, _ in examples)
+    mine = examples[rank::world]
+    if examples and not mine:
+        # Fewer chains than processes: DDP needs every process in every backward, so this one runs a chain with no
+        # target token, which adds nothing.
+        e, _ = examples[0]
+        mine = [({**e, "targets": torch.full_like(e["targets"], -100)}, 0.0)]
+    chunks = []
+    for i in range(0, len(mine), size):
+        part = mine[i:i + size]
         batch = train_sft.collate([e for e, _ in part], pad_id)
-        n_tokens += batch["n_targets"]  # counted on the host: the loss's denominator, over the whole step
         chunks.append((train_sft.to_device(batch, device), torch.tensor([a for _, a in part], device=device)))
     return chunks, n_tokens
 
 
 def update(policy, opt, scaler, chunks, n_tokens, cfg, device, check):
     """One optimizer step over the step's micro-batches [(batch, advantages (b,), old logps, ref logps)]: each loss is
-    already divided by the step's n_tokens, so the gradients add up to the whole step's -> metrics (floats)."""
-    totals = {}
-    for batch, adv, old, ref in chunks:
+    already divided by the step's n_tokens, so the gradients add up to the whole step's -> metrics (floats). Under
+    torchrun policy is in DDP and chunks are this process's: gradients and metrics are summed over the processes."""
+    world, totals = train_sft.distributed()[1], {}
+    for i, (batch, adv, old, ref) in enumerate(chunks):
+        if world > 1:  # DDP syncs the gradients once an update, in the backward of the process's last micro-batch
+            policy.require_backward_grad_sync = i == len(chunks) - 1
         with train_sft.autocast(device, cfg.precision), train_dpo.same_kernels(device):
             logps, mask = train_dpo.token_logps(policy, batch)  # (b, T-1) fp32, (b, T-1)
         loss, kl = grpo_loss(logps, logps.detach() if old is None else old, adv, mask, n_tokens, cfg.clip_eps, ref,
                              cfg.kl_coef)
-        scaler.scale(loss).backward()
+        scaler.scale(loss * world).backward()  # x N: DDP's mean over the N processes is then their sum
         parts = {"loss": loss.detach(), "token_logp": (logps.detach() * mask).sum() / n_tokens}
         if kl is not None:
             parts["kl"] = (kl.detach() * mask).sum() / n_tokens
         for k, v in parts.items():
             totals[k] = totals.get(k, 0) + v
+    totals = dict(zip(totals, train_sft.all_reduce_sum(torch.stack(list(totals.values())))))  # every process's chains
     return train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, totals, check)
 
 
@@ -226,7 +241,9 @@ def load_state(policy, opt, scaler, cfg, path):
 
 
 def train(cfg, dpo_cfg, device, out_dir):
-    """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then the GRPO_DONE marker)."""
+    """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then the GRPO_DONE marker). Under torchrun every
+    process samples and trains its share; rank 0 alone writes, logs and evaluates, and the others wait for it."""
+    rank = train_sft.distributed()[0]
     data_dir, log_path, state_path = (os.path.join(cfg.out, "data"), os.path.join(cfg.out, "logs", "grpo.jsonl"),
                                       os.path.join(out_dir, "train_state.pt"))
     policy = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
@@ -237,37 +254,42 @@ def train(cfg, dpo_cfg, device, out_dir):
     if cfg.kl_coef:  # frozen, in train mode as the policy's passes are: the same attention kernels
         ref = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).train().requires_grad_(False)
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
-    pool, judges = question_pool(cfg, data_dir), (data.AnswerFilter(), data.SceneStepScorer())
+    pool, judges = train_sft.on_rank0(question_pool, cfg, data_dir), (data.AnswerFilter(), data.SceneStepScorer())
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
     scaler = train_sft.make_scaler(device, cfg.precision)
     pad_id = data.special_ids(policy.tokenizer)["pad"]
     data.writable_dir(out_dir)
     data.writable_dir(os.path.dirname(log_path))
-    Path(out_dir, GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
+    if rank == 0:
+        Path(out_dir, GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
     done, elapsed_before = 0, 0.0
     if cfg.resume and not cfg.force and os.path.isfile(state_path):
-        done = load_state(policy, opt, scaler, cfg, state_path)
-        print(f"[grpo] resuming at step {done}/{cfg.steps} from {state_path}")
-        lines = Path(log_path).read_text().splitlines(True) if os.path.exists(log_path) else []
-        kept = [line for line in lines if json.loads(line)["step"] <= done]  # the steps after it are done again
-        atomic_write(log_path, lambda p: Path(p).write_text("".join(kept)))
-        elapsed_before = json.loads(kept[-1])["elapsed_s"] if kept else 0.0
-    elif os.path.exists(log_path):
+        done = load_state(policy, opt, scaler, cfg, state_path)  # on every process
+        train_sft.print0(f"[grpo] resuming at step {done}/{cfg.steps} from {state_path}")
+        if rank == 0:
+            lines = Path(log_path).read_text().splitlines(True) if os.path.exists(log_path) else []
+            kept = [line for line in lines if json.loads(line)["step"] <= done]  # the steps after it are done again
+            atomic_write(log_path, lambda p: Path(p).write_text("".join(kept)))
+            elapsed_before = json.loads(kept[-1])["elapsed_s"] if kept else 0.0
+    elif rank == 0 and os.path.exists(log_path):
         os.remove(log_path)
+    model = train_sft.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
     t_start = time.time()
 
     def log(record):  # elapsed_s: seconds of GRPO, across --resume
         record = {**record, "elapsed_s": round(elapsed_before + time.time() - t_start, 3)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def report(step):
-        val = evaluation.evaluate_two_agent(policy.eval(), summary, val_rows, data_dir, precision=cfg.precision)
+        val = train_sft.on_rank0(evaluation.evaluate_two_agent, policy.eval(), summary, val_rows, data_dir,
+                                 precision=cfg.precision)
         log({"event": "eval", "step": step, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]})
 
     if done == 0:
         report(0)
-    bar = tqdm(total=cfg.steps, initial=done, desc="GRPO", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=done, desc="GRPO", dynamic_ncols=True, disable=rank > 0)
     try:
         while done < cfg.steps:
             rows = [pool[(done * cfg.questions_per_step + i) % len(pool)] for i in range(cfg.questions_per_step)]
@@ -276,7 +298,7 @@ def train(cfg, dpo_cfg, device, out_dir):
             def check(m):  # SFT's and DPO's guard: a NaN / inf stops the run before the weights change
                 saved = f"the last train_state.pt is in {out_dir}" if os.path.isfile(state_path) else "none was saved"
                 train_sft.halt_if_diverged(m, scaler, f"GRPO step {done + 1}", saved, device, cfg.precision)
-            metrics = grpo_step(policy.train(), ref, opt, scaler, examples, done, cfg, device, pad_id, check)
+            metrics = grpo_step(model.train(), ref, opt, scaler, examples, done, cfg, device, pad_id, check)
             done += 1
             log({"step": done, **stats, **metrics, "trained_chains": len(examples)})
             bar.update(1)
@@ -284,15 +306,18 @@ def train(cfg, dpo_cfg, device, out_dir):
                             skipped=stats["skipped_groups"])
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 report(done)
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and rank == 0:
                 save_state(policy, opt, scaler, done, cfg, state_path)
     except KeyboardInterrupt:
-        save_state(policy, opt, scaler, done, cfg, state_path)  # a half-done step's gradients are dropped
+        if rank == 0:  # every process holds the same weights
+            save_state(policy, opt, scaler, done, cfg, state_path)  # a half-done step's gradients are dropped
         bar.close()
-        print(f"interrupted: saved step {done}/{cfg.steps} to {state_path}; run again to continue")
+        train_sft.print0(f"interrupted: saved step {done}/{cfg.steps} to {state_path}; run again to continue")
         raise
     bar.close()
     report(cfg.steps)
+    if rank > 0:  # rank 0 alone writes the checkpoint and the summary
+        return None
     policy.eval().save_pretrained(out_dir)
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
     steps, evals = [r for r in records if "event" not in r], [r for r in records if r.get("event") == "eval"]
@@ -324,7 +349,7 @@ def run(cfg):
     """The whole job for a GRPOConfig: missing stages (train_dpo's), GRPO, the evaluation -> eval.run_eval's results."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    device = train_sft.resolve_device(cfg.device)
+    _, _, device = train_sft.setup_distributed(cfg.device)
     data.writable_dir(cfg.out)
     # The shared fields (out, init, force, precision, device, seeds, the summary set's chains, decoding) build the
     # stages exactly as the DPO job would, and decode through its sample_chains.
@@ -332,23 +357,27 @@ def run(cfg):
     train_dpo.build_missing_stages(dpo_cfg)
     out_dir = train_sft.stage_dir(cfg.out, "reasoning_grpo")
     if not cfg.force and os.path.isfile(os.path.join(out_dir, GRPO_DONE)):
-        print(f"[stage] GRPO: cached at {out_dir}")
+        train_sft.print0(f"[stage] GRPO: cached at {out_dir}")
     else:
-        print(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} chains")
+        train_sft.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "
+                         f"chains")
         train(cfg, dpo_cfg, device, out_dir)
-    results = evaluation.run_eval(cfg.out, limit=cfg.eval_limit or None, device=device, precision=cfg.precision)
-    print(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
+    results = train_sft.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
+                                 precision=cfg.precision)
+    train_sft.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
     return results
 
 
 def main(argv=None):
     cfg = data.parse_config(GRPOConfig, argv, description=__doc__.splitlines()[0])
     try:
-        return run(cfg)
+        results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)
+    train_sft.cleanup_distributed()
+    return results
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
 Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.3) fine-tunes two agents from one base MLLM, trained here by
 the first stage in the role of LLaVA-NeXT (`--init DIR`: real weights). The reasoning agent writes a long structured
 chain; the summary agent answers from the question and a chain that may be flawed. The loop: nanoGPT's train.py plus
-gradient accumulation, bf16 / fp16 mixed precision, fp32 master weights, a val loss, exact `--resume`, a JSONL log.
+gradient accumulation, bf16 / fp16 mixed precision, fp32 master weights, a val loss, exact `--resume`, a JSONL log,
+and data parallelism over N GPUs with torchrun (nanoGPT's DDP).
 
     python data.py --out out/data && python train_sft.py --stage base   # then the other STAGES, in order
+    torchrun --standalone --nproc_per_node=4 train_sft.py --stage base --batch-size 8 --grad-accum 4  # 4 GPUs
 """
 
 import contextlib
+import datetime
 import functools
+import gc
 import json
 import math
 import os
@@ -19,7 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
@@ -62,7 +68,7 @@ class TrainConfig:
     epochs: float = data.option(None, "passes over the data (default: the stage's)", type=float, above=0)
     max_steps: int = data.option(0, "optimizer steps; 0 = from --epochs", min=0)
     batch_size: int = data.option(32, "sequences per micro-batch", min=1)
-    grad_accum: int = data.option(1, "micro-batches per optimizer step", min=1)
+    grad_accum: int = data.option(1, "micro-batches per optimizer step, over all torchrun processes", min=1)
     lr: float = data.option(None, "peak lr of the language model (default: the stage's)", type=float, above=0)
     lr_vision: float = data.option(None, "peak lr of the vision tower (default: --lr)", type=float, above=0)
     lr_projector: float = data.option(None, "peak lr of the projector (default: --lr)", type=float, above=0)
@@ -119,7 +125,7 @@ def micro_batch(examples, index, batch_size, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Device, mixed precision and the learning-rate schedule
+# Device and mixed precision
 
 def resolve_device(name):
     """'auto' -> CUDA if there is one, else the CPU; every script comes here, so here fp32 matmuls get TF32 on a GPU."""
@@ -163,6 +169,89 @@ def make_scaler(device, precision):
     """A GradScaler, active only for fp16 (whose gradients underflow unless the loss is scaled up first)."""
     return torch.amp.GradScaler(torch.device(device).type, enabled=resolve_precision(device, precision) == "fp16")
 
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism. `torchrun --standalone --nproc_per_node=N script.py ...` starts N copies of a training script, one
+# per GPU (gloo between CPU processes): each holds the whole model and runs its share of every step's rows, and DDP
+# adds up their gradients in backward, so a step is the one-process step. Rank 0 alone writes files and prints.
+# Without torchrun (no WORLD_SIZE) there is no process group, and every helper below leaves the code as it was.
+
+def setup_distributed(device_name):
+    """-> (rank, world size, device) of this process: (0, 1, the device) without torchrun (no WORLD_SIZE), with no
+    process group. Under torchrun: one group (NCCL between GPUs, gloo on the CPU) and GPU LOCAL_RANK for this process.
+    Called again, as when train_dpo.py trains several stages, it returns the same."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name}: under torchrun each process takes GPU LOCAL_RANK; pass --device "
+                             f"cuda (or auto) and pick the GPUs with CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)  # "cuda" now means this GPU, in every later call
+    if not dist.is_initialized():
+        # The others wait in a collective while rank 0 alone builds data or evaluates: an hour, not NCCL's 10 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed():
+    """Leave the process group at the end of a script run by torchrun (nothing without it)."""
+    if dist.is_initialized():
+        gc.collect()  # DDP wrappers sit in reference cycles that hold the group: gloo can abort if they outlive it
+        dist.destroy_process_group()
+
+
+def distributed():
+    """(rank, world size) of this process: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(*args):
+    """print, on rank 0 alone."""
+    if distributed()[0] == 0:
+        print(*args)
+
+
+def data_parallel(model):
+    """The model in DDP under torchrun (it starts every process from rank 0's weights and averages the gradients over
+    the processes in backward), else the model itself. Wrap it after freezing: DDP syncs what requires grad then."""
+    if distributed()[1] == 1:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_reduce_sum(tensor):
+    """The tensor summed over the processes (itself without torchrun); stack numbers to send them in one call."""
+    if distributed()[1] > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(obj):
+    """[process 0's obj, process 1's, ...] on every process ([obj] without torchrun); obj: anything picklable."""
+    world = distributed()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 alone, as for files it writes; the others wait for it and get its result too."""
+    rank, world = distributed()
+    if world == 1:
+        return fn(*args, **kwargs)
+    out = [fn(*args, **kwargs) if rank == 0 else None]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The learning-rate schedule, the optimizer and one training step
 
 def lr_lambda(step, warmup, total, min_ratio):
     """The lr multiplier at step `step` (from 0): linear warmup, then cosine down to min_ratio (nanoGPT's get_lr)."""
@@ -212,16 +301,20 @@ def halt_if_diverged(m, scaler, where, kept, device, precision):
 
 
 def train_step(forward, scaler, batches, device, precision):
-    """Backward over a step's micro-batches, each weighted by its share of target tokens (= one big batch) -> loss."""
-    total, step_targets = 0, sum(b["n_targets"] for b in batches)
-    for batch in batches:
+    """Backward over a step's micro-batches, each weighted by its share of target tokens (= one big batch) -> loss.
+    Under torchrun process r runs micro-batches r, r + N, ... (forward is in DDP), and the loss is summed over all."""
+    rank, world = distributed()
+    total, step_targets, mine = 0, sum(b["n_targets"] for b in batches), batches[rank::world]
+    for i, batch in enumerate(mine):
         n, batch = batch["n_targets"], to_device(batch, device)
+        if world > 1:  # DDP syncs the gradients once a step, in the backward of the process's last micro-batch
+            forward.require_backward_grad_sync = i == len(mine) - 1
         with autocast(device, precision):
             _, loss = forward(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
         weighted = loss * (n / step_targets)
-        scaler.scale(weighted).backward()
+        scaler.scale(weighted * world).backward()  # x N: DDP's mean over the N processes is then their sum
         total = total + weighted.detach()
-    return total
+    return all_reduce_sum(total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,17 +322,20 @@ def train_step(forward, scaler, batches, device, precision):
 
 @torch.no_grad()
 def evaluate(model, examples, cfg, device, pad_id):
-    """Mean loss per target token over all examples (not a mean of batch means)."""
+    """Mean loss per target token over all examples (not a mean of batch means); under torchrun each process scores
+    every N-th batch, and the sums are added up."""
+    rank, world = distributed()
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # float64, as Python floats sum
+    for i in range(rank * cfg.batch_size, len(examples), world * cfg.batch_size):
         batch = collate(examples[i:i + cfg.batch_size], pad_id)
         n, batch = batch["n_targets"], to_device(batch, device)
         with autocast(device, cfg.precision):
             _, loss = model(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
-        total, count = total + loss.double() * n, count + n  # float64, as Python floats sum
+        total, count = total + loss.double() * n, count + n
     model.train()
-    return float(total) / count if count else float("nan")
+    total, count = all_reduce_sum(torch.stack([total, total.new_tensor(count)])).tolist()
+    return total / count if count else float("nan")
 
 
 def save_checkpoint(model, optimizer, scaler, step, cfg, out_dir):
@@ -276,14 +372,16 @@ def load_train_state(model, optimizer, scaler, cfg, out_dir):
 
 
 def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc):
-    """Train `model` in place; checkpoints to out_dir, metrics to log_path -> a summary. Ctrl-C saves first."""
-    device = resolve_device(cfg.device)
+    """Train `model` in place; checkpoints to out_dir, metrics to log_path -> a summary. Ctrl-C saves first. Under
+    torchrun every process trains (train_step) and rank 0 alone writes the log and checkpoints."""
+    device, master = resolve_device(cfg.device), distributed()[0] == 0
     model.to(device).train()
     pad_id = data.special_ids(model.tokenizer)["pad"] if model.tokenizer is not None else 0
     optimizer = make_optimizer(model, cfg)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     scaler = make_scaler(device, cfg.precision)
     forward = torch.compile(model, dynamic=True) if cfg.compile else model  # dynamic: each batch has its own length
+    forward = data_parallel(forward)  # after make_optimizer, which froze what it does not train
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
@@ -295,19 +393,20 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
         if done >= total:  # nothing left to train, so no losses to report
             raise ValueError(f"{out_dir}/train_state.pt is at step {done} of {total}: nothing to resume; run without "
                              f"--resume to train again, or resume with more --max-steps / --epochs")
-        if os.path.exists(log_path):  # drop lines of steps after the checkpoint (a crash may have logged them)
+        if master and os.path.exists(log_path):  # drop lines of steps after the checkpoint (a crash may log them)
             kept = [line for line in Path(log_path).read_text().splitlines(True) if json.loads(line)["step"] <= done]
             atomic_write(log_path, lambda p: Path(p).write_text("".join(kept)))
             elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
-    elif os.path.exists(log_path):
+    elif master and os.path.exists(log_path):
         os.remove(log_path)
     saved, train_loss, val_loss, tokens, t_start = done, float("nan"), float("nan"), 0, time.time()
-    bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, disable=not master)
     try:
         while done < total:
             scale = lr_lambda(done, warmup, total, cfg.min_lr_ratio)
             for group, peak in zip(optimizer.param_groups, peak_lrs):
                 group["lr"] = peak * scale
+            # The whole step, on every process: it counts the step's tokens, and train_step picks its micro-batches.
             batches = [collate(micro_batch(train_examples, done * cfg.grad_accum + k, cfg.batch_size, cfg.seed), pad_id)
                        for k in range(cfg.grad_accum)]
             tokens += sum(b["n_tokens"] for b in batches)
@@ -322,18 +421,20 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
                 val_loss = record["val_loss"] = evaluate(model, val_examples, cfg, device, pad_id)
             record["elapsed_s"] = elapsed_before + time.time() - t_start  # the stage's wall time, across --resume
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}",
                             tok_s=f"{record['tok_s']:.0f}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == total:
-                save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)
+                on_rank0(save_checkpoint, model, optimizer, scaler, done, cfg, out_dir)  # the others wait for it
                 saved = done
     except KeyboardInterrupt:
-        save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)  # gradients of a half-done step are dropped
+        if master:  # every process holds the same weights
+            save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)  # gradients of a half-done step are dropped
         bar.close()
-        print(f"interrupted: saved step {done}/{total} to {out_dir}; continue with --resume")
+        print0(f"interrupted: saved step {done}/{total} to {out_dir}; continue with --resume")
         raise
     bar.close()
     wall = time.time() - t_start
@@ -361,8 +462,8 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
     """Train model.vision_model in place on describe rows -> held-out accuracy per label (None: skipped)."""
     mcfg, device = model.config, resolve_device(cfg.device)
     if mcfg.tokens_per_image != len(data.CELLS) or not rows:
-        print(f"[train_sft] vision pretraining skipped: it needs describe rows and one image token per "
-              f"grid cell ({len(data.CELLS)}; this model has {mcfg.tokens_per_image})")
+        print0(f"[train_sft] vision pretraining skipped: it needs describe rows and one image token per "
+               f"grid cell ({len(data.CELLS)}; this model has {mcfg.tokens_per_image})")
         return None
     def load(rs):  # -> images (N, 3, H, W), labels (N, cells, 3)
         images = [data.load_image(os.path.join(image_root, r["image"]), mcfg.vision.image_size) for r in rs]
@@ -378,7 +479,7 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
         with autocast(device, cfg.precision):
             tokens = pixel_shuffle(vision(x.to(device)), mcfg.scale_factor)  # (N, cells, width)
         return [head(tokens.float()) for head in heads]
-    for _ in tqdm(range(steps), desc="vision pretraining", leave=False):
+    for _ in tqdm(range(steps), desc="vision pretraining", leave=False, disable=distributed()[0] > 0):
         idx = torch.randint(len(rows), (batch_size,), generator=generator).to(device)
         y = labels[idx]  # (B, cells, 3)
         loss = sum(F.cross_entropy(out.flatten(0, 1), y[..., k].flatten()) for k, out in enumerate(logits(images[idx])))
@@ -392,13 +493,18 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
         x, y = load(val_rows) if val_rows else (images[:batch_size], labels[:batch_size])
         accuracy = {k: (out.argmax(-1).cpu() == y[..., i].cpu()).float().mean().item()
                     for i, (k, out) in enumerate(zip(VISION_LABELS, logits(x)))}
-    print(f"[train_sft] vision tower pretrained: {steps} steps on the cells of {len(rows)} scene descriptions; "
-          f"held-out cell accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    print0(f"[train_sft] vision tower pretrained: {steps} steps on the cells of {len(rows)} scene descriptions; "
+           f"held-out cell accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     return accuracy
 
 
 def run_stage(stage, cfg):
-    """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults."""
+    """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults. Under
+    torchrun every process encodes the rows and trains; rank 0 writes the checkpoint, and the others wait for it."""
+    rank, world = distributed()
+    if cfg.grad_accum % world:  # each process runs grad_accum / N micro-batches of every step
+        raise ValueError(f"--grad-accum {cfg.grad_accum} does not split over {world} processes: pass a multiple of "
+                         f"{world} (--batch-size x --grad-accum rows make a step, whatever the number of processes)")
     spec = STAGES[stage]
     cfg = replace(cfg, stage=stage, epochs=spec["epochs"] if cfg.epochs is None else cfg.epochs,
                   lr=spec["lr"] if cfg.lr is None else cfg.lr)
@@ -426,12 +532,13 @@ def run_stage(stage, cfg):
         model = VLM(get_config(cfg.preset, vocab_size=tok.get_vocab_size(),
                                image_token_id=data.special_ids(tok)["image"]))
         model.tokenizer = tok
-    print(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
-          f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
+    print0(f"[train_sft] {stage}: {spec['about']}; {model.num_params() / 1e6:.1f}M params from "
+           f"{init or 'scratch (' + cfg.preset + ')'}, data {path} -> {out_dir}")
     # Every row is encoded once, up front (the world is small); held-out images make the val set: none is trained on.
     task, required = spec["task"], ("image", "question", "answer") + (() if spec["task"] else ("task",))
     examples, skipped, images = [], 0, {}
-    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {os.path.basename(path)}", leave=False):
+    for row in tqdm(data.read_jsonl(path, required=required), desc=f"encoding {os.path.basename(path)}", leave=False,
+                    disable=rank > 0):
         ex = encode_row(row, model.tokenizer, model.config, data_dir, task)
         if not (ex["targets"] != -100).any():
             raise ValueError(f"{path}: row {row.get('id')!r} has no assistant text to learn "
@@ -442,7 +549,7 @@ def run_stage(stage, cfg):
         ex["image"] = images.setdefault(row["image"], ex["image"])  # rows of one scene share one tensor
         examples.append((row["image"], ex))
     if skipped:
-        print(f"{path}: skipped {skipped} rows longer than --max-len {cfg.max_len}")
+        print0(f"{path}: skipped {skipped} rows longer than --max-len {cfg.max_len}")
     if not examples:
         raise ValueError(f"{path}: no training rows: {skipped} dropped by --max-len {cfg.max_len}")
     names = sorted(images)
@@ -455,24 +562,27 @@ def run_stage(stage, cfg):
         describe = [r for r in data.read_jsonl(path) if r.get("task") == "describe"]
         pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
                         [r for r in describe if r["image"] in held_out], data_dir, cfg, cfg.vision_pretrain_steps)
-    Path(out_dir, STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
+    if rank == 0:
+        Path(out_dir, STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
     summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)
-    print(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
-          f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} "
-          f"val rows), {summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
+    print0(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
+           f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} "
+           f"val rows), {summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
     marker = {"stage": stage, **summary, "config": asdict(cfg)}  # written last: without it, the run was interrupted
-    atomic_write(os.path.join(out_dir, STAGE_DONE), lambda f: write_json(marker, f))
+    on_rank0(atomic_write, os.path.join(out_dir, STAGE_DONE), lambda f: write_json(marker, f))  # all wait for it
     return out_dir
 
 
 def main(argv=None):
     cfg = data.parse_config(TrainConfig, argv, description=__doc__.strip().splitlines()[0])
     try:
+        setup_distributed(cfg.device)  # a process group under torchrun; nothing without it
         run_stage(cfg.stage, cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)
+    cleanup_distributed()
 
 
 if __name__ == "__main__":
