@@ -56,8 +56,8 @@ class GRPOConfig:
     ppo_epochs: int = data.option(1, "updates on each step's samples; > 1 clips the ratio as PPO does", min=1)
     clip_eps: float = data.option(0.2, "PPO's clip range of the ratio (with --ppo-epochs > 1)", above=0, max=1)
     kl_coef: float = data.option(0.0, "weight of a k3 KL to the SFT agent (0 = off, as in Dr.GRPO and DAPO)", min=0)
-    lr: float = data.option(3e-5, "peak learning rate: 10x the DPO job's, at which DPO's margins stay near 0.001; "
-                                  "not tuned (docs/experiments.md)", above=0)
+    lr: float = data.option(1e-4, "peak learning rate, the best on val of 1e-5, 3e-5, 1e-4 and 3e-4 "
+                                  "(docs/experiments.md)", above=0)
     warmup_steps: int = data.option(5, "linear warmup updates, then cosine to 0.1 x lr (as DPO)", min=0)
     micro_batch: int = data.option(64, "sequences per forward / backward; they add up to the step's gradient", min=1)
     eval_every: int = data.option(20, "val report every N steps (and at the start and end); 0 = start and end", min=0)
