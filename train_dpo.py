@@ -436,6 +436,11 @@ def run(cfg):
                  r["val/chain_correct"], r["val/two_agent"]]
         train_sft.print0(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float)
                                                           else str(c) for c in cells) + " |")
+    return evaluate_run(cfg, device, t0)
+
+
+def evaluate_run(cfg, device, t0):
+    """Every arm of the run on the test split (rank 0; under torchrun the others wait), and the job's last line."""
     results = train_sft.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
                                  precision=cfg.precision)
     train_sft.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")

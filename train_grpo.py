@@ -362,10 +362,7 @@ def run(cfg):
         train_sft.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "
                          f"chains")
         train(cfg, dpo_cfg, device, out_dir)
-    results = train_sft.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
-                                 precision=cfg.precision)
-    train_sft.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
-    return results
+    return train_dpo.evaluate_run(cfg, device, t0)
 
 
 def main(argv=None):
