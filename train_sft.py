@@ -133,7 +133,7 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's documented TF32 switch (allow_tf32 is legacy)
     return device
 
 

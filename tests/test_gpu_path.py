@@ -211,9 +211,14 @@ def test_batches_travel_from_pinned_memory_on_cuda(monkeypatch):
 
 def test_cuda_settings_tf32_fused_adamw_and_dynamic_compile(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert train_sft.resolve_device("cuda") == torch.device("cuda")
-    assert torch.backends.cuda.matmul.allow_tf32  # fp32 matmuls on the tensor cores
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision  # a property of torch's backend module: set and restored by hand, not patched
+    try:
+        matmul.fp32_precision = "ieee"
+        assert train_sft.resolve_device("cuda") == torch.device("cuda")
+        assert matmul.fp32_precision == "tf32"  # fp32 matmuls on the tensor cores
+    finally:
+        matmul.fp32_precision = before
     monkeypatch.undo()
     kwargs = []
     real_adamw = torch.optim.AdamW
