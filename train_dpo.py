@@ -206,14 +206,13 @@ def encode_pairs(pairs, tok, cfg, image_root):
 
 
 def pair_batches(encoded, batch_size, pad_id, generator):
-    """Shuffled batches of pairs -> (this process's part as ONE collated batch: chosen rows first, then their rejected
+    """Length-grouped batches of pairs -> (this process's part as ONE collated batch: chosen rows first, then their rejected
     rows; its number of pairs; the batch's). Under torchrun process r takes pairs r, r + N, ... of each batch; a short
     last batch may leave it none, and it then runs the batch's first pair, counted as 0: DDP needs every process in
     every backward."""
     rank, world = train_sft.distributed()
-    order = torch.randperm(len(encoded), generator=generator).tolist()
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+    lengths = [max(len(chosen["ids"]), len(rejected["ids"])) for chosen, rejected in encoded]  # a pair's padded length
+    for idx in train_sft.length_grouped(lengths, batch_size, generator):
         part = idx[rank::world] or idx[:1]
         yield (train_sft.collate([encoded[j][0] for j in part] + [encoded[j][1] for j in part], pad_id),
                len(idx[rank::world]), len(idx))
@@ -348,8 +347,7 @@ def build_missing_stages(cfg):
     if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
         train_sft.print0(f"[stage] data -> {data_dir}")
         train_sft.on_rank0(data.build_world, data_dir)
-    # N processes take each step's 32 rows as N micro-batches of 32 / N. The steps are one process's until the first
-    # epoch ends; micro_batch cuts each epoch by the micro-batch size, so later steps straddle epochs differently.
+    # N processes take each step's 32 rows as N micro-batches of 32 / N: the rows of one process's step.
     rows, world = train_sft.TrainConfig().batch_size, train_sft.distributed()[1]
     summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it

@@ -17,8 +17,8 @@ import gc
 import json
 import math
 import os
+import re
 import time
-import timeit
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -50,6 +50,7 @@ STAGES = {
     "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
 }
+GROUP_POOL = 16  # batches sorted together by length_grouped: 3-4% padding on the default sets (docs/experiments.md)
 STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
 
 
@@ -76,7 +77,7 @@ class TrainConfig:
     warmup_steps: float = data.option(0.05, "linear warmup: steps, or a fraction of all steps if < 1", min=0)
     min_lr_ratio: float = data.option(0.1, "cosine decay ends at this fraction of the peak lr", min=0, max=1)
     grad_clip: float = data.option(1.0, "clip the global grad norm to this; 0 = off", min=0)
-    precision: str = data.option("auto", "auto = bf16 (fp16 on older GPUs; fp32 on a CPU where bf16 is slower)",
+    precision: str = data.option("auto", "auto = bf16 (fp16 on older GPUs; fp32 on a CPU without bf16 arithmetic)",
                                  choices=["auto", "bf16", "fp16", "fp32"])
     device: str = data.option("auto", "auto, cpu, cuda, cuda:1, ...")
     eval_every: int = data.option(100, "validation loss every N steps (and at the end); 0 = end only", min=0)
@@ -88,7 +89,10 @@ class TrainConfig:
                                                   "stage (pretrain_vision); 0 = off", min=0)
     seed: int = data.option(1337, "seeds the initial weights, the val split and the data order")
     max_len: int = data.option(1024, "skip samples longer than this many tokens", min=1)
+    length_pool: int = data.option(GROUP_POOL, "steps sorted together by length (length_grouped); 1 = plain shuffle",
+                                   min=1)
     val_fraction: float = data.option(0.05, "fraction of the images held out for the validation loss", min=0, max=1)
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,11 +121,28 @@ def collate(examples, pad_id):
             "n_targets": int((targets[:, 1:] != -100).sum()), "n_tokens": int(attention_mask.sum())}
 
 
-def micro_batch(examples, index, batch_size, seed):
-    """The index-th micro-batch: each epoch is a seeded shuffle, so --resume recomputes the order from the step."""
-    epoch, i = divmod(index, math.ceil(len(examples) / batch_size))  # i: the micro-batch within its epoch
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-    return [examples[j] for j in order[i * batch_size:(i + 1) * batch_size].tolist()]
+def length_grouped(lengths, batch_size, generator, pool=GROUP_POOL):
+    """Batches of indices, each row once, of rows of similar length: a batch is padded to its longest row, and a pad
+    costs the forward and backward pass as much as a real token. A shuffle is cut into pools of `pool` batches, each
+    pool sorted by length and cut into batches, and the batches shuffled (the HF Trainer's group_by_length)."""
+    order, span = torch.randperm(len(lengths), generator=generator).tolist(), pool * batch_size
+    batches = []
+    for i in range(0, len(order), span):
+        chunk = sorted(order[i:i + span], key=lambda j: lengths[j])  # stable: ties keep the shuffle's order
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def step_batches(examples, step, batch_size, grad_accum, seed, pool=GROUP_POOL):
+    """The micro-batches of optimizer step `step`: its batch_size x grad_accum rows (length_grouped over an epoch
+    seeded by seed + epoch, so --resume recomputes them from the step) cut into micro-batches of batch_size rows, in
+    length order. Any split of a step's rows gives the same step; an epoch's last step may have fewer."""
+    rows = batch_size * grad_accum
+    epoch, i = divmod(step, math.ceil(len(examples) / rows))  # i: the step within its epoch
+    lengths = [len(ex["ids"]) for ex in examples]
+    steps = length_grouped(lengths, rows, torch.Generator().manual_seed(seed + epoch), pool)
+    idx = sorted(steps[i], key=lengths.__getitem__)
+    return [[examples[j] for j in idx[k:k + batch_size]] for k in range(0, len(idx), batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,22 +159,43 @@ def resolve_device(name):
 
 
 @functools.cache
-def cpu_bf16_is_fast():
-    """Whether bf16 matmuls beat fp32 here: no flag tells if the CPU has bf16 arithmetic (docs/experiments.md)."""
-    def best(dtype):  # the fastest of 3 timings of both layouts a linear layer uses (x @ W.T, g @ W)
-        a, w = torch.randn(256, 256, dtype=dtype), torch.randn(256, 256, dtype=dtype)
-        return min(timeit.repeat(lambda: (a @ w.t(), a @ w), number=1, repeat=3))
-    return best(torch.bfloat16) < best(torch.float32)
+def cpu_flags():
+    """The feature flags the CPU reports in /proc/cpuinfo (none where there is no such file: not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)  # x86 says flags, Arm says Features
+    return frozenset(line[1].split() if line else ())
+
+
+def cpu_has_bf16(flags, capability):
+    """Whether a CPU computes in bf16 natively, from what it reports: AVX512-BF16 or AMX with torch's AVX512 kernels on
+    x86, the BF16 feature on Arm. Elsewhere torch emulates bf16, 10-400x slower than fp32 (docs/experiments.md)."""
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and capability == "AVX512" or "bf16" in flags
+
+
+@functools.cache
+def announce(device, choice, why):
+    """Print the choice of --precision auto once per script and device."""
+    print0(f"[precision] auto on {device}: {choice} ({why})")
 
 
 def resolve_precision(device, precision):
-    """'auto' -> bf16 on GPUs of capability 8.0+ (is_bf16_supported() also counts emulation), else fp16; CPU: bf16 if
-    faster than fp32."""
+    """'auto' -> bf16 on GPUs of capability 8.0+ (is_bf16_supported() also counts emulation), else fp16; on the CPU
+    bf16 where it computes in bf16 natively (cpu_has_bf16), else fp32."""
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_bf16_is_fast() else "fp32"
+            capability = torch.cuda.get_device_capability(device)
+            choice = "bf16" if capability >= (8, 0) else "fp16"
+            announce(str(device), choice, f"compute capability {capability[0]}.{capability[1]}")
+            return choice
+        capability = torch.backends.cpu.get_cpu_capability()
+        choice = "bf16" if device.type == "cpu" and cpu_has_bf16(cpu_flags(), capability) else "fp32"
+        announce(device.type, choice, f"torch's CPU kernels {capability}, bf16 arithmetic "
+                                      f"{'reported' if choice == 'bf16' else 'not reported'} by the CPU")
+        return choice
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 here")
     return precision
@@ -261,6 +303,30 @@ def lr_lambda(step, warmup, total, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@functools.cache
+def matmul_peak(device, precision):
+    """FLOP/s of a 1024^3 (CPU) or 8192^3 (GPU) matmul in the training dtype, best of 20: the peak that a stage's share
+    is taken against (what this device gives one large dense product, not the datasheet's number)."""
+    device, n = torch.device(device), 8192 if torch.device(device).type == "cuda" else 1024
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision), torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(21):  # the first is a warm-up
+        start = time.perf_counter()
+        (a @ b).sum().item()  # .item(): waits for a GPU to finish
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def model_flops(model, tokens, images):
+    """A training step's model FLOPs (Kaplan et al.'s estimate, nanoGPT's estimate_mfu without attention): 6 per
+    trained weight and real token (2 forward, 4 backward), and 2 per frozen weight and image patch (forward only)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.vision_model.parameters() if not p.requires_grad)
+    patches = (model.config.vision.image_size // model.config.vision.patch_size) ** 2
+    return 6 * trained * tokens + 2 * frozen * patches * images
+
+
 def make_optimizer(model, cfg):
     """AdamW, decay on matrices only and one peak lr per part (fused on CUDA: VLM.configure_optimizers)."""
     return model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.lr_vision or cfg.lr, cfg.lr_projector or cfg.lr,
@@ -304,9 +370,12 @@ def train_step(forward, scaler, batches, device, precision):
     """Backward over a step's micro-batches, each weighted by its share of target tokens (= one big batch) -> loss.
     Under torchrun process r runs micro-batches r, r + N, ... (forward is in DDP), and the loss is summed over all."""
     rank, world = distributed()
-    total, step_targets, mine = 0, sum(b["n_targets"] for b in batches), batches[rank::world]
-    for i, batch in enumerate(mine):
-        n, batch = batch["n_targets"], to_device(batch, device)
+    total, step_targets = 0, sum(b["n_targets"] for b in batches)
+    # An epoch's last step may have fewer micro-batches than processes: DDP needs every process in every backward, so
+    # a process without one runs the first with weight 0.
+    mine = [(b, b["n_targets"]) for b in batches[rank::world]] or [(batches[0], 0)]
+    for i, (batch, n) in enumerate(mine):
+        batch = to_device(batch, device)
         if world > 1:  # DDP syncs the gradients once a step, in the backward of the process's last micro-batch
             forward.require_backward_grad_sync = i == len(mine) - 1
         with autocast(device, precision):
@@ -358,9 +427,9 @@ def load_train_state(model, optimizer, scaler, cfg, out_dir):
         raise FileNotFoundError(f"{path} not found: nothing to resume; run without --resume")
     with reading_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("batch_size", "grad_accum", "seed", "freeze_vision"):  # the data order and the optimizer's groups
-        if state["config"][key] != getattr(cfg, key):
-            raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'][key]}, "
+    for key in ("batch_size", "grad_accum", "seed", "length_pool", "freeze_vision"):  # data order, optimizer groups
+        if state["config"].get(key) != getattr(cfg, key):
+            raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'].get(key)}, "
                              f"not {getattr(cfg, key)}: resume with the same value")
     for part, key in ((model, "model"), (optimizer, "optimizer"), (scaler, "scaler")):
         part.load_state_dict(state[key])
@@ -382,7 +451,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     scaler = make_scaler(device, cfg.precision)
     forward = torch.compile(model, dynamic=True) if cfg.compile else model  # dynamic: each batch has its own length
     forward = data_parallel(forward)  # after make_optimizer, which froze what it does not train
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size) / cfg.grad_accum
+    steps_per_epoch = math.ceil(len(train_examples) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
     os.makedirs(out_dir, exist_ok=True)
@@ -399,7 +468,9 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
     elif master and os.path.exists(log_path):
         os.remove(log_path)
-    saved, train_loss, val_loss, tokens, t_start = done, float("nan"), float("nan"), 0, time.time()
+    flops_peak = matmul_peak(device, cfg.precision)
+    saved, train_loss, val_loss, t_start = done, float("nan"), float("nan"), time.time()
+    tokens, padded, images = 0, 0, 0  # real tokens, tokens computed (with the pads), images, since t_start
     bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, disable=not master)
     try:
         while done < total:
@@ -407,17 +478,22 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             for group, peak in zip(optimizer.param_groups, peak_lrs):
                 group["lr"] = peak * scale
             # The whole step, on every process: it counts the step's tokens, and train_step picks its micro-batches.
-            batches = [collate(micro_batch(train_examples, done * cfg.grad_accum + k, cfg.batch_size, cfg.seed), pad_id)
-                       for k in range(cfg.grad_accum)]
+            batches = [collate(rows, pad_id)
+                       for rows in step_batches(train_examples, done, cfg.batch_size, cfg.grad_accum, cfg.seed,
+                                                cfg.length_pool)]
             tokens += sum(b["n_tokens"] for b in batches)
+            padded += sum(b["input_ids"].numel() for b in batches)
+            images += sum(len(b["pixel_values"]) for b in batches)
             loss = train_step(forward, scaler, batches, device, cfg.precision)
             kept = (f"the last good checkpoint (step {saved}) is in {out_dir}" if saved or cfg.resume else
                     "no checkpoint was saved before it")  # a resumed run's first checkpoint counts, even at step 0
             m = optimizer_step(model, optimizer, scaler, cfg.grad_clip or float("inf"), {"loss": loss},
                                lambda m: halt_if_diverged(m, scaler, f"step {done + 1}", kept, device, cfg.precision))
-            train_loss, done = m["loss"], done + 1
+            train_loss, done, seconds = m["loss"], done + 1, time.time() - t_start
+            # Throughput counts real tokens only; pad_share is the part of the computed tokens that were pads.
             record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale, "grad_norm": m["grad_norm"],
-                      "tok_s": tokens / (time.time() - t_start)}
+                      "tok_s": tokens / seconds, "pad_share": 1 - tokens / padded,
+                      "peak_share": model_flops(model, tokens, images) / seconds / flops_peak}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
                 val_loss = record["val_loss"] = evaluate(model, val_examples, cfg, device, pad_id)
             record["elapsed_s"] = elapsed_before + time.time() - t_start  # the stage's wall time, across --resume
@@ -426,7 +502,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}",
-                            tok_s=f"{record['tok_s']:.0f}")
+                            tok_s=f"{record['tok_s']:.0f}", pad=f"{record['pad_share']:.1%}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == total:
                 on_rank0(save_checkpoint, model, optimizer, scaler, done, cfg, out_dir)  # the others wait for it
                 saved = done
@@ -439,7 +515,8 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     bar.close()
     wall = time.time() - t_start
     return {"steps": done, "wall_s": wall, "train_loss": train_loss, "val_loss": val_loss,
-            "tokens_per_s": tokens / wall if wall > 0 else 0.0}
+            "tokens_per_s": tokens / wall if wall > 0 else 0.0, "pad_share": 1 - tokens / max(padded, 1),
+            "peak_share": model_flops(model, tokens, images) / wall / flops_peak if wall > 0 else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,7 +644,8 @@ def run_stage(stage, cfg):
     summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)
     print0(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
            f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} "
-           f"val rows), {summary['tokens_per_s']:.0f} tokens/s -> {out_dir}")
+           f"val rows), {summary['tokens_per_s']:.0f} real tokens/s ({summary['pad_share']:.1%} padding, "
+           f"{summary['peak_share']:.0%} of this device's matmul peak) -> {out_dir}")
     marker = {"stage": stage, **summary, "config": asdict(cfg)}  # written last: without it, the run was interrupted
     on_rank0(atomic_write, os.path.join(out_dir, STAGE_DONE), lambda f: write_json(marker, f))  # all wait for it
     return out_dir

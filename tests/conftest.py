@@ -13,6 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+# torch's first optimizer imports its compiler, which wraps torch.manual_seed and sets an environment variable: made
+# once here, so that whichever test comes first is not taken for a leak.
+torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+
 # Modules whose functions tests patch (monkeypatch undoes its own patches before this guard looks).
 PATCHABLE = {"torch": torch, "torch.cuda": torch.cuda, "torch.Tensor": torch.Tensor, "torch.nn.Module": torch.nn.Module,
              "torch.optim": torch.optim, "torch.backends.cuda": torch.backends.cuda}

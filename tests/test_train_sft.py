@@ -77,9 +77,9 @@ def test_tiny_model_overfits_one_fixed_batch(tmp_path):
 
 
 def test_resume_after_ctrl_c_gives_the_same_losses(tmp_path):
-    k, accum = 3, 2
+    k, accum = 2, 2  # interrupted in step 3 of an epoch's 3: mid-epoch and mid-step
     cfg = loop_config(max_steps=2 * k, batch_size=2, grad_accum=accum, precision="bf16", warmup_steps=2)
-    examples = synthetic_examples(micro_model(), 10)
+    examples = synthetic_examples(micro_model(), 12)  # 3 full steps of 4 rows an epoch: 2 micro-batches each
 
     straight = micro_model()
     train_loop(straight, examples, examples[:2], cfg, str(tmp_path / "a"), str(tmp_path / "a.jsonl"), "straight")
@@ -118,6 +118,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     train_loop(small, examples, [], loop_config(batch_size=2, grad_accum=3, max_steps=3),
                str(tmp_path / "small"), str(tmp_path / "small.jsonl"), "accumulated")
     assert logged(tmp_path / "small.jsonl") == pytest.approx(logged(tmp_path / "big.jsonl"), rel=1e-5)
+    for record in map(json.loads, (tmp_path / "big.jsonl").read_text().splitlines()):  # what each step reports
+        assert record["tok_s"] > 0 and 0 <= record["pad_share"] < 1 and 0 < record["peak_share"] < 1
     for a, b in zip(big.state_dict().values(), small.state_dict().values()):
         # Adam divides by |grad|, so float noise on a near-zero gradient moves a weight by a little
         # of the lr (3e-3): the tolerance is 1% of one step.
@@ -282,3 +284,75 @@ def test_vision_pretraining_trains_only_the_tower_and_reports_held_out_accuracy(
     # a model with other than one image token per grid cell skips it
     micro = VLM(get_config("micro"))
     assert train_sft.pretrain_vision(micro, rows, [], str(world / "data"), TrainConfig(device="cpu"), steps=1) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Length-grouped batches and the CPU precision choice
+
+def padding_share(batches, lengths):
+    computed = sum(len(b) * max(lengths[j] for j in b) for b in batches)
+    return 1 - sum(lengths) / computed
+
+
+def test_length_grouped_batches_see_every_row_once_with_little_padding():
+    # Lengths like the reasoning set's: a long-tailed spread of 40-140 tokens.
+    g = torch.Generator().manual_seed(0)
+    lengths = (40 + torch.distributions.Gamma(2.0, 0.05).sample((3000,)).clamp(max=100)).long().tolist()
+    grouped = train_sft.length_grouped(lengths, 32, torch.Generator().manual_seed(1))
+    assert sorted(j for b in grouped for j in b) == list(range(3000))  # each row once
+    assert [len(b) for b in grouped].count(32) == 3000 // 32 and len(grouped) == math.ceil(3000 / 32)
+    order = torch.randperm(3000, generator=g).tolist()
+    shuffled = [order[i:i + 32] for i in range(0, 3000, 32)]
+    assert padding_share(shuffled, lengths) > 0.25 and padding_share(grouped, lengths) < 0.08
+    assert grouped == train_sft.length_grouped(lengths, 32, torch.Generator().manual_seed(1))  # a function of the seed
+    assert grouped != train_sft.length_grouped(lengths, 32, torch.Generator().manual_seed(2))
+    # Batches of long and short rows come in random order, not sorted: the first few are not the shortest.
+    firsts = [max(lengths[j] for j in b) for b in grouped[:10]]
+    assert firsts != sorted(firsts)
+
+
+def test_step_batches_are_a_function_of_seed_and_step_and_cover_each_epoch():
+    examples = synthetic_examples(micro_model(), 22)
+    ids = {id(ex): i for i, ex in enumerate(examples)}
+    for batch_size, accum in ((4, 1), (2, 3)):
+        steps = math.ceil(22 / (batch_size * accum))  # 6 or 4 steps an epoch, the last one short
+        epoch = [[ids[id(ex)] for mb in train_sft.step_batches(examples, s, batch_size, accum, 7) for ex in mb]
+                 for s in range(steps)]
+        assert sorted(i for step in epoch for i in step) == list(range(22))
+        again = [[ids[id(ex)] for mb in train_sft.step_batches(examples, s, batch_size, accum, 7) for ex in mb]
+                 for s in range(steps)]
+        assert epoch == again  # recomputed from (seed, step) alone, as --resume does
+        assert all(len(mb) <= batch_size for s in range(steps)
+                   for mb in train_sft.step_batches(examples, s, batch_size, accum, 7))
+        following = [ids[id(ex)] for mb in train_sft.step_batches(examples, steps, batch_size, accum, 7) for ex in mb]
+        assert following != epoch[0]  # the next epoch is another shuffle
+    # The same rows make a step whichever way it is cut into micro-batches (grad accumulation, torchrun)
+    one = [ids[id(ex)] for ex in train_sft.step_batches(examples, 2, 6, 1, 7)[0]]
+    three = [ids[id(ex)] for mb in train_sft.step_batches(examples, 2, 2, 3, 7) for ex in mb]
+    assert one == three
+
+
+@pytest.mark.parametrize("flags, capability, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "bf16"),  # AMD Zen 4, Intel Cooper Lake
+    ({"avx2", "avx512f", "amx_bf16"}, "AVX512", "bf16"),  # Intel Sapphire Rapids
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", "fp32"),  # torch told to use AVX2 kernels (ATEN_CPU_CAPABILITY)
+    ({"avx2", "avx512f"}, "AVX512", "fp32"),  # Skylake-X: AVX512 without bf16 arithmetic
+    ({"avx2", "fma"}, "AVX2", "fp32"),  # AVX2 only: bf16 would be emulated
+    ({"fp", "asimd", "bf16"}, "DEFAULT", "bf16"),  # Arm with the BF16 extension
+    (set(), "DEFAULT", "fp32"),  # nothing reported (no /proc/cpuinfo)
+])
+def test_auto_precision_on_the_cpu_follows_what_the_cpu_reports(monkeypatch, capsys, flags, capability, expected):
+    monkeypatch.setattr(train_sft, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    train_sft.announce.cache_clear()
+    assert {train_sft.resolve_precision("cpu", "auto") for _ in range(5)} == {expected}  # no timing race
+    assert capsys.readouterr().out.count(f"[precision] auto on cpu: {expected}") == 1  # printed once
+    assert train_sft.resolve_precision("cpu", "fp32") == "fp32"  # an explicit choice is followed
+    train_sft.announce.cache_clear()
+
+
+def test_cpu_flags_read_the_flags_line():
+    flags = train_sft.cpu_flags()
+    assert isinstance(flags, frozenset)
+    if os.path.exists("/proc/cpuinfo"):
+        assert flags  # every Linux CPU reports some
