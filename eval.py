@@ -109,6 +109,9 @@ def score(rows, predictions):
         metrics["chain_correct"], metrics["chain_correct_ci"] = rate(chain)
         metrics["chain_vs_final"] = chain_vs_final(chain, final)
         metrics["chain_right"] = "".join("01"[c] for c in chain)
+        for family, m in metrics["families"].items():  # where the final answer overrides or repairs the chain
+            m["chain_vs_final"] = chain_vs_final(*zip(*[(c, f) for c, f, r in zip(chain, final, rows)
+                                                        if r.get("family") == family]))
     return metrics
 
 
@@ -282,6 +285,10 @@ def results_markdown(results):
         rows = [[name, *(t[f"chain_{c}_final_{f}"] for c, f in pairs)] for name, t in chained.items()]
         lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
                   *markdown_table(["arm", *(f"chain {c}, final {f}" for c, f in pairs)], rows)]
+        rows = [[family, *(override_repair(arms[name]["families"].get(family, {})) for name in chained)]
+                for _, family in families]
+        lines += ["", "Per family: % of questions whose right chain the final answer overrides / whose wrong chain "
+                  "it repairs", "", *markdown_table(["family", *chained], rows)]
     if results.get("paired"):
         lines += ["", "Paired comparisons (exact McNemar test on the same questions)", "",
                   *paired_table(results["paired"])]
@@ -290,6 +297,14 @@ def results_markdown(results):
               f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
               f"wall time {run['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def override_repair(family):
+    """A family's metrics -> "overridden / repaired" as % of its questions ("-" where the arm has no chains)."""
+    t, n = family.get("chain_vs_final"), family.get("n")
+    if not t or not n:
+        return "-"
+    return f"{100 * t['chain_right_final_wrong'] / n:.1f} / {100 * t['chain_wrong_final_right'] / n:.1f}"
 
 
 def paired_table(tests, pooled=False):

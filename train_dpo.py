@@ -206,13 +206,14 @@ def encode_pairs(pairs, tok, cfg, image_root):
 
 
 def pair_batches(encoded, batch_size, pad_id, generator):
-    """Length-grouped batches of pairs -> (this process's part as ONE collated batch: chosen rows first, then their rejected
+    """Shuffled batches of pairs -> (this process's part as ONE collated batch: chosen rows first, then their rejected
     rows; its number of pairs; the batch's). Under torchrun process r takes pairs r, r + N, ... of each batch; a short
     last batch may leave it none, and it then runs the batch's first pair, counted as 0: DDP needs every process in
     every backward."""
     rank, world = train_sft.distributed()
-    lengths = [max(len(chosen["ids"]), len(rejected["ids"])) for chosen, rejected in encoded]  # a pair's padded length
-    for idx in train_sft.length_grouped(lengths, batch_size, generator):
+    order = torch.randperm(len(encoded), generator=generator).tolist()
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
         part = idx[rank::world] or idx[:1]
         yield (train_sft.collate([encoded[j][0] for j in part] + [encoded[j][1] for j in part], pad_id),
                len(idx[rank::world]), len(idx))

@@ -50,7 +50,7 @@ STAGES = {
     "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
 }
-GROUP_POOL = 16  # batches sorted together by length_grouped: 3-4% padding on the default sets (docs/experiments.md)
+SPLIT_COST = 64  # a forward pass's fixed cost, in tokens: 5-7% padding on the default sets (docs/experiments.md)
 STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
 
 
@@ -89,8 +89,8 @@ class TrainConfig:
                                                   "stage (pretrain_vision); 0 = off", min=0)
     seed: int = data.option(1337, "seeds the initial weights, the val split and the data order")
     max_len: int = data.option(1024, "skip samples longer than this many tokens", min=1)
-    length_pool: int = data.option(GROUP_POOL, "steps sorted together by length (length_grouped); 1 = plain shuffle",
-                                   min=1)
+    split_cost: int = data.option(SPLIT_COST, "cut each step into micro-batches of similar length where that saves "
+                                              "more pad tokens than this per cut (split_by_length)", min=0)
     val_fraction: float = data.option(0.05, "fraction of the images held out for the validation loss", min=0, max=1)
 
 
@@ -121,28 +121,34 @@ def collate(examples, pad_id):
             "n_targets": int((targets[:, 1:] != -100).sum()), "n_tokens": int(attention_mask.sum())}
 
 
-def length_grouped(lengths, batch_size, generator, pool=GROUP_POOL):
-    """Batches of indices, each row once, of rows of similar length: a batch is padded to its longest row, and a pad
-    costs the forward and backward pass as much as a real token. A shuffle is cut into pools of `pool` batches, each
-    pool sorted by length and cut into batches, and the batches shuffled (the HF Trainer's group_by_length)."""
-    order, span = torch.randperm(len(lengths), generator=generator).tolist(), pool * batch_size
-    batches = []
-    for i in range(0, len(order), span):
-        chunk = sorted(order[i:i + span], key=lambda j: lengths[j])  # stable: ties keep the shuffle's order
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+def split_by_length(rows, lengths, max_rows, cost=SPLIT_COST):
+    """A step's rows (indices) sorted by length and cut into micro-batches of at most max_rows, where the cuts give the
+    fewest padded tokens plus `cost` per micro-batch (a forward pass's fixed cost, in tokens): a dynamic program over
+    the cut points. The step's gradient is their token-weighted sum (train_step), whatever the cuts."""
+    rows = sorted(rows, key=lengths.__getitem__)
+    best, start_of = [0] + [math.inf] * len(rows), [0] * (len(rows) + 1)  # best[e]: cost of rows[:e]
+    for end in range(1, len(rows) + 1):
+        for start in range(max(0, end - max_rows), end):  # rows[start:end], padded to its last (longest) row
+            c = best[start] + (end - start) * lengths[rows[end - 1]] + cost
+            if c < best[end]:
+                best[end], start_of[end] = c, start
+    batches, end = [], len(rows)
+    while end:
+        batches.append(rows[start_of[end]:end])
+        end = start_of[end]
+    return batches[::-1]
 
 
-def step_batches(examples, step, batch_size, grad_accum, seed, pool=GROUP_POOL):
-    """The micro-batches of optimizer step `step`: its batch_size x grad_accum rows (length_grouped over an epoch
-    seeded by seed + epoch, so --resume recomputes them from the step) cut into micro-batches of batch_size rows, in
-    length order. Any split of a step's rows gives the same step; an epoch's last step may have fewer."""
+def step_batches(examples, step, batch_size, grad_accum, seed, cost=SPLIT_COST):
+    """The micro-batches of optimizer step `step`: its batch_size x grad_accum rows of a seeded shuffle of the epoch
+    (seed + epoch, so --resume recomputes them from the step), cut by length (split_by_length). Shuffled steps and
+    short micro-batches: the step is a random sample as ever, and little of it is padding."""
     rows = batch_size * grad_accum
     epoch, i = divmod(step, math.ceil(len(examples) / rows))  # i: the step within its epoch
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
     lengths = [len(ex["ids"]) for ex in examples]
-    steps = length_grouped(lengths, rows, torch.Generator().manual_seed(seed + epoch), pool)
-    idx = sorted(steps[i], key=lengths.__getitem__)
-    return [[examples[j] for j in idx[k:k + batch_size]] for k in range(0, len(idx), batch_size)]
+    return [[examples[j] for j in batch]
+            for batch in split_by_length(order[i * rows:(i + 1) * rows].tolist(), lengths, batch_size, cost)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +433,7 @@ def load_train_state(model, optimizer, scaler, cfg, out_dir):
         raise FileNotFoundError(f"{path} not found: nothing to resume; run without --resume")
     with reading_checkpoint(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("batch_size", "grad_accum", "seed", "length_pool", "freeze_vision"):  # data order, optimizer groups
+    for key in ("batch_size", "grad_accum", "seed", "freeze_vision"):  # the data order and the optimizer's groups
         if state["config"].get(key) != getattr(cfg, key):
             raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'].get(key)}, "
                              f"not {getattr(cfg, key)}: resume with the same value")
@@ -452,6 +458,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     forward = torch.compile(model, dynamic=True) if cfg.compile else model  # dynamic: each batch has its own length
     forward = data_parallel(forward)  # after make_optimizer, which froze what it does not train
     steps_per_epoch = math.ceil(len(train_examples) / (cfg.batch_size * cfg.grad_accum))
+    val_examples = sorted(val_examples, key=lambda ex: len(ex["ids"]))  # fewer pads; the val loss is a sum anyway
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else round(cfg.warmup_steps * total)
     os.makedirs(out_dir, exist_ok=True)
@@ -480,7 +487,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             # The whole step, on every process: it counts the step's tokens, and train_step picks its micro-batches.
             batches = [collate(rows, pad_id)
                        for rows in step_batches(train_examples, done, cfg.batch_size, cfg.grad_accum, cfg.seed,
-                                                cfg.length_pool)]
+                                                cfg.split_cost)]
             tokens += sum(b["n_tokens"] for b in batches)
             padded += sum(b["input_ids"].numel() for b in batches)
             images += sum(len(b["pixel_values"]) for b in batches)

@@ -194,11 +194,10 @@ def test_dpo_round_matches_one_process(runs):
         log = r["dpo"]["log"]
         assert log[0]["event"] == "start_check" and log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # its part
         assert len(log) == len(one["dpo"]["log"])
-        # A reward is beta x (policy - reference) log-prob sums of about -30, whose fp32 resolution is ~2e-6: abs 1e-6
         for a, b in zip(log[1:], one["dpo"]["log"][1:]):
             assert a.keys() == b.keys() and a["pairs"] == b["pairs"]
-            assert [a[k] for k in a] == pytest.approx([b[k] for k in a], rel=1e-5, abs=1e-6)
-        assert r["dpo"]["stats"] == pytest.approx(one["dpo"]["stats"], rel=1e-5, abs=1e-6)
+            assert [a[k] for k in a] == pytest.approx([b[k] for k in a], rel=1e-5, abs=1e-7)
+        assert r["dpo"]["stats"] == pytest.approx(one["dpo"]["stats"], rel=1e-5, abs=1e-7)
         assert_same_weights(r["dpo"]["state"], one["dpo"]["state"])
 
 

@@ -63,10 +63,19 @@ def test_metrics_on_hand_made_predictions():
     assert (m["overall"], m["reasoning"], m["perception"]) == (3 / 5, 2 / 3, 1 / 2)
     assert m["overall_ci"] == pytest.approx(list(E.wilson_interval(3, 5)))
     assert m["reasoning_ci"] == pytest.approx(list(E.wilson_interval(2, 3)))
+    # Per family, where the final answer overrides a right chain or repairs a wrong one (rows 1-2 of sum: right/right,
+    # wrong/right; most_color: right/wrong; color_at: no answer/right, wrong/wrong).
+    table = lambda rr, rw, wr, ww: {"chain_right_final_right": rr, "chain_right_final_wrong": rw,
+                                    "chain_wrong_final_right": wr, "chain_wrong_final_wrong": ww}
     assert m["families"] == {
-        "color_at": {"kind": "perception", "accuracy": 0.5, "ci": list(E.wilson_interval(1, 2)), "n": 2},
-        "most_color": {"kind": "reasoning", "accuracy": 0.0, "ci": list(E.wilson_interval(0, 1)), "n": 1},
-        "sum": {"kind": "reasoning", "accuracy": 1.0, "ci": list(E.wilson_interval(2, 2)), "n": 2}}
+        "color_at": {"kind": "perception", "accuracy": 0.5, "ci": list(E.wilson_interval(1, 2)), "n": 2,
+                     "chain_vs_final": table(0, 0, 1, 1)},
+        "most_color": {"kind": "reasoning", "accuracy": 0.0, "ci": list(E.wilson_interval(0, 1)), "n": 1,
+                       "chain_vs_final": table(0, 1, 0, 0)},
+        "sum": {"kind": "reasoning", "accuracy": 1.0, "ci": list(E.wilson_interval(2, 2)), "n": 2,
+                "chain_vs_final": table(1, 0, 1, 0)}}
+    assert [E.override_repair(m["families"][f]) for f in ("color_at", "most_color", "sum")] == [
+        "0.0 / 50.0", "100.0 / 0.0", "0.0 / 50.0"]
     assert m["chain_correct"] == 2 / 5
     assert m["chain_vs_final"] == {"chain_right_final_right": 1, "chain_right_final_wrong": 1,
                                    "chain_wrong_final_right": 2, "chain_wrong_final_wrong": 1}
@@ -74,6 +83,7 @@ def test_metrics_on_hand_made_predictions():
     # A single model without a chain has no chain metrics.
     direct = E.score(ROWS, predictions(with_chain=False))
     assert direct["overall"] == 3 / 5 and "chain_correct" not in direct and "chain_vs_final" not in direct
+    assert E.override_repair(direct["families"]["sum"]) == "-"
     assert "chain_right" not in direct
 
 

@@ -78,8 +78,10 @@ def test_tiny_model_overfits_one_fixed_batch(tmp_path):
 
 def test_resume_after_ctrl_c_gives_the_same_losses(tmp_path):
     k, accum = 2, 2  # interrupted in step 3 of an epoch's 3: mid-epoch and mid-step
-    cfg = loop_config(max_steps=2 * k, batch_size=2, grad_accum=accum, precision="bf16", warmup_steps=2)
-    examples = synthetic_examples(micro_model(), 12)  # 3 full steps of 4 rows an epoch: 2 micro-batches each
+    # split_cost: a micro-batch costs more than any padding, so every step of 4 rows is 2 micro-batches of 2
+    cfg = loop_config(max_steps=2 * k, batch_size=2, grad_accum=accum, precision="bf16", warmup_steps=2,
+                      split_cost=10**6)
+    examples = synthetic_examples(micro_model(), 12)  # 3 full steps of 4 rows an epoch
 
     straight = micro_model()
     train_loop(straight, examples, examples[:2], cfg, str(tmp_path / "a"), str(tmp_path / "a.jsonl"), "straight")
@@ -287,49 +289,69 @@ def test_vision_pretraining_trains_only_the_tower_and_reports_held_out_accuracy(
 
 
 # ----------------------------------------------------------------------------------------------
-# Length-grouped batches and the CPU precision choice
+# Steps cut into micro-batches by length, and the CPU precision choice
 
 def padding_share(batches, lengths):
     computed = sum(len(b) * max(lengths[j] for j in b) for b in batches)
     return 1 - sum(lengths) / computed
 
 
-def test_length_grouped_batches_see_every_row_once_with_little_padding():
-    # Lengths like the reasoning set's: a long-tailed spread of 40-140 tokens.
+def brute_force_split(rows, lengths, max_rows, cost):
+    """The cheapest cut of sorted rows by trying every set of cut points (for a handful of rows)."""
+    rows, best = sorted(rows, key=lengths.__getitem__), None
+    for mask in range(2 ** (len(rows) - 1)):
+        cuts = [0] + [i + 1 for i in range(len(rows) - 1) if mask >> i & 1] + [len(rows)]
+        parts = [rows[a:b] for a, b in zip(cuts, cuts[1:])]
+        if all(len(p) <= max_rows for p in parts):
+            c = sum(len(p) * lengths[p[-1]] + cost for p in parts)
+            best = min(best or (c, parts), (c, parts))
+    return best
+
+
+def test_split_by_length_finds_the_cheapest_cut():
     g = torch.Generator().manual_seed(0)
-    lengths = (40 + torch.distributions.Gamma(2.0, 0.05).sample((3000,)).clamp(max=100)).long().tolist()
-    grouped = train_sft.length_grouped(lengths, 32, torch.Generator().manual_seed(1))
-    assert sorted(j for b in grouped for j in b) == list(range(3000))  # each row once
-    assert [len(b) for b in grouped].count(32) == 3000 // 32 and len(grouped) == math.ceil(3000 / 32)
-    order = torch.randperm(3000, generator=g).tolist()
-    shuffled = [order[i:i + 32] for i in range(0, 3000, 32)]
-    assert padding_share(shuffled, lengths) > 0.25 and padding_share(grouped, lengths) < 0.08
-    assert grouped == train_sft.length_grouped(lengths, 32, torch.Generator().manual_seed(1))  # a function of the seed
-    assert grouped != train_sft.length_grouped(lengths, 32, torch.Generator().manual_seed(2))
-    # Batches of long and short rows come in random order, not sorted: the first few are not the shortest.
-    firsts = [max(lengths[j] for j in b) for b in grouped[:10]]
-    assert firsts != sorted(firsts)
+    for trial in range(20):
+        lengths = torch.randint(5, 100, (9,), generator=g).tolist()
+        rows, max_rows, cost = list(range(9)), 1 + trial % 5, [0, 10, 64, 1000][trial % 4]
+        parts = train_sft.split_by_length(rows, lengths, max_rows, cost)
+        assert sorted(j for p in parts for j in p) == rows and all(len(p) <= max_rows for p in parts)
+        assert sum(len(p) * max(lengths[j] for j in p) + cost for p in parts) == brute_force_split(
+            rows, lengths, max_rows, cost)[0]
+    # Two lengths (the base set: answers and descriptions): no padding at all, in two micro-batches.
+    lengths = [45] * 24 + [90] * 8
+    parts = train_sft.split_by_length(list(range(32)), lengths, 32, 64)
+    assert [len(p) for p in parts] == [24, 8] and padding_share(parts, lengths) == 0
 
 
-def test_step_batches_are_a_function_of_seed_and_step_and_cover_each_epoch():
+def test_steps_split_by_length_have_little_padding():
+    # Lengths like the reasoning set's: a long-tailed spread of 40-140 tokens, in random steps of 32 rows.
+    g = torch.Generator().manual_seed(0)
+    lengths = (40 + torch.distributions.Gamma(2.0, 0.05).sample((3200,)).clamp(max=100)).long().tolist()
+    order = torch.randperm(3200, generator=g).tolist()
+    steps = [order[i:i + 32] for i in range(0, 3200, 32)]
+    split = [p for s in steps for p in train_sft.split_by_length(s, lengths, 32)]
+    assert padding_share(steps, lengths) > 0.25 and padding_share(split, lengths) < 0.08
+    assert len(split) < 5 * len(steps)  # a few micro-batches a step, not one per row
+
+
+def test_step_batches_are_the_shuffled_steps_of_each_epoch_cut_by_length():
     examples = synthetic_examples(micro_model(), 22)
     ids = {id(ex): i for i, ex in enumerate(examples)}
+    rows = lambda step, bs, accum: [[ids[id(ex)] for ex in mb] for mb in train_sft.step_batches(examples, step, bs,
+                                                                                                accum, 7)]
     for batch_size, accum in ((4, 1), (2, 3)):
         steps = math.ceil(22 / (batch_size * accum))  # 6 or 4 steps an epoch, the last one short
-        epoch = [[ids[id(ex)] for mb in train_sft.step_batches(examples, s, batch_size, accum, 7) for ex in mb]
-                 for s in range(steps)]
-        assert sorted(i for step in epoch for i in step) == list(range(22))
-        again = [[ids[id(ex)] for mb in train_sft.step_batches(examples, s, batch_size, accum, 7) for ex in mb]
-                 for s in range(steps)]
-        assert epoch == again  # recomputed from (seed, step) alone, as --resume does
-        assert all(len(mb) <= batch_size for s in range(steps)
-                   for mb in train_sft.step_batches(examples, s, batch_size, accum, 7))
-        following = [ids[id(ex)] for mb in train_sft.step_batches(examples, steps, batch_size, accum, 7) for ex in mb]
-        assert following != epoch[0]  # the next epoch is another shuffle
+        epoch = [rows(s, batch_size, accum) for s in range(steps)]
+        assert sorted(i for step in epoch for mb in step for i in mb) == list(range(22))  # each row once an epoch
+        assert epoch == [rows(s, batch_size, accum) for s in range(steps)]  # from (seed, step) alone, as --resume
+        assert all(len(mb) <= batch_size for step in epoch for mb in step)
+        order = torch.randperm(22, generator=torch.Generator().manual_seed(7)).tolist()
+        n = batch_size * accum
+        assert [sorted(i for mb in step for i in mb) for step in epoch] == [sorted(order[k:k + n])
+                                                                            for k in range(0, 22, n)]  # the shuffle's
+        assert rows(steps, batch_size, accum) != epoch[0]  # the next epoch is another shuffle
     # The same rows make a step whichever way it is cut into micro-batches (grad accumulation, torchrun)
-    one = [ids[id(ex)] for ex in train_sft.step_batches(examples, 2, 6, 1, 7)[0]]
-    three = [ids[id(ex)] for mb in train_sft.step_batches(examples, 2, 2, 3, 7) for ex in mb]
-    assert one == three
+    assert sorted(sum(rows(2, 6, 1), [])) == sorted(sum(rows(2, 2, 3), []))
 
 
 @pytest.mark.parametrize("flags, capability, expected", [
