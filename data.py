@@ -873,11 +873,16 @@ def write_split(out_dir, split, rows, scenes):
     write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)
 
 
+def world_config(out_dir):
+    """The DataConfig the world in out_dir was built with (its card.json)."""
+    with open(os.path.join(out_dir, "card.json")) as f:
+        return DataConfig(**json.load(f)["config"])
+
+
 def extra_split(out_dir, split, n_questions):
     """New questions on scenes no split of the world in out_dir has (the world is free; train_dpo.py's fresh pools):
     the world's own config, images under out_dir/images, rows in out_dir/<split>.jsonl -> the rows."""
-    with open(os.path.join(out_dir, "card.json")) as f:
-        cfg = DataConfig(**json.load(f)["config"])
+    cfg = world_config(out_dir)
     taken = {scene_graph(r["objects"]) for name in ("train", "val", "test")
              for r in read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))}
     rows, scenes = make_split(split, -(-n_questions // cfg.questions_per_scene), cfg, taken)

@@ -36,6 +36,10 @@ from model import VLM, atomic_write, write_json
 # ----------------------------------------------------------------------------------------------
 # The loss
 
+class ReferenceMismatch(RuntimeError):
+    """A round's first loss, with the policy equal to its reference, is not exactly ln 2 (IPO: 1 / (4 beta^2))."""
+
+
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
              loss_type="sigmoid", label_smoothing=0.0, nll_weight=0.0, chosen_nll=None):
     """DPO on summed sequence log-probs, all (B,) tensors -> (loss, chosen_rewards, rejected_rewards). With
@@ -55,6 +59,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}: use 'sigmoid' or 'ipo'")
     if nll_weight:
+        if chosen_nll is None:
+            raise ValueError("dpo_loss: nll_weight needs chosen_nll, the chosen chains' mean token NLL (B,)")
         losses = losses + nll_weight * chosen_nll
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
@@ -246,7 +252,8 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
 
     # --epochs > 1 revisits the same batches (their reference log-probs stay valid) in a new order.
     order = torch.cat([torch.randperm(len(batches), generator=g) for _ in range(cfg.epochs)]).tolist()
-    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
+    opt = policy.configure_optimizers(weight_decay=0.0, lr_text=cfg.lr, lr_vision=0.0, lr_projector=cfg.lr,
+                                      freeze_vision=True)
     model = train_sft.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
     scaler = train_sft.make_scaler(device, cfg.precision)
@@ -265,7 +272,9 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
             pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type,
                                   cfg.label_smoothing)
             expect, pure = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2), pure.item()
-            assert abs(pure - expect) < 1e-4 * max(1.0, expect), f"round start loss {pure} != {expect}"
+            if abs(pure - expect) > 1e-4 * max(1.0, expect):
+                raise ReferenceMismatch(f"DPO round {round_idx}: the loss at policy == reference is {pure:.6f}, not "
+                                        f"{expect:.6f}: the reference log-probs were not computed on these batches")
             log({"round": round_idx, "event": "start_check", "loss": pure, "expected": expect})
         # The process's part of the batch's mean, x N: DDP's mean over the N processes is then their sum (as in SFT).
         share = n_part / n_pairs
@@ -331,11 +340,11 @@ def on_policy_summary_set(cfg, data_dir, device):
     train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
                            temperature=cfg.summary_temperature, desc="summary-set")
-    rows = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl"))
+    rows, world = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl")), data.world_config(data_dir)
     for r in train:
         for k, s in enumerate(rank_samples(r, chains[r["id"]], answer_filter, scorer)):
             rows.append(data.sft_row(r, "summary", data.render_chain(data.parse_chain(s["text"])), path=f"agent{k}",
-                                     bucket=data.bucket(s["score"]), chain_correct=s["correct"]))
+                                     bucket=data.bucket(s["score"], world.high, world.mid), chain_correct=s["correct"]))
     random.Random(cfg.seed).shuffle(rows)
     train_sft.on_rank0(atomic_write, os.path.join(data_dir, name), lambda p: data.write_jsonl(p, rows))
     return name

@@ -256,7 +256,8 @@ def train(cfg, dpo_cfg, device, out_dir):
         ref = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).train().requires_grad_(False)
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
     pool, judges = train_sft.on_rank0(question_pool, cfg, data_dir), (data.AnswerFilter(), data.SceneStepScorer())
-    opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
+    opt = policy.configure_optimizers(weight_decay=0.0, lr_text=cfg.lr, lr_vision=0.0, lr_projector=cfg.lr,
+                                      freeze_vision=True)
     scaler = train_sft.make_scaler(device, cfg.precision)
     pad_id = data.special_ids(policy.tokenizer)["pad"]
     data.writable_dir(out_dir)

@@ -50,7 +50,7 @@ STAGES = {
     "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
 }
-SPLIT_COST = 64  # a forward pass's fixed cost, in tokens: 5-7% padding on the default sets (docs/experiments.md)
+SPLIT_COST = 512  # a forward and backward pass's fixed cost, in tokens, on a 2-core CPU (docs/experiments.md)
 STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
 
 

@@ -49,6 +49,32 @@ def test_nll_term_adds_weighted_chosen_nll():
     assert loss.item() == pytest.approx(math.log(2) + 0.7 * 1.0, abs=1e-6)
 
 
+def test_nll_weight_without_chosen_nll_is_a_named_error():
+    pc, pr = torch.tensor([-6.0, -3.0]), torch.tensor([-2.0, -4.0])
+    with pytest.raises(ValueError, match="nll_weight needs chosen_nll"):
+        dpo_loss(pc, pr, pc, pr, beta=0.1, nll_weight=0.2)
+
+
+def test_round_start_check_raises_a_named_error_when_the_reference_differs(monkeypatch):
+    # A reference pass that scores the chosen chains 1 nat lower: the round's first loss is not ln 2. A named error,
+    # not an assert, so it holds under python -O too.
+    from test_gpu_path import host_side_pairs
+    from test_train_sft import micro_model
+    policy = micro_model()
+    pairs = host_side_pairs(monkeypatch, policy, 2)
+    real = train_dpo.sequence_logps
+
+    def reference_off(model, batch, return_counts=False):
+        out = real(model, batch, return_counts)
+        if torch.is_grad_enabled():
+            return out
+        return out - torch.tensor([1.0] * (len(out) // 2) + [0.0] * (len(out) // 2))
+    monkeypatch.setattr(train_dpo, "sequence_logps", reference_off)
+    cfg = train_dpo.DPOConfig(batch_size=2, precision="fp32", lr=1e-4)
+    with pytest.raises(train_dpo.ReferenceMismatch, match="not 0.693147"):
+        train_dpo.dpo_round(policy, pairs, cfg, torch.device("cpu"), lambda record: None, 1, ".")
+
+
 def test_sigmoid_loss_hand_computed():
     # margin h = (-1 - -2) - (-5 - -3) = 1 - (-2) = 3; beta 0.5 -> -log sigmoid(1.5)
     loss, rc, rr = dpo_loss(torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5)
@@ -416,10 +442,12 @@ def other_answer(answer):
     return next(a for a in list(data.COLORS) + list(data.SHAPES) if a != answer)
 
 
-def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_path, monkeypatch):
+@pytest.mark.parametrize("high, mid, buckets", [(90, 50, ("high", "mid", "low")),  # the default thresholds
+                                                (50, 2, ("high", "high", "low"))])  # the world's --high / --mid
+def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_path, monkeypatch, high, mid, buckets):
     out = str(tmp_path / "out")
     data_dir = os.path.join(out, "data")
-    data.build_world(data_dir, train_scenes=4, val_scenes=2, test_scenes=2)
+    data.build_world(data_dir, train_scenes=4, val_scenes=2, test_scenes=2, high=high, mid=mid)
     tok = data.load_tokenizer(data_dir)
     torch.manual_seed(0)
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
@@ -461,10 +489,10 @@ def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_
     assert len(teacher_keys) == 1 and all(set(r) == set(next(iter(teacher_keys))) for r in new)
     truth = {r["id"]: r for r in train}
     assert {r["id"] for r in new} == set(truth)  # training questions only: no val or test id
-    expected = {  # path -> (chain, chain_correct, bucket): sound 100 high; right steps, wrong answer 51 mid; junk 1 low
-        "agent0": lambda r: (data.render_chain(sound[r["id"]]), True, "high"),
-        "agent1": lambda r: (wrong_conclusion(r), False, "mid"),
-        "agent2": lambda r: ("<thoughts>\n: blue blue blue\n</thoughts>", False, "low")}
+    expected = {  # path -> (chain, chain_correct, bucket): scores 100 (sound), 51 (right steps, wrong answer), 1 (junk)
+        "agent0": lambda r: (data.render_chain(sound[r["id"]]), True, buckets[0]),
+        "agent1": lambda r: (wrong_conclusion(r), False, buckets[1]),
+        "agent2": lambda r: ("<thoughts>\n: blue blue blue\n</thoughts>", False, buckets[2])}
     for r in new:
         q = truth[r["id"]]
         assert r["task"] == "summary" and r["answer"] == q["answer"]

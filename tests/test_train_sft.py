@@ -329,9 +329,12 @@ def test_steps_split_by_length_have_little_padding():
     lengths = (40 + torch.distributions.Gamma(2.0, 0.05).sample((3200,)).clamp(max=100)).long().tolist()
     order = torch.randperm(3200, generator=g).tolist()
     steps = [order[i:i + 32] for i in range(0, 3200, 32)]
-    split = [p for s in steps for p in train_sft.split_by_length(s, lengths, 32)]
+    split = [p for s in steps for p in train_sft.split_by_length(s, lengths, 32, cost=64)]
     assert padding_share(steps, lengths) > 0.25 and padding_share(split, lengths) < 0.08
     assert len(split) < 5 * len(steps)  # a few micro-batches a step, not one per row
+    # A dearer pass (the default, a CPU's): fewer, longer micro-batches, still far less padding than whole steps
+    dear = [p for s in steps for p in train_sft.split_by_length(s, lengths, 32)]
+    assert len(dear) < len(split) and padding_share(dear, lengths) < padding_share(steps, lengths) / 1.5
 
 
 def test_step_batches_are_the_shuffled_steps_of_each_epoch_cut_by_length():
