@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, fields
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 import data
@@ -34,6 +35,7 @@ from model import VLM
 # Token budgets: a world chain is under 100 tokens (card.json has the longest), real ones run longer; answers are short.
 CHAIN_TOKENS = 256
 ANSWER_TOKENS = 32
+OVERRIDE_MARGIN = 5.0  # nats by which the summary agent must prefer its own answer to the chain's (SummaryAgent)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,17 +107,51 @@ class ReasoningAgent:
         return [read_chain(t) for t in texts]
 
 
-class SummaryAgent:
-    """Image + question + a chain -> a short final answer (from the chain if it is sound, else directly)."""
+@torch.no_grad()
+def reply_logps(vlm, conversations, replies, images):
+    """Summed log-prob of each reply (and its end token) to its conversation, teacher-forced -> (B,) fp32 on the CPU."""
+    rendered = [data.render_conversation(vlm.tokenizer, messages + [{"role": "assistant", "content": reply}],
+                                         vlm.config.tokens_per_image) for messages, reply in zip(conversations, replies)]
+    pad = data.special_ids(vlm.tokenizer)["pad"]
+    ids = pad_sequence([torch.tensor(i) for i, _ in rendered], batch_first=True, padding_value=pad)  # (B, T)
+    mask = pad_sequence([torch.tensor(m) for _, m in rendered], batch_first=True)[:, 1:]  # (B, T-1): the reply
+    device = next(vlm.parameters()).device
+    logits, _ = vlm(ids.to(device), None if images is None else images.to(device))  # right pads: causal mask
+    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # (B, T-1)
+    return (logps * mask.to(device)).sum(-1).cpu()
 
-    def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto"):
+
+class SummaryAgent:
+    """Image + question + a chain -> a short final answer (from the chain if it is sound, else directly).
+
+    The paper's summary agent decides silently whether the chain is right. A small one, on pictures it has not seen,
+    overrides right colour and shape chains with its own weaker look (docs/experiments.md, "The summary agent"), so
+    an answer that departs from the chain's stated one is kept only if the agent finds it more likely than the
+    chain's answer by `override_margin` nats (None: its answer as decoded, the paper's rule)."""
+
+    def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto",
+                 override_margin=OVERRIDE_MARGIN):
         self.vlm, self.decoding = vlm, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                             seed=seed, precision=precision)
+        self.override_margin = override_margin
 
     def summarize(self, questions, steps, images):  # steps: one list of steps per question -> [answer]
         # Rendered again from the parsed steps, so even a cut-off chain arrives in the format of its training data.
         messages = [data.task_messages("summary", q, data.render_chain(s)) for q, s in zip(questions, steps)]
-        return complete(self.vlm, messages, images, **self.decoding)
+        answers = complete(self.vlm, messages, images, **self.decoding)
+        if self.override_margin is None:
+            return answers
+        stated = [data.chain_answer(s) for s in steps]
+        departs = [i for i, (a, c) in enumerate(zip(answers, stated))
+                   if c and data.normalize_answer(a) != data.normalize_answer(c)]
+        if departs:
+            convs, imgs = [messages[i] for i in departs], None if images is None else images[departs]
+            margin = (reply_logps(self.vlm, convs, [answers[i] for i in departs], imgs)
+                      - reply_logps(self.vlm, convs, [stated[i] for i in departs], imgs))
+            for i, m in zip(departs, margin.tolist()):
+                if m < self.override_margin:
+                    answers[i] = stated[i]
+        return answers
 
 
 class TwoAgentSystem:

@@ -272,7 +272,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
             pure, _, _ = dpo_loss(pol_c.detach(), pol_r.detach(), ref_c, ref_r, cfg.beta, cfg.loss_type,
                                   cfg.label_smoothing)
             expect, pure = math.log(2) if cfg.loss_type == "sigmoid" else 1 / (4 * cfg.beta**2), pure.item()
-            if abs(pure - expect) > 1e-4 * max(1.0, expect):
+            if not abs(pure - expect) <= 1e-4 * max(1.0, expect):  # also NaN
                 raise ReferenceMismatch(f"DPO round {round_idx}: the loss at policy == reference is {pure:.6f}, not "
                                         f"{expect:.6f}: the reference log-probs were not computed on these batches")
             log({"round": round_idx, "event": "start_check", "loss": pure, "expected": expect})
@@ -357,17 +357,12 @@ def build_missing_stages(cfg):
     if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
         train_sft.print0(f"[stage] data -> {data_dir}")
         train_sft.on_rank0(data.build_world, data_dir)
-    # N processes take each step's 32 rows as N micro-batches of 32 / N: the rows of one process's step.
-    rows, world = train_sft.TrainConfig().batch_size, train_sft.distributed()[1]
     summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
         stage_path = train_sft.stage_dir(cfg.out, stage)
         if not cfg.force and os.path.isfile(os.path.join(stage_path, train_sft.STAGE_DONE)):
             train_sft.print0(f"[stage] {stage}: cached at {stage_path}")
             continue
-        if rows % world:
-            raise ValueError(f"the SFT stages take {rows} rows a step, which do not split over {world} processes: "
-                             f"run on a number of processes that divides {rows}, or build them with train_sft.py")
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
         resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
         init = cfg.init if stage == "base" and cfg.init else None  # --init stands in for the base stage's fresh model
@@ -375,8 +370,7 @@ def build_missing_stages(cfg):
             summary_file = on_policy_summary_set(cfg, data_dir, train_sft.resolve_device(cfg.device))
         train_sft.run_stage(stage, train_sft.TrainConfig(
             stage=stage, out=cfg.out, init=init, precision=cfg.precision, device=cfg.device, resume=resume,
-            seed=cfg.sft_seed, batch_size=rows // world, grad_accum=world,
-            data_file=summary_file if stage in ("summary", "summary-only") else None))
+            seed=cfg.sft_seed, data_file=summary_file if stage in ("summary", "summary-only") else None))
 
 
 def run(cfg):

@@ -7,7 +7,7 @@ gradient accumulation, bf16 / fp16 mixed precision, fp32 master weights, a val l
 and data parallelism over N GPUs with torchrun (nanoGPT's DDP).
 
     python data.py --out out/data && python train_sft.py --stage base   # then the other STAGES, in order
-    torchrun --standalone --nproc_per_node=4 train_sft.py --stage base --batch-size 8 --grad-accum 4  # 4 GPUs
+    torchrun --standalone --nproc_per_node=4 train_sft.py --stage base  # 4 GPUs: each takes a share of every step
 """
 
 import contextlib
@@ -68,8 +68,9 @@ class TrainConfig:
     preset: str = data.option("tiny", "model shape from scratch", choices=list(PRESETS))
     epochs: float = data.option(None, "passes over the data (default: the stage's)", type=float, above=0)
     max_steps: int = data.option(0, "optimizer steps; 0 = from --epochs", min=0)
-    batch_size: int = data.option(32, "sequences per micro-batch", min=1)
-    grad_accum: int = data.option(1, "micro-batches per optimizer step, over all torchrun processes", min=1)
+    batch_size: int = data.option(32, "rows per step (x --grad-accum) and at most per micro-batch", min=1)
+    grad_accum: int = data.option(1, "a step is --batch-size x --grad-accum rows, in micro-batches of at most "
+                                     "--batch-size rows, shared by the torchrun processes", min=1)
     lr: float = data.option(None, "peak lr of the language model (default: the stage's)", type=float, above=0)
     lr_vision: float = data.option(None, "peak lr of the vision tower (default: --lr)", type=float, above=0)
     lr_projector: float = data.option(None, "peak lr of the projector (default: --lr)", type=float, above=0)
@@ -139,16 +140,17 @@ def split_by_length(rows, lengths, max_rows, cost=SPLIT_COST):
     return batches[::-1]
 
 
-def step_batches(examples, step, batch_size, grad_accum, seed, cost=SPLIT_COST):
+def step_batches(examples, step, batch_size, grad_accum, seed, cost=SPLIT_COST, processes=1):
     """The micro-batches of optimizer step `step`: its batch_size x grad_accum rows of a seeded shuffle of the epoch
-    (seed + epoch, so --resume recomputes them from the step), cut by length (split_by_length). Shuffled steps and
-    short micro-batches: the step is a random sample as ever, and little of it is padding."""
+    (seed + epoch, so --resume recomputes them from the step), cut by length (split_by_length) into micro-batches of
+    at most batch_size rows, and of at most 1 / processes of the step's rows, so that each torchrun process gets one
+    (unless the step has fewer rows than processes)."""
     rows = batch_size * grad_accum
     epoch, i = divmod(step, math.ceil(len(examples) / rows))  # i: the step within its epoch
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-    lengths = [len(ex["ids"]) for ex in examples]
-    return [[examples[j] for j in batch]
-            for batch in split_by_length(order[i * rows:(i + 1) * rows].tolist(), lengths, batch_size, cost)]
+    mine = order[i * rows:(i + 1) * rows].tolist()
+    lengths, max_rows = [len(ex["ids"]) for ex in examples], min(batch_size, max(1, len(mine) // processes))
+    return [[examples[j] for j in batch] for batch in split_by_length(mine, lengths, max_rows, cost)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,10 +167,10 @@ def resolve_device(name):
 
 
 @functools.cache
-def cpu_flags():
-    """The feature flags the CPU reports in /proc/cpuinfo (none where there is no such file: not Linux)."""
+def cpu_flags(path="/proc/cpuinfo"):
+    """The feature flags the CPU reports in /proc/cpuinfo (none where there is no such file or line: not Linux)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(path).read_text()
     except OSError:
         return frozenset()
     line = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)  # x86 says flags, Arm says Features
@@ -178,7 +180,7 @@ def cpu_flags():
 def cpu_has_bf16(flags, capability):
     """Whether a CPU computes in bf16 natively, from what it reports: AVX512-BF16 or AMX with torch's AVX512 kernels on
     x86, the BF16 feature on Arm. Elsewhere torch emulates bf16, 10-400x slower than fp32 (docs/experiments.md)."""
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) and capability == "AVX512" or "bf16" in flags
+    return (bool(flags & {"avx512_bf16", "amx_bf16"}) and capability == "AVX512") or "bf16" in flags
 
 
 @functools.cache
@@ -311,26 +313,27 @@ def lr_lambda(step, warmup, total, min_ratio):
 
 @functools.cache
 def matmul_peak(device, precision):
-    """FLOP/s of a 1024^3 (CPU) or 8192^3 (GPU) matmul in the training dtype, best of 20: the peak that a stage's share
+    """FLOP/s of a 1024^3 (CPU) or 8192^3 (GPU) matmul in the training dtype, best of 10: the peak that a stage's share
     is taken against (what this device gives one large dense product, not the datasheet's number)."""
     device, n = torch.device(device), 8192 if torch.device(device).type == "cuda" else 1024
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision), torch.float32)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not random: the probe leaves the RNG as it was
     best = float("inf")
-    for _ in range(21):  # the first is a warm-up
+    for _ in range(11):  # the first is a warm-up
         start = time.perf_counter()
-        (a @ b).sum().item()  # .item(): waits for a GPU to finish
+        (a @ a).sum().item()  # .item(): waits for a GPU to finish
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 
 def model_flops(model, tokens, images):
-    """A training step's model FLOPs (Kaplan et al.'s estimate, nanoGPT's estimate_mfu without attention): 6 per
-    trained weight and real token (2 forward, 4 backward), and 2 per frozen weight and image patch (forward only)."""
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.vision_model.parameters() if not p.requires_grad)
-    patches = (model.config.vision.image_size // model.config.vision.patch_size) ** 2
-    return 6 * trained * tokens + 2 * frozen * patches * images
+    """A training step's model FLOPs (Kaplan et al.'s estimate, nanoGPT's estimate_mfu without attention): per weight
+    and input, 2 forward and 4 more backward if it trains; text weights see the real tokens, vision weights the
+    image patches."""
+    vision = {id(p) for p in model.vision_model.parameters()}
+    patches = images * (model.config.vision.image_size // model.config.vision.patch_size) ** 2
+    return sum((6 if p.requires_grad else 2) * p.numel() * (patches if id(p) in vision else tokens)
+               for p in model.parameters())
 
 
 def make_optimizer(model, cfg):
@@ -475,7 +478,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
     elif master and os.path.exists(log_path):
         os.remove(log_path)
-    flops_peak = matmul_peak(device, cfg.precision)
+    flops_peak = matmul_peak(device, cfg.precision) * distributed()[1]  # every process's device
     saved, train_loss, val_loss, t_start = done, float("nan"), float("nan"), time.time()
     tokens, padded, images = 0, 0, 0  # real tokens, tokens computed (with the pads), images, since t_start
     bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, disable=not master)
@@ -487,7 +490,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             # The whole step, on every process: it counts the step's tokens, and train_step picks its micro-batches.
             batches = [collate(rows, pad_id)
                        for rows in step_batches(train_examples, done, cfg.batch_size, cfg.grad_accum, cfg.seed,
-                                                cfg.split_cost)]
+                                                cfg.split_cost, distributed()[1])]
             tokens += sum(b["n_tokens"] for b in batches)
             padded += sum(b["input_ids"].numel() for b in batches)
             images += sum(len(b["pixel_values"]) for b in batches)
@@ -585,10 +588,7 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
 def run_stage(stage, cfg):
     """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults. Under
     torchrun every process encodes the rows and trains; rank 0 writes the checkpoint, and the others wait for it."""
-    rank, world = distributed()
-    if cfg.grad_accum % world:  # each process runs grad_accum / N micro-batches of every step
-        raise ValueError(f"--grad-accum {cfg.grad_accum} does not split over {world} processes: pass a multiple of "
-                         f"{world} (--batch-size x --grad-accum rows make a step, whatever the number of processes)")
+    rank = distributed()[0]
     spec = STAGES[stage]
     cfg = replace(cfg, stage=stage, epochs=spec["epochs"] if cfg.epochs is None else cfg.epochs,
                   lr=spec["lr"] if cfg.lr is None else cfg.lr)

@@ -87,7 +87,8 @@ MALFORMED = {
 def test_malformed_chains_still_get_an_answer(vlm, rows, world, monkeypatch):
     fake = FakeGeneration(MALFORMED.values())
     monkeypatch.setattr(agents, "complete", fake)
-    system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), agents.SummaryAgent(vlm), batch_size=4)
+    summarizer = agents.SummaryAgent(vlm, override_margin=None)  # its answers as decoded (the margin: tests below)
+    system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), summarizer, batch_size=4)
     missing_end, truncated, empty, untagged = system.answer(rows[:4], world)
 
     assert [s["title"] for s in missing_end["steps"]] == ["Count", "Add"]
@@ -331,3 +332,61 @@ def test_complete_samples_start_with_their_own_prompts_prefix(vlm, rows, world):
     assert len(texts) == 4  # prompt-major: two samples of the first prompt, then two of the second
     assert [t.startswith(PREFIXES[0]) for t in texts] == [True, True, False, False]
     assert [t.startswith(PREFIXES[1]) for t in texts] == [False, False, True, True]
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary agent's answer against the chain's: what it follows, and when it may override
+
+def copies_the_last_step(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1,
+                         seed=0, precision="auto"):
+    """A summary model stub: answers with what the chain in its prompt concludes."""
+    return [data.chain_answer(c[0]["content"].split(data.SUMMARY_PROMPT)[0]) or "" for c in conversations]
+
+
+def test_a_summary_stub_that_copies_the_last_step_gives_the_chains_answer(vlm, rows, world, monkeypatch):
+    chains = ["<thoughts>\nScan: a red circle at top left.\nLook: top right has a small green square, so the answer is "
+              "square.\n</thoughts>", "<thoughts>\nCount: circles at center, total 2.\nAdd: 2 plus 1 is 3, so the "
+              "answer is 3.\n</thoughts>"]
+    monkeypatch.setattr(agents, "complete", lambda vlm, conversations, *a, **kw: (
+        [chains.pop(0) for _ in conversations] if conversations[0][0]["content"].endswith(data.REASONING_PROMPT)
+        else copies_the_last_step(vlm, conversations, *a, **kw)))
+    system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), agents.SummaryAgent(vlm), batch_size=2)
+    results = system.answer(rows[:2], world)
+    assert [r["answer"] for r in results] == [r["chain_answer"] for r in results] == ["square", "3"]
+
+
+@pytest.mark.parametrize("margin, expected", [(None, ["Circle.", "4", "blue"]),  # the decoded answers, as the paper
+                                              (0.5, ["Circle.", "3", "blue"]),  # prefers its own by 1.0, 0.2 nats
+                                              (2.0, ["square", "3", "blue"])])  # the chain's, unless 2 nats surer
+def test_the_summary_agent_overrides_a_chain_only_by_the_margin(vlm, rows, world, monkeypatch, margin, expected):
+    chains = [[{"title": "Look", "content": "top right has a small green square, so the answer is square."}],
+              [{"title": "Add", "content": "2 plus 1 is 3, so the answer is 3."}],
+              [{"title": "Look", "content": "something blue"}]]  # no stated answer: nothing to weigh it against
+    monkeypatch.setattr(agents, "complete", lambda *a, **kw: ["Circle.", "4", "blue"])
+    scored = []
+
+    def logps(vlm, conversations, replies, images):  # own answers: -1.0 and -2.0; the chains': -2.0 and -2.2
+        scored.append(replies)
+        table = {"Circle.": -1.0, "4": -2.0, "square": -2.0, "3": -2.2}
+        return torch.tensor([table[r] for r in replies])
+    monkeypatch.setattr(agents, "reply_logps", logps)
+    images = torch.zeros(3, 3, 32, 32)
+    answers = agents.SummaryAgent(vlm, override_margin=margin).summarize(["q1", "q2", "q3"], chains, images)
+    assert answers == expected
+    assert scored == ([] if margin is None else [["Circle.", "4"], ["square", "3"]])  # only the departures
+
+
+def test_reply_logps_sum_the_reply_tokens_whatever_the_batch(vlm, rows, world):
+    images = torch.stack([data.load_image(os.path.join(world, r["image"]), 32) for r in rows[:3]])
+    conversations = [data.task_messages("summary", r["question"], "<thoughts>\n</thoughts>") for r in rows[:3]]
+    replies = ["red", "3", "a large blue square"]
+    together = agents.reply_logps(vlm, conversations, replies, images)
+    for i in range(3):
+        ids, mask = data.render_conversation(vlm.tokenizer, conversations[i] + [{"role": "assistant",
+                                                                                 "content": replies[i]}],
+                                                vlm.config.tokens_per_image)
+        with torch.no_grad():
+            logits, _ = vlm(torch.tensor([ids]), images[i:i + 1])
+        logp = logits[0, :-1].log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert together[i].item() == pytest.approx((logp * torch.tensor(mask[1:])).sum().item(), abs=1e-4)
+        assert sum(mask) >= 2  # the reply's tokens and its end token

@@ -12,6 +12,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 import agents
@@ -264,6 +265,9 @@ def test_benchmark_open_and_multiple_choice(tmp_path, monkeypatch, capsys):
     assert prompts[1] == "Which is a bird?\nA. cat\nB. sparrow\nC. dog\n" + data.DIRECT_PROMPT  # options shown
     assert "| direct | 75.0 [30.1, 95.4] | - | - | - |" in capsys.readouterr().out  # Wilson 3/4
 
+    # The summary agent is 10 nats surer of its own answers than of the chain's "cat": past the margin, they stand.
+    monkeypatch.setattr(agents, "reply_logps", lambda vlm, conversations, replies, images: torch.tensor(
+        [-10.0 if r == "cat" else 0.0 for r in replies]))
     E.main(["--data", path, "--reasoning", str(tmp_path / "reasoner"), "--summary", str(tmp_path / "summarizer"),
             "--out", str(tmp_path)])
     with open(tmp_path / "results_bench.json") as f:

@@ -6,6 +6,8 @@ LEAKS = '''
 import os
 import torch
 
+INITIAL_SEED = torch.initial_seed()  # before any test: torch's own
+
 def test_flips_a_backend_flag():
     torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
 
@@ -24,8 +26,11 @@ def test_sets_an_environment_variable():
 
 def test_seeding_is_allowed():
     torch.manual_seed(3)
+    torch.rand(5)
 
 def test_everything_is_back(monkeypatch):  # runs last: the guard restored what the leaks changed
+    # The RNG too: the first draw is the one from torch's initial seed, as if no test had seeded or drawn before.
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(INITIAL_SEED)))
     monkeypatch.setattr(torch, "compile", lambda m: m)  # monkeypatch's own patches are undone before the guard looks
     assert not torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.fp32_precision != "tf32"
     assert torch.get_default_dtype() == torch.float32 and torch.get_num_threads() == NUM_THREADS
