@@ -340,6 +340,8 @@ class AgentsConfig:
     summary: str = data.option(None, "summary agent checkpoint (default: the summary agent in --out)")
     max_new_tokens: int = data.option(CHAIN_TOKENS, "token limit of the chain", min=1)
     temperature: float = data.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)", min=0)
+    override_margin: float = data.option(OVERRIDE_MARGIN, "nats by which the summary agent must prefer its own answer "
+                                                          "to the chain's (--override-margin=-inf: its answer as decoded)")
     seed: int = data.option(0, "random seed when sampling, and of the --real paths")
     real: str = data.option(None, "JSONL of image, question, answer (optional choices)")
     generator: str = data.option(None, "checkpoint that writes the --real reasoning paths")
@@ -392,7 +394,7 @@ def main(argv=None):
     summary_dir = cfg.summary or train_sft.stage_dir(cfg.out, "summary")
     try:  # a missing checkpoint or image: a one-line message that names it
         reasoner = ReasoningAgent(load_vlm(reasoning_dir), cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
-        summarizer = SummaryAgent(load_vlm(summary_dir))
+        summarizer = SummaryAgent(load_vlm(summary_dir), override_margin=cfg.override_margin)
         image = data.load_image(cfg.image, reasoner.vlm.config.vision.image_size)  # (3, H, W)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -159,7 +159,7 @@ def test_latest_reasoning_agent(tmp_path):
     assert list(agents.dpo_rounds(str(tmp_path))) == [1, 2, 10]
 
 
-def test_cli(vlm, rows, world, tmp_path, capsys):
+def test_cli(vlm, rows, world, tmp_path, capsys, monkeypatch):
     ckpt = str(tmp_path / "agent")
     vlm.save_pretrained(ckpt)
     image = os.path.join(world, rows[0]["image"])
@@ -167,6 +167,12 @@ def test_cli(vlm, rows, world, tmp_path, capsys):
                  "--max-new-tokens", "6"])
     out = capsys.readouterr().out
     assert f"reasoning agent: {ckpt}" in out and "\nanswer: " in out
+    margins = []
+    monkeypatch.setattr(agents.SummaryAgent, "summarize", lambda self, *a: margins.append(self.override_margin) or ["x"])
+    for flag, margin in (([], agents.OVERRIDE_MARGIN), (["--override-margin=-inf"], float("-inf"))):
+        agents.main(["--image", image, "--question", "q", "--reasoning", ckpt, "--summary", ckpt,
+                     "--max-new-tokens", "2", *flag])
+    assert margins == [agents.OVERRIDE_MARGIN, float("-inf")]  # the flag reaches the summary agent
 
     with pytest.raises(SystemExit, match=r"^error: no checkpoint at .*reasoning"):
         agents.main(["--image", image, "--question", "q", "--out", str(tmp_path / "nothing")])
