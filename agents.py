@@ -111,7 +111,8 @@ class ReasoningAgent:
 def reply_logps(vlm, conversations, replies, images):
     """Summed log-prob of each reply (and its end token) to its conversation, teacher-forced -> (B,) fp32 on the CPU."""
     rendered = [data.render_conversation(vlm.tokenizer, messages + [{"role": "assistant", "content": reply}],
-                                         vlm.config.tokens_per_image) for messages, reply in zip(conversations, replies)]
+                                         vlm.config.tokens_per_image)
+                for messages, reply in zip(conversations, replies)]
     pad = data.special_ids(vlm.tokenizer)["pad"]
     ids = pad_sequence([torch.tensor(i) for i, _ in rendered], batch_first=True, padding_value=pad)  # (B, T)
     mask = pad_sequence([torch.tensor(m) for _, m in rendered], batch_first=True)[:, 1:]  # (B, T-1): the reply
@@ -340,8 +341,8 @@ class AgentsConfig:
     summary: str = data.option(None, "summary agent checkpoint (default: the summary agent in --out)")
     max_new_tokens: int = data.option(CHAIN_TOKENS, "token limit of the chain", min=1)
     temperature: float = data.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)", min=0)
-    override_margin: float = data.option(OVERRIDE_MARGIN, "nats by which the summary agent must prefer its own answer "
-                                                          "to the chain's (--override-margin=-inf: its answer as decoded)")
+    override_margin: float = data.option(OVERRIDE_MARGIN, "nats by which the summary agent must prefer its answer "
+                                                          "to the chain's (=-inf: its answer as decoded)")
     seed: int = data.option(0, "random seed when sampling, and of the --real paths")
     real: str = data.option(None, "JSONL of image, question, answer (optional choices)")
     generator: str = data.option(None, "checkpoint that writes the --real reasoning paths")
