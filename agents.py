@@ -146,10 +146,11 @@ class SummaryAgent:
         departs = [i for i, (a, c) in enumerate(zip(answers, stated))
                    if c and data.normalize_answer(a) != data.normalize_answer(c)]
         if departs:
-            convs, imgs = [messages[i] for i in departs], None if images is None else images[departs]
-            margin = (reply_logps(self.vlm, convs, [answers[i] for i in departs], imgs)
-                      - reply_logps(self.vlm, convs, [stated[i] for i in departs], imgs))
-            for i, m in zip(departs, margin.tolist()):
+            # Both replies of each departing question in one forward: its own answers, then the chains'.
+            convs, imgs = [messages[i] for i in departs] * 2, None if images is None else images[departs + departs]
+            own, chain = reply_logps(self.vlm, convs, [answers[i] for i in departs] + [stated[i] for i in departs],
+                                     imgs).chunk(2)
+            for i, m in zip(departs, (own - chain).tolist()):
                 if m < self.override_margin:
                     answers[i] = stated[i]
         return answers
