@@ -27,8 +27,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import common
 import data
-import train_sft
 from generate import generate
 from model import VLM
 
@@ -46,7 +46,7 @@ def decode_dtype(device, precision="auto"):
     training does on a GPU (bf16, fp16 before Ampere) and in fp32 on the CPU, as every result in the docs was."""
     if precision == "auto" and torch.device(device).type != "cuda":
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_sft.resolve_precision(device, precision))
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(common.resolve_precision(device, precision))
 
 
 def complete(vlm, conversations, images, max_new_tokens, temperature=0.0, top_p=None, num_samples=1, seed=0,
@@ -204,7 +204,7 @@ def answer_direct(vlm, rows, image_root, task="direct", batch_size=64, max_new_t
 
 # ----------------------------------------------------------------------------------------------
 # Real data (paper Sec. 3.1): a loaded VLM writes and judges reasoning paths behind the interfaces data.assess_and_write
-# calls for the world: data.ScriptedTeacher (generate), data.AnswerFilter (judge) and data.SceneStepScorer (score).
+# calls for the world: world.ScriptedTeacher (generate), data.AnswerFilter (judge) and data.SceneStepScorer (score).
 
 STEP_PROMPT = ('Think about the next step only. Reply with one JSON object: {"title": ..., '
                '"content": ..., "next_action": "continue" or "final_answer"}.')
@@ -313,7 +313,7 @@ def load_vlm(path, device=None):
     vlm = VLM.from_pretrained(path)
     if vlm.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer.json: save the checkpoint together with its tokenizer")
-    return vlm.to(device or train_sft.resolve_device("auto")).eval()
+    return vlm.to(device or common.resolve_device("auto")).eval()
 
 
 def dpo_rounds(out_dir):
@@ -329,38 +329,38 @@ def dpo_rounds(out_dir):
 def latest_reasoning_dir(out_dir):
     """The last reasoning agent a run produced: its last DPO round if any, else the SFT one."""
     rounds = dpo_rounds(out_dir)
-    return rounds[max(rounds)] if rounds else train_sft.stage_dir(out_dir, "reasoning")
+    return rounds[max(rounds)] if rounds else common.stage_dir(out_dir, "reasoning")
 
 
 @dataclass
 class AgentsConfig:
     """One image and question for the two agents; or --real: reasoning paths and the two SFT sets for a real JSONL."""
-    image: str = data.option(None, "image file (png, jpg, ...)")
-    question: str = data.option(None, "the question about the image")
-    out: str = data.option("out", "the run directory whose agents are used by default")
-    reasoning: str = data.option(None, "reasoning agent checkpoint (default: the last DPO round in --out, else SFT)")
-    summary: str = data.option(None, "summary agent checkpoint (default: the summary agent in --out)")
-    max_new_tokens: int = data.option(CHAIN_TOKENS, "token limit of the chain", min=1)
-    temperature: float = data.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)", min=0)
-    override_margin: float = data.option(OVERRIDE_MARGIN, "nats by which the summary agent must prefer its answer "
+    image: str = common.option(None, "image file (png, jpg, ...)")
+    question: str = common.option(None, "the question about the image")
+    out: str = common.option("out", "the run directory whose agents are used by default")
+    reasoning: str = common.option(None, "reasoning agent checkpoint (default: the last DPO round in --out, else SFT)")
+    summary: str = common.option(None, "summary agent checkpoint (default: the summary agent in --out)")
+    max_new_tokens: int = common.option(CHAIN_TOKENS, "token limit of the chain", min=1)
+    temperature: float = common.option(0.0, "reasoning agent temperature; 0 = greedy (the paper: 0.2-0.7)", min=0)
+    override_margin: float = common.option(OVERRIDE_MARGIN, "nats by which the summary agent must prefer its answer "
                                                           "to the chain's (=-inf: its answer as decoded)")
-    seed: int = data.option(0, "random seed when sampling, and of the --real paths")
-    real: str = data.option(None, "JSONL of image, question, answer (optional choices)")
-    generator: str = data.option(None, "checkpoint that writes the --real reasoning paths")
-    judge: str = data.option(None, "checkpoint that judges the paths (default: the generator)")
-    data_out: str = data.option("out/real", "directory for the --real paths and SFT sets")
-    skip_bad: bool = data.option(False, "skip and count bad --real lines")
-    paths_per_question: int = data.option_of(data.DataConfig, "paths_per_question",
-                                             "--real: N reasoning paths per question")
-    max_steps: int = data.option_of(data.DataConfig, "max_steps", "--real: step cap of a path")
-    high: int = data.option_of(data.DataConfig, "high", "--real: judge score >= high is High")
-    mid: int = data.option_of(data.DataConfig, "mid", "--real: mid <= score < high is Mid; below is Low")
-    reasoning_per_question: int = data.option_of(data.DataConfig, "reasoning_per_question",
-                                                 "--real: distinct High correct chains kept per question")
-    flawed_per_sound: float = data.option_of(data.DataConfig, "flawed_per_sound",
-                                             "--real: flawed summary rows per sound one")
-    summary_perception: float = data.option_of(data.DataConfig, "summary_perception",
-                                               "--real: perception rows in the summary set, per chain row")
+    seed: int = common.option(0, "random seed when sampling, and of the --real paths")
+    real: str = common.option(None, "JSONL of image, question, answer (optional choices)")
+    generator: str = common.option(None, "checkpoint that writes the --real reasoning paths")
+    judge: str = common.option(None, "checkpoint that judges the paths (default: the generator)")
+    data_out: str = common.option("out/real", "directory for the --real paths and SFT sets")
+    skip_bad: bool = common.option(False, "skip and count bad --real lines")
+    paths_per_question: int = common.option_of(data.DataConfig, "paths_per_question",
+                                               "--real: N reasoning paths per question")
+    max_steps: int = common.option_of(data.DataConfig, "max_steps", "--real: step cap of a path")
+    high: int = common.option_of(data.DataConfig, "high", "--real: judge score >= high is High")
+    mid: int = common.option_of(data.DataConfig, "mid", "--real: mid <= score < high is Mid; below is Low")
+    reasoning_per_question: int = common.option_of(data.DataConfig, "reasoning_per_question",
+                                                   "--real: distinct High correct chains kept per question")
+    flawed_per_sound: float = common.option_of(data.DataConfig, "flawed_per_sound",
+                                               "--real: flawed summary rows per sound one")
+    summary_perception: float = common.option_of(data.DataConfig, "summary_perception",
+                                                 "--real: perception rows in the summary set, per chain row")
 
 
 def write_real_sets(cfg):
@@ -372,7 +372,7 @@ def write_real_sets(cfg):
     try:
         rows = data.read_jsonl(cfg.real, cfg.skip_bad, ("image", "question", "answer"), check_images=True)
         print(f"{cfg.real}: {len(rows)} usable examples")
-        data.writable_dir(cfg.data_out, "--data-out")
+        common.writable_dir(cfg.data_out, "--data-out")
         generator = ModelGenerator(load_vlm(cfg.generator), cfg.max_steps, root=cfg.data_out)
         judge = ModelJudge(load_vlm(cfg.judge) if cfg.judge else generator.vlm)
         root = os.path.dirname(os.path.abspath(cfg.real))
@@ -386,14 +386,15 @@ def write_real_sets(cfg):
 
 
 def main(argv=None):
-    cfg = data.parse_config(AgentsConfig, argv, description="Answer a question about an image with the two agents, or "
-                       "write reasoning paths and SFT sets for a real JSONL with a loaded generator and judge.")
+    about = ("Answer a question about an image with the two agents, or write reasoning paths and SFT sets for a real "
+             "JSONL with a loaded generator and judge.")
+    cfg = common.parse_config(AgentsConfig, argv, description=about)
     if cfg.real:
         return write_real_sets(cfg)
     if not cfg.image or not cfg.question:
         raise SystemExit("error: pass both --image PATH and --question TEXT (or --real FILE --generator CKPT)")
     reasoning_dir = cfg.reasoning or latest_reasoning_dir(cfg.out)
-    summary_dir = cfg.summary or train_sft.stage_dir(cfg.out, "summary")
+    summary_dir = cfg.summary or common.stage_dir(cfg.out, "summary")
     try:  # a missing checkpoint or image: a one-line message that names it
         reasoner = ReasoningAgent(load_vlm(reasoning_dir), cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
         summarizer = SummaryAgent(load_vlm(summary_dir), override_margin=cfg.override_margin)

@@ -20,28 +20,28 @@ from types import SimpleNamespace
 
 import torch
 
-import data
+import common
+from common import autocast, resolve_device, resolve_precision
 from eval import markdown_table
 from generate import generate
-from model import VLM, atomic_write, get_config
+from model import VLM, get_config
 from train_dpo import dpo_loss, sequence_logps
-from train_sft import autocast, resolve_device, resolve_precision
 
 
 @dataclass
 class BenchConfig:
-    preset: str = data.option("smolvlm-256m", "model shape (random weights)")
-    device: str = data.option("auto", "auto, cpu or cuda")
-    precision: str = data.option("auto", "auto: as train_sft", choices=["auto", "bf16", "fp32"])
-    warmup: int = data.option(1, "untimed rounds before the timed ones", min=0)
-    repeats: int = data.option(3, "timed rounds per measurement", min=1)
-    train_batch: int = data.option(2, "rows per training step, an even number (DPO pairs them)", min=2)
-    seq_len: int = data.option(128, "tokens per training row, image tokens included", min=1)
-    decode_batches: str = data.option("1,16", "comma-separated decoding batch sizes")
-    prompt_text: int = data.option(32, "text tokens in the decoding prompt, besides the image", min=1)
-    new_tokens: int = data.option(32, "new tokens per decoded row", min=2)
-    out: str = data.option("out", "where bench.md is written")
-    quick: bool = data.option(False, "the tiny preset and 16 new tokens")
+    preset: str = common.option("smolvlm-256m", "model shape (random weights)")
+    device: str = common.option("auto", "auto, cpu or cuda")
+    precision: str = common.option("auto", "auto: as train_sft", choices=["auto", "bf16", "fp32"])
+    warmup: int = common.option(1, "untimed rounds before the timed ones", min=0)
+    repeats: int = common.option(3, "timed rounds per measurement", min=1)
+    train_batch: int = common.option(2, "rows per training step, an even number (DPO pairs them)", min=2)
+    seq_len: int = common.option(128, "tokens per training row, image tokens included", min=1)
+    decode_batches: str = common.option("1,16", "comma-separated decoding batch sizes")
+    prompt_text: int = common.option(32, "text tokens in the decoding prompt, besides the image", min=1)
+    new_tokens: int = common.option(32, "new tokens per decoded row", min=2)
+    out: str = common.option("out", "where bench.md is written")
+    quick: bool = common.option(False, "the tiny preset and 16 new tokens")
 
 
 def make_rows(cfg, n_rows, n_text, seed):
@@ -204,12 +204,12 @@ def report(cfg, device, max_diff, train, decoding, peaks):
 
 
 def main(argv=None):
-    cfg = data.parse_config(BenchConfig, argv, description=__doc__.splitlines()[0])
+    cfg = common.parse_config(BenchConfig, argv, description=__doc__.splitlines()[0])
     cfg = replace(cfg, preset="tiny", new_tokens=16) if cfg.quick else cfg
     try:  # an unknown device or preset, decoding batch sizes that are not integers, an --out that cannot be written
         device, image_tokens = resolve_device(cfg.device), get_config(cfg.preset).tokens_per_image
         batches = [int(b) for b in cfg.decode_batches.split(",")]
-        data.writable_dir(cfg.out)
+        common.writable_dir(cfg.out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if cfg.train_batch % 2 or min(batches) < 1 or cfg.seq_len < image_tokens + 3:  # the ranges that parsing cannot see
@@ -224,7 +224,7 @@ def main(argv=None):
         del ours, ref  # the memory-measuring child processes load the checkpoint themselves
         peaks = peak_memory(workdir, cfg, device)
     md = report(cfg, device, max_diff, train, decoding, peaks)
-    atomic_write(os.path.join(cfg.out, "bench.md"), lambda path: Path(path).write_text(md))
+    common.atomic_write(os.path.join(cfg.out, "bench.md"), lambda path: Path(path).write_text(md))
     print(f"\n{md}\n[bench] written to {os.path.join(cfg.out, 'bench.md')}")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import trange
 
+import common
 import data
 from model import VLM, KVCache
 
@@ -151,19 +152,19 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
 
 @dataclass
 class GenerateConfig:
-    model: str = data.option(None, "checkpoint directory (this project's or a SmolVLM download)")
-    image: str = data.option(None, "image file (png, jpg, ...)")
-    prompt: str = data.option(None, "the question to ask about the image")
-    max_new_tokens: int = data.option(256, "stop after this many tokens", min=1)
-    temperature: float = data.option(0.0, "0 = greedy", min=0)
-    top_k: int = data.option(None, "sample only from the k most likely tokens", type=int, min=1)
-    top_p: float = data.option(None, "sample only from the top-p nucleus", type=float, above=0, max=1)
-    seed: int = data.option(0, "random seed for sampling")
+    model: str = common.option(None, "checkpoint directory (this project's or a SmolVLM download)")
+    image: str = common.option(None, "image file (png, jpg, ...)")
+    prompt: str = common.option(None, "the question to ask about the image")
+    max_new_tokens: int = common.option(256, "stop after this many tokens", min=1)
+    temperature: float = common.option(0.0, "0 = greedy", min=0)
+    top_k: int = common.option(None, "sample only from the k most likely tokens", type=int, min=1)
+    top_p: float = common.option(None, "sample only from the top-p nucleus", type=float, above=0, max=1)
+    seed: int = common.option(0, "random seed for sampling")
 
 
 def main(argv=None):
-    args = data.parse_config(GenerateConfig, argv, "Answer a question about an image with a checkpoint, streaming "
-                             "the answer.")
+    args = common.parse_config(GenerateConfig, argv, "Answer a question about an image with a checkpoint, streaming "
+                               "the answer.")
     if not (args.model and args.image and args.prompt):
         raise SystemExit("error: pass --model DIR, --image FILE and --prompt TEXT")
 

@@ -2,7 +2,8 @@
 
 This is the Idefics3 / SmolVLM architecture (Laurencon et al. 2024; Marafioti et al. 2025), which also plays the
 role LLaVA-NeXT plays in the Insight-V paper: one base MLLM from which both agents are fine-tuned. Reading order:
-configs and presets, the vision tower, the projector, the decoder with its KV cache, the VLM, loading and saving.
+configs and presets, the vision tower, the projector, the decoder with its KV cache, the VLM (checkpoint.py loads
+and saves it).
 Every module is named like the Hugging Face checkpoint it mirrors, so loading a public checkpoint is a plain key
 copy with every key and shape checked:
 
@@ -13,7 +14,6 @@ copy with every key and shape checked:
 """
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
+
+import checkpoint
+import common
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -128,7 +128,8 @@ def get_config(name, **overrides):
 # Vision tower: SigLIP (Zhai et al. 2023). A ViT with learned absolute positions, no class token,
 # pre-LayerNorm blocks and a final LayerNorm over every patch token.
 
-class SiglipEmbeddings(nn.Module):
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/siglip/modeling_siglip.py
+class SiglipEmbeddings(nn.Module):  # SiglipVisionEmbeddings
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
@@ -155,6 +156,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, traini
         return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/siglip/modeling_siglip.py
 class SiglipAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -170,6 +172,7 @@ class SiglipAttention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(N, P, D))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/siglip/modeling_siglip.py
 class SiglipMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -180,6 +183,7 @@ class SiglipMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # SigLIP's gelu_pytorch_tanh
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/siglip/modeling_siglip.py
 class SiglipEncoderLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -193,6 +197,7 @@ class SiglipEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/siglip/modeling_siglip.py
 class SiglipVisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -220,7 +225,8 @@ def pixel_shuffle(x, s):  # (N, P, D) -> (N, P / s^2, D * s^2), numerically Idef
     return x.permute(0, 2, 1, 3).reshape(N, P // (s * s), D * s * s)
 
 
-class Connector(nn.Module):
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/idefics3/modeling_idefics3.py
+class Connector(nn.Module):  # Idefics3Connector
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.scale_factor = cfg.scale_factor
@@ -234,7 +240,8 @@ class Connector(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Decoder: Llama (Touvron et al. 2023) as in SmolLM2. RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 
-class RMSNorm(nn.Module):
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
+class RMSNorm(nn.Module):  # LlamaRMSNorm
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -251,17 +258,20 @@ def rotary_cos_sin(positions, head_dim, theta, dtype):  # positions (B, T) long 
     # Computed in fp32 from integer positions so that cached decoding and a full forward agree.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    # Llama's split-halves layout, not interleaved pairs; sin's first half is negated for apply_rotary.
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+    angles = torch.cat((angles, angles), dim=-1)  # Llama's split-halves layout, not interleaved pairs
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x):  # (..., hd): the halves x1, x2 -> cat(-x2, x1), a 90-degree turn of each (x1[i], x2[i]) pair
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary(x, cos, sin):  # x (B, H, T, hd); cos, sin (B, 1, T, hd) from rotary_cos_sin, shared by the heads
-    # HF's x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) for the halves x1, x2:
-    # roll gives cat(x2, x1) and the sign comes with sin (rotary_cos_sin).
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return x * cos + rotate_half(x) * sin
 
 
+# https://github.com/karpathy/nanochat/blob/master/nanochat/engine.py
 class KVCache:
     """A preallocated key/value cache (nanochat's engine): one buffer per tensor, filled in place.
     k, v: (n_layers, B, n_kv_heads, max_len, head_dim). All rows share `length`, the slots filled so
@@ -294,6 +304,7 @@ class KVCache:
         self.key_mask, self.pos = self.key_mask[rows], self.pos[rows]
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx):
         super().__init__()
@@ -319,6 +330,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -329,6 +341,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx):
         super().__init__()
@@ -342,6 +355,7 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
 class LlamaModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -386,7 +400,8 @@ class LlamaModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The VLM: image placeholder tokens in the prompt are replaced, in order, by projected image tokens.
 
-class VLM(nn.Module):
+# https://github.com/huggingface/transformers/blob/main/src/transformers/models/idefics3/modeling_idefics3.py
+class VLM(nn.Module):  # Idefics3ForConditionalGeneration
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         n_patches = cfg.vision.num_patches
@@ -456,221 +471,29 @@ class VLM(nn.Module):
         return torch.optim.AdamW(list(groups.values()), betas=betas, fused=fused)
 
     # ------------------------------------------------------------------------------------------
-    # Saving and loading
+    # Saving and loading: checkpoint.py does the work, with every key and shape checked.
 
     def save_pretrained(self, path):
         """config.json + model.safetensors (+ tokenizer.json), each written to a temp file and renamed."""
-        os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                 if not (k == "lm_head.weight" and self.config.text.tie_word_embeddings)}
-        atomic_write(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, "config.json"), lambda f: write_json(self.config.to_dict(), f))
-        if self.tokenizer is not None:
-            atomic_write(os.path.join(path, "tokenizer.json"), lambda f: self.tokenizer.save(f))
+        checkpoint.save(self, path)
 
     @classmethod
     def from_pretrained(cls, path, dtype=None):
         """This project's own checkpoints, or a SmolVLM / Idefics3 checkpoint directory as published."""
-        config = _read_config(path)
-        model_type = config.get("model_type")
-        if model_type == "nano-insight-v":
-            with reading_checkpoint(os.path.join(path, "config.json")):  # a section or field missing or misspelt
-                cfg, prefix_map = VLMConfig.from_dict(config), {"": ""}
-        elif model_type == "idefics3":
-            cfg, prefix_map = _idefics3_config(config), {"model.": "", "lm_head.": "lm_head."}
-        else:
-            raise ValueError(f"{path}/config.json: unsupported model_type {model_type!r}; expected 'nano-insight-v' "
-                             f"or 'idefics3' (for a SigLIP + Llama pair use VLM.from_parts)")
-        model = cls(cfg)
-        model._load_checked(_rename(_read_safetensors(path), prefix_map), path)
-        model.tokenizer = _read_tokenizer(path)
-        return model.to(dtype) if dtype is not None else model
+        return cls._build(*checkpoint.load(path), path, dtype)
 
     @classmethod
     def from_parts(cls, vision_dir, text_dir, scale_factor=2, image_token_id=None, dtype=None):
         """A SigLIP checkpoint + a Llama-family checkpoint; the projector is freshly initialised. The chat format's
-        special tokens its tokenizer lacks (SmolLM2's has no <image>) are added, with new embedding rows; the image
-        token's id goes into the config and the grown tokenizer is saved with the model. image_token_id= is for a
-        text checkpoint without a tokenizer.json."""
-        vconf, tconf = _read_config(vision_dir), _read_config(text_dir)
-        vtype, ttype = vconf.get("model_type"), tconf.get("model_type")
-        if vtype not in ("siglip", "siglip_vision_model"):
-            raise ValueError(f"{vision_dir}/config.json: expected a SigLIP checkpoint, got model_type {vtype!r}")
-        if ttype != "llama":
-            raise ValueError(f"{text_dir}/config.json: expected a Llama checkpoint, got model_type {ttype!r}")
-        text_cfg, tokenizer = _llama_config(tconf, tconf), _read_tokenizer(text_dir)
-        text = _rename(_read_safetensors(text_dir), {"model.": "text_model.", "lm_head.": "lm_head."})
-        if tokenizer is not None:
-            old_ids = sorted(i for i in tokenizer.get_vocab().values() if i < text_cfg.vocab_size)
-            added = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
-            tokenizer.add_special_tokens(added)
-            new_ids = [tokenizer.token_to_id(t) for t in added]
-            text_cfg.vocab_size = _add_token_rows(text, new_ids, old_ids, text_cfg.vocab_size)
-        if image_token_id is None:
-            if tokenizer is None:
-                raise ValueError(f"{text_dir}: no tokenizer.json, so no '<image>' token to use; pass image_token_id=")
-            image_token_id = tokenizer.token_to_id("<image>")
-        cfg = VLMConfig(_siglip_config(vconf.get("vision_config", vconf)), text_cfg,
-                        scale_factor=scale_factor, image_token_id=image_token_id)
-        vision = _read_safetensors(vision_dir)
-        if vtype == "siglip_vision_model":
-            # transformers 4 saved vision-only SigLIP keys under `vision_model.`, transformers 5 without it.
-            vision = _rename(vision, {"vision_model.": "vision_model.", "": "vision_model."})
-        # A dual-tower SigLIP also holds a text tower and a pooling head: only the vision trunk is used.
-        vision = {k: v for k, v in vision.items()
-                  if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
-        model = cls(cfg)
-        model._load_checked({**vision, **text}, f"{vision_dir} + {text_dir}", fresh=("connector.",))
+        special tokens its tokenizer lacks are added, and the grown tokenizer is saved with the model. image_token_id=
+        is for a text checkpoint without a tokenizer.json."""
+        parts = checkpoint.load_parts(vision_dir, text_dir, scale_factor, image_token_id, SPECIAL_TOKENS)
+        return cls._build(*parts, f"{vision_dir} + {text_dir}", dtype, fresh=("connector.",))
+
+    @classmethod
+    def _build(cls, config, state, tokenizer, source, dtype, fresh=()):
+        with common.reading_checkpoint(os.path.join(source, "config.json")):  # a section or field missing or misspelt
+            model = cls(VLMConfig.from_dict(config))
+        checkpoint.load_checked(model, state, source, fresh)
         model.tokenizer = tokenizer
         return model.to(dtype) if dtype is not None else model
-
-    def _load_checked(self, state, source, fresh=()):
-        """Copy tensors in, after checking that every key and shape matches: never a silent partial load."""
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        optional = {"lm_head.weight"} if self.config.text.tie_word_embeddings else set()
-        missing = [k for k in expected if k not in state and k not in optional and not k.startswith(fresh)]
-        unexpected = [k for k in state if k not in expected]
-        wrong = [f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(expected[k])} in the model"
-                 for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k])]
-        problems = ([f"missing tensors: {', '.join(missing)}"] if missing else []) + \
-                   ([f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else []) + wrong
-        if problems:
-            raise ValueError(f"{source}: checkpoint does not match the model config: " + "; ".join(problems))
-        # A diverged run can save NaN weights; loaded, they would only show up as empty chains much later.
-        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if broken:
-            raise ValueError(f"{source}: NaN or inf in {', '.join(broken[:3])}{' and more' if broken[3:] else ''}: "
-                             f"the run that saved this checkpoint diverged; train it again with a lower --lr")
-        if "lm_head.weight" in optional:
-            state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
-        self.load_state_dict(state, strict=False)
-
-
-# ----------------------------------------------------------------------------------------------
-# File helpers
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a crash never leaves a half-written file. The file gets the
-    permissions a plain open() gives under the umask, so others can read a shared checkpoint. The temp file's name
-    is fixed (one writer per path), so the next save of the same path removes one that a kill left behind."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        write(tmp)
-        umask = os.umask(0)  # reading the umask means setting it: put it back at once
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors, for one, writes 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-@contextlib.contextmanager
-def reading_checkpoint(path):
-    """A checkpoint file that cannot be parsed -> one ValueError naming it, the same from every script."""
-    try:
-        yield
-    except OSError:
-        raise  # missing or unreadable, not corrupt: its own message names the file
-    except Exception as e:  # json, safetensors, tokenizers and torch.load each raise their own kinds
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {reason})") from None
-
-
-def _read_config(path):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path}: no config.json, so this is not a checkpoint directory")
-    with open(config_path, "rb") as f, reading_checkpoint(config_path):
-        return dict(json.load(f))
-
-
-def _read_safetensors(path):
-    """All tensors of a checkpoint, from model.safetensors or the shards its index names."""
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        files = [single]
-    elif os.path.isfile(index):
-        with open(index, "rb") as f, reading_checkpoint(index):
-            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    state = {}
-    for file in files:
-        with reading_checkpoint(file), safe_open(file, framework="pt") as f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
-    return state
-
-
-def _read_tokenizer(path):
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        return None
-    with reading_checkpoint(file):
-        return Tokenizer.from_file(file)
-
-
-def _rename(state, prefix_map):
-    """Map checkpoint key prefixes to ours; keys matching no prefix are kept, to be reported."""
-    out = {}
-    for key, value in state.items():
-        src = next((p for p in prefix_map if key.startswith(p)), None)
-        out[key if src is None else prefix_map[src] + key[len(src):]] = value
-    return out
-
-
-def _add_token_rows(state, new_ids, old_ids, vocab_size):
-    """Give tokens added to a tokenizer their rows of the embedding (and of an untied head) -> the new vocab size.
-    An id past the matrices grows them; every new row starts as the mean of the rows the tokenizer already used, so
-    the token begins as an average one, not noise with an outsized logit (Hewitt 2021, "Initializing new word
-    embeddings"). Spare rows of a padded vocabulary are never used, so they stay out of the mean."""
-    new_size = max([vocab_size, *(i + 1 for i in new_ids)])
-    for key in ("text_model.embed_tokens.weight", "lm_head.weight"):  # lm_head is absent when tied
-        if key in state and new_ids:
-            w = torch.cat([state[key], state[key].new_zeros(new_size - len(state[key]), state[key].shape[1])])
-            w[new_ids] = w[old_ids].float().mean(0).to(w.dtype)
-            state[key] = w
-    return new_size
-
-
-def _siglip_config(v):
-    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise ValueError(f"unsupported vision activation {v['hidden_act']!r}")
-    # Defaults are SiglipVisionConfig's, for keys a config.json may omit.
-    defaults = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, layer_norm_eps=1e-6, num_channels=3)
-    return VisionConfig(**{key: v.get(key, default) for key, default in defaults.items()})
-
-
-def _llama_config(t, top):
-    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"unsupported rope scaling {rope!r}: only plain rotary embeddings are implemented")
-    heads, hidden = t.get("num_attention_heads", 32), t.get("hidden_size", 4096)
-    if t.get("head_dim", hidden // heads) != hidden // heads:
-        raise ValueError("unsupported: head_dim differs from hidden_size / num_attention_heads")
-    if t.get("attention_bias") or t.get("mlp_bias"):
-        raise ValueError("unsupported: Llama checkpoints with attention or MLP biases")
-    # Defaults are LlamaConfig's, for keys a config.json may omit.
-    defaults = dict(vocab_size=32000, intermediate_size=11008, num_hidden_layers=32, rms_norm_eps=1e-6)
-    return TextConfig(**{key: t.get(key, default) for key, default in defaults.items()}, hidden_size=hidden,
-                      num_attention_heads=heads, num_key_value_heads=t.get("num_key_value_heads") or heads,
-                      rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
-                      tie_word_embeddings=bool(top.get("tie_word_embeddings", t.get("tie_word_embeddings", False))))
-
-
-def _idefics3_config(c):
-    # Idefics3Config's defaults: a SigLIP-so400m-like vision config and scale factor 2.
-    vision = {"hidden_size": 1152, "intermediate_size": 3072, "num_attention_heads": 16, "patch_size": 32,
-              **c.get("vision_config", {})}
-    return VLMConfig(_siglip_config(vision), _llama_config(c.get("text_config", {}), c),
-                     scale_factor=c.get("scale_factor", 2), image_token_id=c.get("image_token_id", 128257))

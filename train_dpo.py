@@ -11,7 +11,7 @@ chain M_t writes greedily, the mistake evaluation sees (--rejected). One epoch o
 M_{t+1}; the summary agent stays as SFT'd, on the teacher's chains and M_0's own (on_policy_summary_set). DPO
 (Rafailov et al. 2023) is written by hand: `dpo_loss` is a pure function of summed log-probabilities, which
 `sequence_logps` computes in fp32 for the completion tokens only. Under torchrun every process samples its share of
-each round's questions and trains on its share of each batch of pairs (train_sft's data parallelism).
+each round's questions and trains on its share of each batch of pairs (common.py's data parallelism).
 """
 
 import contextlib
@@ -28,10 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import agents
+import common
 import data
 import eval as evaluation
 import train_sft
-from model import VLM, atomic_write, write_json
+from model import VLM
 
 # ----------------------------------------------------------------------------------------------
 # The loss
@@ -133,46 +134,51 @@ def first_error_prefix(row, text, scorer):
 # Configuration
 
 @dataclass
-class DPOConfig:
-    iters: int = data.option(3, "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)", min=0)
-    out: str = data.option("out", "where data, checkpoints, logs and results go")
-    init: str = data.option(None, "start the base stage from this checkpoint")
-    force: bool = data.option(False, "rebuild every stage even if cached")
-    pool_size: int = data.option(1200, "questions sampled per round", min=1)
-    fresh_pool: bool = data.option(True, "each round's questions on new scenes (the world is free), not the SFT "
-                                         "questions the agent has fitted")
-    samples_per_question: int = data.option(8, "k chains sampled per question (a pair needs 2)", min=2)
-    temperature: float = data.option(0.9, "sampling temperature for the chains", min=0)
-    top_p: float = data.option(0.95, "nucleus sampling for the chains (paper: 0.95)", above=0, max=1)
-    sample_batch: int = data.option(1024, "sequences decoded together (lower it for a big model)", min=1)
-    max_chain_tokens: int = data.option(160, "cap on a sampled chain's length", min=1)
-    max_pairs_per_question: int = data.option(2, "at most this many pairs per question", min=1)
-    min_chosen_score: float = data.option(90, "minimum step score of a chosen chain (90 = High)", min=0, max=100)
-    rejected: str = data.option("greedy", "the rejected chain: the worst sample (paper), the closest wrong one, "
-                                          "the policy's greedy chain when wrong, or that chain with a chosen one "
-                                          "continued from before its first wrong step (Step-DPO)",
-                                choices=["worst", "closest", "greedy", "first_error"])
-    beta: float = data.option(0.1, "DPO beta (paper: 0.1)", above=0)
-    loss_type: str = data.option("sigmoid", "sigmoid or ipo", choices=["sigmoid", "ipo"])
-    label_smoothing: float = data.option(0.0, "conservative DPO epsilon (above 0.5 it prefers the rejected chain)",
-                                         min=0, max=0.5)
-    nll_weight: float = data.option(0.2, "weight of the chosen chain's NLL (released trainer: 1)", min=0)
-    epochs: int = data.option(1, "passes over each round's pairs", min=1)
-    lr: float = data.option(3e-6, "peak learning rate of each round (higher lowered chain correctness on val; "
-                                  "docs/experiments.md)", above=0)
-    batch_size: int = data.option(16, "pairs per step", min=1)
-    warmup_steps: int = data.option(5, "linear warmup steps per round", min=0)
-    grad_clip: float = data.option(1.0, "gradient norm clip (0 would zero every update)", above=0)
-    precision: str = data.option("auto", "mixed precision", choices=["auto", "bf16", "fp16", "fp32"])
-    device: str = data.option("auto", "auto, cpu or cuda")
-    val_size: int = data.option(300, "val questions for the per-round report", min=1)
-    summary_chains: int = data.option(1, "the reasoning agent's own chains per training question added to the "
-                                         "summary set (0 = the teacher's only)", min=0)
-    summary_temperature: float = data.option(0.7, "sampling temperature of those chains", min=0)
-    eval_limit: int = data.option(0, "evaluate on only this many test questions (0 = all)", min=0)
-    seed: int = data.option(0, "seed for pools, sampling and shuffling")
-    sft_seed: int = data.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
-                                      "vary it, each with its own --out, to see the spread")
+class JobConfig:
+    """The options train_dpo.py and train_grpo.py share: where the run lives, how its stages are built, how chains are
+    sampled, and the seeds."""
+    out: str = common.option("out", "where data, checkpoints, logs and results go")
+    init: str = common.option(None, "start the base stage from this checkpoint")
+    force: bool = common.option(False, "rebuild every stage, and this job's own training, even if cached")
+    temperature: float = common.option(0.9, "sampling temperature for the chains", min=0)
+    top_p: float = common.option(0.95, "nucleus sampling for the chains (paper: 0.95)", above=0, max=1)
+    sample_batch: int = common.option(1024, "sequences decoded together (lower it for a big model)", min=1)
+    max_chain_tokens: int = common.option(160, "cap on a sampled chain's length", min=1)
+    grad_clip: float = common.option(1.0, "gradient norm clip (0 would zero every update)", above=0)
+    precision: str = common.option("auto", "mixed precision", choices=["auto", "bf16", "fp16", "fp32"])
+    device: str = common.option("auto", "auto, cpu or cuda")
+    val_size: int = common.option(300, "val questions for the reports during training", min=1)
+    summary_chains: int = common.option(1, "the reasoning agent's own chains per training question added to the "
+                                        "summary set (0 = the teacher's only)", min=0)
+    summary_temperature: float = common.option(0.7, "sampling temperature of those chains", min=0)
+    eval_limit: int = common.option(0, "evaluate on only this many test questions (0 = all)", min=0)
+    seed: int = common.option(0, "seed for pools, sampling and shuffling")
+    sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
+                                  "vary it, each with its own --out, to see the spread")
+
+
+@dataclass
+class DPOConfig(JobConfig):
+    iters: int = common.option(3, "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)", min=0)
+    pool_size: int = common.option(1200, "questions sampled per round", min=1)
+    fresh_pool: bool = common.option(True, "each round's questions on new scenes (the world is free), not the SFT "
+                                     "questions the agent has fitted")
+    samples_per_question: int = common.option(8, "k chains sampled per question (a pair needs 2)", min=2)
+    max_pairs_per_question: int = common.option(2, "at most this many pairs per question", min=1)
+    min_chosen_score: float = common.option(90, "minimum step score of a chosen chain (90 = High)", min=0, max=100)
+    rejected: str = common.option("greedy", "the rejected chain: the worst sample (paper), the closest wrong one, "
+                                  "the policy's greedy chain when wrong, or that chain with a chosen one "
+                                  "continued from before its first wrong step (Step-DPO)",
+                                  choices=["worst", "closest", "greedy", "first_error"])
+    beta: float = common.option(0.1, "DPO beta (paper: 0.1)", above=0)
+    loss_type: str = common.option("sigmoid", "sigmoid or ipo", choices=["sigmoid", "ipo"])
+    label_smoothing: float = common.option(0.0, "conservative DPO epsilon (above 0.5 it prefers the rejected chain)",
+                                           min=0, max=0.5)
+    nll_weight: float = common.option(0.2, "weight of the chosen chain's NLL (released trainer: 1)", min=0)
+    epochs: int = common.option(1, "passes over each round's pairs", min=1)
+    lr: float = common.option(3e-6, "peak learning rate of each round (docs/experiments.md)", above=0)
+    batch_size: int = common.option(16, "pairs per step", min=1)
+    warmup_steps: int = common.option(5, "linear warmup steps per round", min=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,9 +188,10 @@ def sample_chains(policy, rows, image_root, cfg, seed, k=None, temperature=None,
     """k chains per question (default --samples-per-question at --temperature; 0 = greedy) from the policy -> {row id:
     [chain text, ...]}; prefixes {row id: start of the chain} are continued. Under torchrun process r decodes batches
     r, r + N, ..., each with the seed it has in one process, and every process gets all the chains."""
-    k, temperature, out = k or cfg.samples_per_question, cfg.temperature if temperature is None else temperature, {}
+    k = cfg.samples_per_question if k is None else k
+    temperature, out = cfg.temperature if temperature is None else temperature, {}
     per_batch = max(1, cfg.sample_batch // k)  # prompts per generate call: k samples each
-    rank, world = train_sft.distributed()
+    rank, world = common.distributed()
     mine = [r for start in range(rank * per_batch, len(rows), world * per_batch) for r in rows[start:start + per_batch]]
     for i, (batch, images) in enumerate(agents.batches(mine, image_root, policy.config.vision.image_size, per_batch,
                                                        desc=f"  {desc} chains" if rank == 0 else None)):
@@ -194,7 +201,7 @@ def sample_chains(policy, rows, image_root, cfg, seed, k=None, temperature=None,
                                 prefixes=prefixes and [prefixes[r["id"]] for r in batch])
         for j, r in enumerate(batch):
             out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
-    chains = {i: c for part in train_sft.all_gather(out) for i, c in part.items()}
+    chains = {i: c for part in common.all_gather(out) for i, c in part.items()}
     return {r["id"]: chains[r["id"]] for r in rows}  # in the rows' order
 
 
@@ -216,7 +223,7 @@ def pair_batches(encoded, batch_size, pad_id, generator):
     rows; its number of pairs; the batch's). Under torchrun process r takes pairs r, r + N, ... of each batch; a short
     last batch may leave it none, and it then runs the batch's first pair, counted as 0: DDP needs every process in
     every backward."""
-    rank, world = train_sft.distributed()
+    rank, world = common.distributed()
     order = torch.randperm(len(encoded), generator=generator).tolist()
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
@@ -236,17 +243,17 @@ def same_kernels(device):
 def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     """One epoch of DPO with the reference = the policy at the start of the round. Under torchrun every process has
     all the pairs, runs its part of each batch (pair_batches), and its gradients and metrics are the whole batch's."""
-    rank, world = train_sft.distributed()
+    rank, world = common.distributed()
     pad_id = data.special_ids(policy.tokenizer)["pad"]
     encoded = encode_pairs(pairs, policy.tokenizer, policy.config, image_root)
     g = torch.Generator().manual_seed(cfg.seed + round_idx)
     parts = pair_batches(encoded, cfg.batch_size, pad_id, g)
-    batches = [(train_sft.to_device(b, device), n_part, n_pairs) for b, n_part, n_pairs in parts]
+    batches = [(common.to_device(b, device), n_part, n_pairs) for b, n_part, n_pairs in parts]
 
     # Reference log-probs once, from the round's starting policy on the same batches: no second model in memory. Train
     # mode (no dropout) and same_kernels pick the training forward's kernels, so the ln 2 check below is exact.
     policy.train()
-    with torch.no_grad(), train_sft.autocast(device, cfg.precision), same_kernels(device):  # no_grad: autocast's cache
+    with torch.no_grad(), common.autocast(device, cfg.precision), same_kernels(device):  # no_grad: autocast's cache
         refs = [sequence_logps(policy, b).chunk(2)
                 for b, _, _ in tqdm(batches, desc="  reference log-probs", leave=False, disable=rank > 0)]
 
@@ -254,13 +261,15 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     order = torch.cat([torch.randperm(len(batches), generator=g) for _ in range(cfg.epochs)]).tolist()
     opt = policy.configure_optimizers(weight_decay=0.0, lr_text=cfg.lr, lr_vision=0.0, lr_projector=cfg.lr,
                                       freeze_vision=True)
-    model = train_sft.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train_sft.lr_lambda(s, cfg.warmup_steps, len(order), 0.1))
-    scaler = train_sft.make_scaler(device, cfg.precision)
+    peaks = [group["lr"] for group in opt.param_groups]
+    model = common.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
+    scaler = common.make_scaler(device, cfg.precision)
     totals = {}
     bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False, disable=rank > 0)
     for step, ((batch, n_part, n_pairs), (ref_c, ref_r)) in enumerate(bar):
-        with train_sft.autocast(device, cfg.precision), same_kernels(device):
+        lr_scale = common.lr_scale(step, cfg.warmup_steps, len(order))  # warmup, then cosine to 0.1 (as in SFT)
+        common.set_lr(opt, peaks, lr_scale)
+        with common.autocast(device, cfg.precision), same_kernels(device):
             logps, counts = sequence_logps(model, batch, return_counts=True)  # chosen and rejected in one forward
         pol_c, pol_r = logps.chunk(2)
         chosen_nll = -pol_c / counts.chunk(2)[0].clamp(min=1)
@@ -283,13 +292,11 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
                  "rewards/accuracies": (r_c > r_r).float().mean(), "rewards/margins": (r_c - r_r).mean(),
                  "logps/chosen": pol_c.mean(), "logps/rejected": pol_r.mean()}
         # The whole batch's means: each process's, weighted by its share of the pairs, summed over the processes.
-        stats = dict(zip(stats, train_sft.all_reduce_sum(torch.stack([v.detach() for v in stats.values()]) * share)))
-        def check(m):  # SFT's guard: the bad update never happens, and the round is saved only when it ends
-            train_sft.halt_if_diverged(m, scaler, f"DPO round {round_idx} step {step + 1}",
-                                       f"nothing of round {round_idx} was saved", device, cfg.precision)
-        metrics = {**train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, check), "pairs": n_pairs}
-        sched.step()
-        log({"round": round_idx, "step": step, "lr": sched.get_last_lr()[0], **metrics})
+        stats = dict(zip(stats, common.all_reduce_sum(torch.stack([v.detach() for v in stats.values()]) * share)))
+        metrics = common.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, f"DPO round {round_idx} step "
+                                        f"{step + 1}", f"nothing of round {round_idx} was saved", cfg.precision)
+        metrics["pairs"] = n_pairs
+        log({"round": round_idx, "step": step, "lr": cfg.lr * lr_scale, **metrics})
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * n_pairs)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
@@ -334,9 +341,9 @@ def on_policy_summary_set(cfg, data_dir, device):
     Rows are the teacher's format ("path": agentK marks them) -> the file's name in data_dir. Under torchrun the
     processes share the sampling, and rank 0 writes the file."""
     name, answer_filter, scorer = "summary_onpolicy_sft.jsonl", data.AnswerFilter(), data.SceneStepScorer()
-    train_sft.print0(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> "
-                     f"{name}")
-    reasoner = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    common.print0(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> "
+                  f"{name}")
+    reasoner = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).eval()
     train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
                            temperature=cfg.summary_temperature, desc="summary-set")
@@ -346,7 +353,7 @@ def on_policy_summary_set(cfg, data_dir, device):
             rows.append(data.sft_row(r, "summary", data.render_chain(data.parse_chain(s["text"])), path=f"agent{k}",
                                      bucket=data.bucket(s["score"], world.high, world.mid), chain_correct=s["correct"]))
     random.Random(cfg.seed).shuffle(rows)
-    train_sft.on_rank0(atomic_write, os.path.join(data_dir, name), lambda p: data.write_jsonl(p, rows))
+    common.on_rank0(common.atomic_write, os.path.join(data_dir, name), lambda p: common.write_jsonl(p, rows))
     return name
 
 
@@ -355,19 +362,19 @@ def build_missing_stages(cfg):
     rank 0 builds the data while the others wait, and every stage trains on all the processes."""
     data_dir = os.path.join(cfg.out, "data")
     if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
-        train_sft.print0(f"[stage] data -> {data_dir}")
-        train_sft.on_rank0(data.build_world, data_dir)
+        common.print0(f"[stage] data -> {data_dir}")
+        common.on_rank0(data.build_world, data_dir)
     summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
-        stage_path = train_sft.stage_dir(cfg.out, stage)
+        stage_path = common.stage_dir(cfg.out, stage)
         if not cfg.force and os.path.isfile(os.path.join(stage_path, train_sft.STAGE_DONE)):
-            train_sft.print0(f"[stage] {stage}: cached at {stage_path}")
+            common.print0(f"[stage] {stage}: cached at {stage_path}")
             continue
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
         resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
         init = cfg.init if stage == "base" and cfg.init else None  # --init stands in for the base stage's fresh model
         if stage in ("summary", "summary-only") and cfg.summary_chains and summary_file is None:
-            summary_file = on_policy_summary_set(cfg, data_dir, train_sft.resolve_device(cfg.device))
+            summary_file = on_policy_summary_set(cfg, data_dir, common.resolve_device(cfg.device))
         train_sft.run_stage(stage, train_sft.TrainConfig(
             stage=stage, out=cfg.out, init=init, precision=cfg.precision, device=cfg.device, resume=resume,
             seed=cfg.sft_seed, data_file=summary_file if stage in ("summary", "summary-only") else None))
@@ -378,45 +385,43 @@ def run(cfg):
     torchrun rank 0 alone writes, logs, prints and evaluates; the others wait for its results."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    rank, _, device = train_sft.setup_distributed(cfg.device)
-    data.writable_dir(cfg.out)
+    rank, _, device = common.setup_distributed(cfg.device)
+    common.writable_dir(cfg.out)
     build_missing_stages(cfg)
     data_dir = os.path.join(cfg.out, "data")
     train_rows = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
-    summary = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "summary")).to(device).eval()
-    policy = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    summary = VLM.from_pretrained(common.stage_dir(cfg.out, "summary")).to(device).eval()
+    policy = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).eval()
     answer_filter, scorer = data.AnswerFilter(), data.SceneStepScorer()
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
     log_path, t_dpo = os.path.join(cfg.out, "logs", "dpo.jsonl"), time.time()
 
     def log(record):  # elapsed_s: seconds since the DPO part began
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({**record, "elapsed_s": round(time.time() - t_dpo, 3)}) + "\n")
+        common.log_record(log_path, {**record, "elapsed_s": round(time.time() - t_dpo, 3)})
 
     def report(name, stats):
-        val = train_sft.on_rank0(evaluation.evaluate_two_agent, policy, summary, val_rows, data_dir,
-                                 precision=cfg.precision)
+        val = common.on_rank0(evaluation.evaluate_two_agent, policy, summary, val_rows, data_dir,
+                              precision=cfg.precision)
         row = {"round": name, **stats, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]}
         log({"event": "round", **row})
-        train_sft.print0(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in row.items() if k != "round"))
+        common.print0(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in row.items() if k != "round"))
         return row
 
     table = [report("sft", {})]
     for t in range(1, cfg.iters + 1):
-        round_dir = train_sft.stage_dir(cfg.out, f"reasoning_dpo{t}")
+        round_dir = common.stage_dir(cfg.out, f"reasoning_dpo{t}")
         if not cfg.force and os.path.isfile(os.path.join(round_dir, "round.json")):
-            train_sft.print0(f"[stage] DPO round {t}: cached at {round_dir}")
+            common.print0(f"[stage] DPO round {t}: cached at {round_dir}")
             policy = VLM.from_pretrained(round_dir).to(device).eval()
             with open(os.path.join(round_dir, "round.json")) as f:
                 table.append(json.load(f))
             continue
-        train_sft.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
-                         f"{cfg.pool_size} questions, rank, pair, train")
+        common.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
+                      f"{cfg.pool_size} questions, rank, pair, train")
         if cfg.fresh_pool:  # new scenes for every round, each seed its own
-            pool = train_sft.on_rank0(data.extra_split, data_dir, f"dpo{t}-seed{cfg.seed}", cfg.pool_size)
+            pool = common.on_rank0(data.extra_split, data_dir, f"dpo{t}-seed{cfg.seed}", cfg.pool_size)
         else:  # fixed per round
             pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))
         pairs, pair_stats = round_pairs(policy, pool, data_dir, cfg, cfg.seed + 1000 * t, answer_filter, scorer)
@@ -427,35 +432,35 @@ def run(cfg):
         row = report(f"dpo{t}", stats)
         if rank == 0:
             policy.save_pretrained(round_dir)
-            atomic_write(os.path.join(round_dir, "round.json"), lambda f: write_json(row, f))
+            common.atomic_write(os.path.join(round_dir, "round.json"), lambda f: common.write_json(row, f))
         table.append(row)
 
-    train_sft.print0("\nIterative DPO, per round (val):")
-    train_sft.print0("| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |")
-    train_sft.print0("|---|---|---|---|---|---|---|")
+    common.print0("\nIterative DPO, per round (val):")
+    common.print0("| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |")
+    common.print0("|---|---|---|---|---|---|---|")
     for r in table:
         cells = [r.get("pairs"), r.get("rewards/accuracies"), r.get("rewards/margins"), r.get("sample_correct"),
                  r["val/chain_correct"], r["val/two_agent"]]
-        train_sft.print0(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float)
-                                                          else str(c) for c in cells) + " |")
+        common.print0(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float)
+                                                        else str(c) for c in cells) + " |")
     return evaluate_run(cfg, device, t0)
 
 
 def evaluate_run(cfg, device, t0):
     """Every arm of the run on the test split (rank 0; under torchrun the others wait), and the job's last line."""
-    results = train_sft.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
-                                 precision=cfg.precision)
-    train_sft.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
+    results = common.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
+                              precision=cfg.precision)
+    common.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
     return results
 
 
 def main(argv=None):
-    cfg = data.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
+    cfg = common.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
     try:
         results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
-    train_sft.cleanup_distributed()
+    common.cleanup_distributed()
     return results
 
 

@@ -9,76 +9,53 @@ the data pipeline's own assessment rewards each (answer filter, plus the 1-100 s
 reward against its group's mean, and a token-level policy gradient raises the chains above the mean. The summary agent
 stays as SFT'd, as in the DPO job. The result, OUT/reasoning_grpo, is eval.py's arm two_agent_grpo, compared on the
 same test questions with the SFT agents and the last DPO round. Under torchrun every process samples its share of each
-step's questions and trains on its share of the chains (train_sft's data parallelism).
+step's questions and trains on its share of the chains (common.py's data parallelism).
 """
 
 import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import common
 import data
 import eval as evaluation
 import train_dpo
 import train_sft
-from model import VLM, atomic_write, reading_checkpoint, write_json
+from model import VLM
 
 GRPO_DONE = "grpo.json"  # the marker of a finished run, with its summary: written last
-DPO = train_dpo.DPOConfig
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration. Budget: the DPO job samples, each round, one greedy chain for each of 1200 questions and 8 more for
-# each question greedy gets wrong (36-40%, docs/experiments.md): 1200 + 8 x 0.4 x 1200 ~ 5000 chains, ~15,000 over
-# 3 rounds (not the 3 x 1200 x 8 = 28,800 its pool size suggests). GRPO gets as many: 60 steps x 32 questions x G = 8
-# = 15,360 chains.
+# Configuration. The budget: as many chains as the DPO job samples (docs/experiments.md, "GRPO beside DPO").
 
 @dataclass
-class GRPOConfig:
-    steps: int = data.option(60, "policy-gradient steps (60 x 32 x 8 chains ~ what the DPO job samples)", min=1)
-    questions_per_step: int = data.option(32, "questions per step", min=1)
-    group_size: int = data.option(8, "G chains sampled per question, its group (advantages need 2)", min=2)
-    fresh_pool: bool = data.option(True, "steps x questions on new scenes, each seen once (the world is free); "
-                                         "--no-fresh-pool: the SFT training questions in turn")
-    # 0.5: a sound right chain earns 1.5, a right one through wrong steps down to ~1.0, a wrong one at most ~0.26, so
-    # the answer comes first and sound steps second (the DPO job's lesson: lucky chains teach answers not to follow
-    # their steps, docs/experiments.md). Not tuned per family or on val.
-    process_weight: float = data.option(0.5, "reward = 1 if the answer filter passes, + this x step score / 100: a "
-                                             "chain right through wrong steps earns less than a sound one (DPO's "
-                                             "chosen need >= 90); <= 1 keeps every right answer above every wrong one "
-                                             "(a wrong answer scores <= 51)", min=0, max=1)
-    std: bool = data.option(True, "advantage (r - mean) / std per group (GRPO); --no-std: r - mean (Dr.GRPO)")
-    ppo_epochs: int = data.option(1, "updates on each step's samples; > 1 clips the ratio as PPO does", min=1)
-    clip_eps: float = data.option(0.2, "PPO's clip range of the ratio (with --ppo-epochs > 1)", above=0, max=1)
-    kl_coef: float = data.option(0.0, "weight of a k3 KL to the SFT agent (0 = off, as in Dr.GRPO and DAPO)", min=0)
-    lr: float = data.option(1e-4, "peak learning rate, the best on val of 1e-5, 3e-5, 1e-4 and 3e-4 "
-                                  "(docs/experiments.md)", above=0)
-    warmup_steps: int = data.option(5, "linear warmup updates, then cosine to 0.1 x lr (as DPO)", min=0)
-    micro_batch: int = data.option(64, "sequences per forward / backward; they add up to the step's gradient", min=1)
-    eval_every: int = data.option(20, "val report every N steps (and at the start and end); 0 = start and end", min=0)
-    save_every: int = data.option(10, "train_state.pt every N steps, for --resume; 0 = never", min=0)
-    resume: bool = data.option(True, "continue an interrupted run from OUT/reasoning_grpo/train_state.pt")
-    temperature: float = data.option_of(DPO, "temperature", "sampling temperature of the chains (DPO's)")
-    top_p: float = data.option_of(DPO, "top_p", "nucleus sampling of the chains (DPO's)")
-    sample_batch: int = data.option_of(DPO, "sample_batch", "sequences decoded together")
-    max_chain_tokens: int = data.option_of(DPO, "max_chain_tokens", "cap on a sampled chain's length")
-    grad_clip: float = data.option_of(DPO, "grad_clip", "gradient norm clip")
-    val_size: int = data.option_of(DPO, "val_size", "val questions for the reports")
-    eval_limit: int = data.option_of(DPO, "eval_limit", "evaluate on only this many test questions (0 = all)")
-    out: str = data.option_of(DPO, "out", "where data, checkpoints, logs and results go (shared with train_dpo.py)")
-    init: str = data.option_of(DPO, "init", "start the base stage from this checkpoint")
-    force: bool = data.option_of(DPO, "force", "rebuild every stage and GRPO even if cached")
-    precision: str = data.option_of(DPO, "precision", "mixed precision")
-    device: str = data.option_of(DPO, "device", "auto, cpu or cuda")
-    summary_chains: int = data.option_of(DPO, "summary_chains", "as train_dpo.py, if the summary set is built here")
-    summary_temperature: float = data.option_of(DPO, "summary_temperature", "as train_dpo.py")
-    seed: int = data.option_of(DPO, "seed", "seed of the pool and the sampling")
-    sft_seed: int = data.option_of(DPO, "sft_seed", "seed of every SFT stage built here (as train_dpo.py)")
+class GRPOConfig(train_dpo.JobConfig):  # and the options it shares with train_dpo.py
+    steps: int = common.option(60, "policy-gradient steps (60 x 32 x 8 chains ~ what the DPO job samples)", min=1)
+    questions_per_step: int = common.option(32, "questions per step", min=1)
+    group_size: int = common.option(8, "G chains sampled per question, its group (advantages need 2)", min=2)
+    fresh_pool: bool = common.option(True, "steps x questions on new scenes, each seen once (the world is free); "
+                                     "--no-fresh-pool: the SFT training questions in turn")
+    process_weight: float = common.option(0.5, "reward = 1 if the answer filter passes, + this x step score / 100: a "
+                                          "chain right through wrong steps earns less than a sound one (DPO's "
+                                          "chosen need >= 90); <= 1 keeps every right answer above every wrong one "
+                                          "(a wrong answer scores <= 51)", min=0, max=1)
+    std: bool = common.option(True, "advantage (r - mean) / std per group (GRPO); --no-std: r - mean (Dr.GRPO)")
+    ppo_epochs: int = common.option(1, "updates on each step's samples; > 1 clips the ratio as PPO does", min=1)
+    clip_eps: float = common.option(0.2, "PPO's clip range of the ratio (with --ppo-epochs > 1)", above=0, max=1)
+    kl_coef: float = common.option(0.0, "weight of a k3 KL to the SFT agent (0 = off, as in Dr.GRPO and DAPO)", min=0)
+    lr: float = common.option(1e-4, "peak learning rate (chosen on val: docs/experiments.md)", above=0)
+    warmup_steps: int = common.option(5, "linear warmup updates, then cosine to 0.1 x lr (as DPO)", min=0)
+    micro_batch: int = common.option(64, "sequences per forward / backward; they add up to the step's gradient", min=1)
+    eval_every: int = common.option(20, "val report every N steps (and at the start and end); 0 = start and end", min=0)
+    save_every: int = common.option(10, "train_state.pt every N steps, for --resume; 0 = never", min=0)
+    resume: bool = common.option(True, "continue an interrupted run from OUT/reasoning_grpo/train_state.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,12 +107,12 @@ def question_pool(cfg, data_dir):
     return rows
 
 
-def rollout(policy, rows, data_dir, cfg, dpo_cfg, seed, judges):
+def rollout(policy, rows, data_dir, cfg, seed, judges):
     """G chains per question from the policy, rewarded and grouped -> ([(encoded chain, advantage)] of the trained
     groups, stats). Chains are encoded from their text, as DPO's are: a chain cut off at --max-chain-tokens gets its
     end token here. The loss scores them under the model itself, while they were drawn at --temperature / --top-p:
     a small off-policy gap, left as it is (DPO's log-probs are the model's own likewise)."""
-    chains = train_dpo.sample_chains(policy, rows, data_dir, dpo_cfg, seed, k=cfg.group_size, desc="GRPO")
+    chains = train_dpo.sample_chains(policy, rows, data_dir, cfg, seed, k=cfg.group_size, desc="GRPO")
     ranked = [train_dpo.rank_samples(r, chains[r["id"]], *judges) for r in rows]
     # Verifiable reward: the answer filter (1 / 0), plus step-score credit; the same rule for every family.
     rewards = torch.tensor([[s["correct"] + cfg.process_weight * s["score"] / 100 for s in rs] for rs in ranked])
@@ -157,7 +134,7 @@ def rollout(policy, rows, data_dir, cfg, dpo_cfg, seed, judges):
 def micro_batches(examples, size, pad_id, device):
     """[(encoded chain, advantage)] -> ([(batch on the device, advantages (b,))], the step's chain tokens). Under
     torchrun process r takes chains r, r + N, ...; the tokens are every process's, as every token weighs alike."""
-    rank, world = train_sft.distributed()
+    rank, world = common.distributed()
     # Counted on the host, as collate counts them: the loss's denominator, over the whole step.
     n_tokens = sum(int((e["targets"][1:] != -100).sum()) for e, _ in examples)
     mine = examples[rank::world]
@@ -171,19 +148,19 @@ def micro_batches(examples, size, pad_id, device):
     for i in range(0, len(mine), size):
         part = mine[i:i + size]
         batch = train_sft.collate([e for e, _ in part], pad_id)
-        chunks.append((train_sft.to_device(batch, device), torch.tensor([a for _, a in part], device=device)))
+        chunks.append((common.to_device(batch, device), torch.tensor([a for _, a in part], device=device)))
     return chunks, n_tokens
 
 
-def update(policy, opt, scaler, chunks, n_tokens, cfg, device, check):
+def update(policy, opt, scaler, chunks, n_tokens, cfg, device, where, kept):
     """One optimizer step over the step's micro-batches [(batch, advantages (b,), old logps, ref logps)]: each loss is
     already divided by the step's n_tokens, so the gradients add up to the whole step's -> metrics (floats). Under
     torchrun policy is in DDP and chunks are this process's: gradients and metrics are summed over the processes."""
-    world, totals = train_sft.distributed()[1], {}
+    world, totals = common.distributed()[1], {}
     for i, (batch, adv, old, ref) in enumerate(chunks):
         if world > 1:  # DDP syncs the gradients once an update, in the backward of the process's last micro-batch
             policy.require_backward_grad_sync = i == len(chunks) - 1
-        with train_sft.autocast(device, cfg.precision), train_dpo.same_kernels(device):
+        with common.autocast(device, cfg.precision), train_dpo.same_kernels(device):
             logps, mask = train_dpo.token_logps(policy, batch)  # (b, T-1) fp32, (b, T-1)
         loss, kl = grpo_loss(logps, logps.detach() if old is None else old, adv, mask, n_tokens, cfg.clip_eps, ref,
                              cfg.kl_coef)
@@ -193,24 +170,23 @@ def update(policy, opt, scaler, chunks, n_tokens, cfg, device, check):
             parts["kl"] = (kl.detach() * mask).sum() / n_tokens
         for k, v in parts.items():
             totals[k] = totals.get(k, 0) + v
-    totals = dict(zip(totals, train_sft.all_reduce_sum(torch.stack(list(totals.values())))))  # every process's chains
-    return train_sft.optimizer_step(policy, opt, scaler, cfg.grad_clip, totals, check)
+    totals = dict(zip(totals, common.all_reduce_sum(torch.stack(list(totals.values())))))  # every process's chains
+    return common.optimizer_step(policy, opt, scaler, cfg.grad_clip, totals, where, kept, cfg.precision)
 
 
-def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, check):
+def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, kept):
     """The --ppo-epochs updates on one step's trained groups -> their metrics, averaged ({} when every group tied)."""
     chunks, n_tokens = micro_batches(examples, cfg.micro_batch, pad_id, device)
-    with torch.no_grad(), train_sft.autocast(device, cfg.precision), train_dpo.same_kernels(device):
+    with torch.no_grad(), common.autocast(device, cfg.precision), train_dpo.same_kernels(device):
         # Old log-probs once, before the updates (PPO); with one update the ratio is 1 and they are not needed.
         olds = [train_dpo.token_logps(policy, b)[0] if cfg.ppo_epochs > 1 else None for b, _ in chunks]
         refs = [train_dpo.token_logps(ref, b)[0] if ref is not None else None for b, _ in chunks]
     metrics = {}
     for epoch in range(cfg.ppo_epochs if chunks else 0):
-        scale = train_sft.lr_lambda(step * cfg.ppo_epochs + epoch, cfg.warmup_steps, cfg.steps * cfg.ppo_epochs, 0.1)
-        for group in opt.param_groups:  # every group's peak is --lr (the vision tower is frozen)
-            group["lr"] = cfg.lr * scale
+        scale = common.lr_scale(step * cfg.ppo_epochs + epoch, cfg.warmup_steps, cfg.steps * cfg.ppo_epochs)
+        common.set_lr(opt, [cfg.lr] * len(opt.param_groups), scale)  # every group's peak is --lr (vision is frozen)
         m = update(policy, opt, scaler, [(b, a, o, r) for (b, a), o, r in zip(chunks, olds, refs)], n_tokens, cfg,
-                   device, check)
+                   device, f"GRPO step {step + 1}", kept)
         metrics = {**{k: metrics.get(k, 0) + v / cfg.ppo_epochs for k, v in m.items()}, "lr": cfg.lr * scale}
     return metrics
 
@@ -218,75 +194,42 @@ def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, che
 # ----------------------------------------------------------------------------------------------
 # The run, with its checkpoint for --resume
 
-def save_state(policy, opt, scaler, step, cfg, path):
-    """Weights, optimizer and scaler after `step` steps; no RNG state: every step's sampling has its own seed."""
-    state = {"step": step, "model": policy.state_dict(), "optimizer": opt.state_dict(),
-             "scaler": scaler.state_dict(), "config": asdict(cfg)}
-    def write(tmp):  # through a file object: torch.save rejects the dot-named path atomic_write gives
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-    atomic_write(path, write)
-
-
-def load_state(policy, opt, scaler, cfg, path):
-    """Restore a train_state.pt in place -> the number of steps done."""
-    with reading_checkpoint(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("steps", "questions_per_step", "group_size", "ppo_epochs", "fresh_pool", "seed"):  # the run's data
-        if state["config"][key] != getattr(cfg, key):
-            raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'][key]}, not "
-                             f"{getattr(cfg, key)}: resume with the same value, or start over with --no-resume")
-    for part, key in ((policy, "model"), (opt, "optimizer"), (scaler, "scaler")):
-        part.load_state_dict(state[key])
-    return state["step"]
-
-
-def train(cfg, dpo_cfg, device, out_dir):
+def train(cfg, device, out_dir):
     """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then the GRPO_DONE marker). Under torchrun every
     process samples and trains its share; rank 0 alone writes, logs and evaluates, and the others wait for it."""
-    rank = train_sft.distributed()[0]
-    data_dir, log_path, state_path = (os.path.join(cfg.out, "data"), os.path.join(cfg.out, "logs", "grpo.jsonl"),
-                                      os.path.join(out_dir, "train_state.pt"))
-    policy = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).eval()
-    summary = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "summary")).to(device).eval()
-    # The KL's reference, only when on: for verifiable rewards Dr.GRPO and DAPO drop it, as a checked answer cannot be
-    # gamed the way a learned reward model can, and the KL only holds the policy back.
-    ref = None
+    rank = common.distributed()[0]
+    data_dir, log_path = os.path.join(cfg.out, "data"), os.path.join(cfg.out, "logs", "grpo.jsonl")
+    state_path = os.path.join(out_dir, "train_state.pt")
+    policy = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    summary = VLM.from_pretrained(common.stage_dir(cfg.out, "summary")).to(device).eval()
+    ref = None  # the KL's reference, only when on (Dr.GRPO and DAPO drop it: a checked answer cannot be gamed)
     if cfg.kl_coef:  # frozen, in train mode as the policy's passes are: the same attention kernels
-        ref = VLM.from_pretrained(train_sft.stage_dir(cfg.out, "reasoning")).to(device).train().requires_grad_(False)
+        ref = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).train().requires_grad_(False)
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
-    pool, judges = train_sft.on_rank0(question_pool, cfg, data_dir), (data.AnswerFilter(), data.SceneStepScorer())
+    pool, judges = common.on_rank0(question_pool, cfg, data_dir), (data.AnswerFilter(), data.SceneStepScorer())
     opt = policy.configure_optimizers(weight_decay=0.0, lr_text=cfg.lr, lr_vision=0.0, lr_projector=cfg.lr,
                                       freeze_vision=True)
-    scaler = train_sft.make_scaler(device, cfg.precision)
+    scaler = common.make_scaler(device, cfg.precision)
     pad_id = data.special_ids(policy.tokenizer)["pad"]
-    data.writable_dir(out_dir)
-    data.writable_dir(os.path.dirname(log_path))
+    common.writable_dir(out_dir)
+    common.writable_dir(os.path.dirname(log_path))
     if rank == 0:
         Path(out_dir, GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
-    done, elapsed_before = 0, 0.0
-    if cfg.resume and not cfg.force and os.path.isfile(state_path):
-        done = load_state(policy, opt, scaler, cfg, state_path)  # on every process
-        train_sft.print0(f"[grpo] resuming at step {done}/{cfg.steps} from {state_path}")
-        if rank == 0:
-            lines = Path(log_path).read_text().splitlines(True) if os.path.exists(log_path) else []
-            kept = [line for line in lines if json.loads(line)["step"] <= done]  # the steps after it are done again
-            atomic_write(log_path, lambda p: Path(p).write_text("".join(kept)))
-            elapsed_before = json.loads(kept[-1])["elapsed_s"] if kept else 0.0
-    elif rank == 0 and os.path.exists(log_path):
-        os.remove(log_path)
-    model = train_sft.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
+    done, resumed = 0, cfg.resume and not cfg.force and os.path.isfile(state_path)
+    if resumed:  # on every process
+        same = ("steps", "questions_per_step", "group_size", "ppo_epochs", "fresh_pool", "seed")  # the run's data
+        done = common.load_train_state(state_path, policy, opt, scaler, cfg, same, "start over with --no-resume")
+        common.print0(f"[grpo] resuming at step {done}/{cfg.steps} from {state_path}")
+    elapsed_before = common.start_log(log_path, done if resumed else None)  # seconds of GRPO before this run
+    model = common.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
     t_start = time.time()
 
     def log(record):  # elapsed_s: seconds of GRPO, across --resume
-        record = {**record, "elapsed_s": round(elapsed_before + time.time() - t_start, 3)}
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        common.log_record(log_path, {**record, "elapsed_s": round(elapsed_before + time.time() - t_start, 3)})
 
     def report(step):
-        val = train_sft.on_rank0(evaluation.evaluate_two_agent, policy.eval(), summary, val_rows, data_dir,
-                                 precision=cfg.precision)
+        val = common.on_rank0(evaluation.evaluate_two_agent, policy.eval(), summary, val_rows, data_dir,
+                              precision=cfg.precision)
         log({"event": "eval", "step": step, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]})
 
     if done == 0:
@@ -295,12 +238,9 @@ def train(cfg, dpo_cfg, device, out_dir):
     try:
         while done < cfg.steps:
             rows = [pool[(done * cfg.questions_per_step + i) % len(pool)] for i in range(cfg.questions_per_step)]
-            examples, stats = rollout(policy.eval(), rows, data_dir, cfg, dpo_cfg, cfg.seed + 1000 * (done + 1), judges)
-
-            def check(m):  # SFT's and DPO's guard: a NaN / inf stops the run before the weights change
-                saved = f"the last train_state.pt is in {out_dir}" if os.path.isfile(state_path) else "none was saved"
-                train_sft.halt_if_diverged(m, scaler, f"GRPO step {done + 1}", saved, device, cfg.precision)
-            metrics = grpo_step(model.train(), ref, opt, scaler, examples, done, cfg, device, pad_id, check)
+            examples, stats = rollout(policy.eval(), rows, data_dir, cfg, cfg.seed + 1000 * (done + 1), judges)
+            kept = f"the last train_state.pt is in {out_dir}" if os.path.isfile(state_path) else "none was saved"
+            metrics = grpo_step(model.train(), ref, opt, scaler, examples, done, cfg, device, pad_id, kept)
             done += 1
             log({"step": done, **stats, **metrics, "trained_chains": len(examples)})
             bar.update(1)
@@ -309,12 +249,12 @@ def train(cfg, dpo_cfg, device, out_dir):
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 report(done)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and rank == 0:
-                save_state(policy, opt, scaler, done, cfg, state_path)
+                common.save_train_state(state_path, policy, opt, scaler, done, cfg, rng=False)
     except KeyboardInterrupt:
         if rank == 0:  # every process holds the same weights
-            save_state(policy, opt, scaler, done, cfg, state_path)  # a half-done step's gradients are dropped
+            common.save_train_state(state_path, policy, opt, scaler, done, cfg, rng=False)  # without a half-done step
         bar.close()
-        train_sft.print0(f"interrupted: saved step {done}/{cfg.steps} to {state_path}; run again to continue")
+        common.print0(f"interrupted: saved step {done}/{cfg.steps} to {state_path}; run again to continue")
         raise
     bar.close()
     report(cfg.steps)
@@ -327,7 +267,7 @@ def train(cfg, dpo_cfg, device, out_dir):
                    "skipped_groups": sum(r["skipped_groups"] for r in steps), "wall_s": records[-1]["elapsed_s"],
                    "val/chain_correct": evals[-1]["val/chain_correct"], "val/two_agent": evals[-1]["val/two_agent"],
                    "config": asdict(cfg)}
-    atomic_write(os.path.join(out_dir, GRPO_DONE), lambda f: write_json(summary_row, f))  # last: the run is done
+    common.atomic_write(os.path.join(out_dir, GRPO_DONE), lambda f: common.write_json(summary_row, f))  # last: done
     Path(state_path).unlink(missing_ok=True)  # nothing left to resume
     print_summary(steps, evals, summary_row, out_dir)
     return summary_row
@@ -342,7 +282,7 @@ def print_summary(steps, evals, row, out_dir):
         s = by_step.get(e["step"], {})
         cells = [s.get("reward"), s.get("solved"), s.get("skipped_groups"), e["val/chain_correct"], e["val/two_agent"]]
         print(f"| {e['step']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
-                                              for c in cells) + " |")
+                                               for c in cells) + " |")
     print(f"[grpo] {row['steps']} steps, {row['chains']} chains sampled, {row['skipped_groups']} groups skipped "
           f"(equal rewards), {row['wall_s']:.0f}s -> {out_dir}")
 
@@ -351,31 +291,28 @@ def run(cfg):
     """The whole job for a GRPOConfig: missing stages (train_dpo's), GRPO, the evaluation -> eval.run_eval's results."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    _, _, device = train_sft.setup_distributed(cfg.device)
-    data.writable_dir(cfg.out)
-    # The shared fields (out, init, force, precision, device, seeds, the summary set's chains, decoding) build the
-    # stages exactly as the DPO job would, and decode through its sample_chains.
-    dpo_cfg = DPO(**{f.name: getattr(cfg, f.name) for f in fields(DPO) if hasattr(cfg, f.name)})
-    train_dpo.build_missing_stages(dpo_cfg)
-    out_dir = train_sft.stage_dir(cfg.out, "reasoning_grpo")
+    _, _, device = common.setup_distributed(cfg.device)
+    common.writable_dir(cfg.out)
+    train_dpo.build_missing_stages(cfg)  # the shared options build the stages exactly as the DPO job would
+    out_dir = common.stage_dir(cfg.out, "reasoning_grpo")
     if not cfg.force and os.path.isfile(os.path.join(out_dir, GRPO_DONE)):
-        train_sft.print0(f"[stage] GRPO: cached at {out_dir}")
+        common.print0(f"[stage] GRPO: cached at {out_dir}")
     else:
-        train_sft.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "
-                         f"chains")
-        train(cfg, dpo_cfg, device, out_dir)
+        common.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "
+                      f"chains")
+        train(cfg, device, out_dir)
     return train_dpo.evaluate_run(cfg, device, t0)
 
 
 def main(argv=None):
-    cfg = data.parse_config(GRPOConfig, argv, description=__doc__.splitlines()[0])
+    cfg = common.parse_config(GRPOConfig, argv, description=__doc__.splitlines()[0])
     try:
         results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:
         raise SystemExit(130)
-    train_sft.cleanup_distributed()
+    common.cleanup_distributed()
     return results
 
 

@@ -25,16 +25,16 @@ import model as M
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def built_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     data.build_world(str(out), train_scenes=20, val_scenes=2, test_scenes=4, vocab_size=400)
     return str(out)
 
 
 @pytest.fixture(scope="module")
-def vlm(world):
+def vlm(built_world):
     torch.manual_seed(0)
-    tok = data.load_tokenizer(world)
+    tok = data.load_tokenizer(built_world)
     cfg = M.get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"])
     model = M.VLM(cfg).eval()
     model.tokenizer = tok
@@ -42,14 +42,14 @@ def vlm(world):
 
 
 @pytest.fixture(scope="module")
-def rows(world):
-    return data.read_jsonl(os.path.join(world, "test.jsonl"))[:5]
+def rows(built_world):
+    return data.read_jsonl(os.path.join(built_world, "test.jsonl"))[:5]
 
 
-def test_two_agents_answer_on_a_micro_model(vlm, rows, world):
+def test_two_agents_answer_on_a_micro_model(vlm, rows, built_world):
     system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm, max_new_tokens=10),
                                    agents.SummaryAgent(vlm, max_new_tokens=4), batch_size=2)
-    results = system.answer(rows, world)
+    results = system.answer(rows, built_world)
     assert len(results) == len(rows)
     for r in results:
         assert set(r) == {"chain", "steps", "chain_answer", "answer"}
@@ -57,7 +57,7 @@ def test_two_agents_answer_on_a_micro_model(vlm, rows, world):
         assert isinstance(r["steps"], list)
         assert "<end_of_utterance>" not in r["chain"] + r["answer"]
     # Greedy decoding is reproducible, whatever the batching.
-    again = agents.TwoAgentSystem(system.reasoner, system.summarizer, batch_size=5).answer(rows, world)
+    again = agents.TwoAgentSystem(system.reasoner, system.summarizer, batch_size=5).answer(rows, built_world)
     assert [r["answer"] for r in again] == [r["answer"] for r in results]
 
 
@@ -84,12 +84,12 @@ MALFORMED = {
 }
 
 
-def test_malformed_chains_still_get_an_answer(vlm, rows, world, monkeypatch):
+def test_malformed_chains_still_get_an_answer(vlm, rows, built_world, monkeypatch):
     fake = FakeGeneration(MALFORMED.values())
     monkeypatch.setattr(agents, "complete", fake)
     summarizer = agents.SummaryAgent(vlm, override_margin=None)  # its answers as decoded (the margin: tests below)
     system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), summarizer, batch_size=4)
-    missing_end, truncated, empty, untagged = system.answer(rows[:4], world)
+    missing_end, truncated, empty, untagged = system.answer(rows[:4], built_world)
 
     assert [s["title"] for s in missing_end["steps"]] == ["Count", "Add"]
     assert missing_end["chain_answer"] == "3"
@@ -106,24 +106,24 @@ def test_malformed_chains_still_get_an_answer(vlm, rows, world, monkeypatch):
     assert all(p.count("</thoughts>") == 1 and p.endswith(data.SUMMARY_PROMPT) for p in summary_prompts)
 
 
-def test_one_generate_call_per_batch_per_agent_and_each_image_read_once(vlm, rows, world, monkeypatch):
+def test_one_generate_call_per_batch_per_agent_and_each_image_read_once(vlm, rows, built_world, monkeypatch):
     fake = FakeGeneration(["<thoughts>\nLook: a red circle, so the answer is red.\n</thoughts>"] * len(rows))
     monkeypatch.setattr(agents, "complete", fake)
     reads = []
     load_image = data.load_image
     monkeypatch.setattr(data, "load_image", lambda path, size: reads.append(path) or load_image(path, size))
     system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), agents.SummaryAgent(vlm), batch_size=2)
-    results = system.answer(rows, world)
+    results = system.answer(rows, built_world)
 
     assert len(fake.calls) == 2 * 3  # 5 questions in batches of 2 -> 3 batches, one call per agent
-    assert sorted(reads) == sorted(os.path.join(world, r["image"]) for r in rows)
+    assert sorted(reads) == sorted(os.path.join(built_world, r["image"]) for r in rows)
     for reasoning_call, summary_call in zip(fake.calls[::2], fake.calls[1::2]):
         assert summary_call["images"] is reasoning_call["images"]  # the same tensor serves both agents
         assert reasoning_call["images"].shape[1:] == (3, 32, 32)
     assert [r["chain_answer"] for r in results] == ["red"] * len(rows)
 
 
-def test_single_model_arms(vlm, rows, world, monkeypatch):
+def test_single_model_arms(vlm, rows, built_world, monkeypatch):
     replies = ["<thoughts>\nCount: red objects at top left, total 2, so the answer is 2.\n</thoughts>\n2",
                "<thoughts>\nCount: red objects at top left, total",  # cut off inside the chain
                "4"]
@@ -135,18 +135,18 @@ def test_single_model_arms(vlm, rows, world, monkeypatch):
         return replies[:len(conversations)]
 
     monkeypatch.setattr(agents, "complete", fake)
-    vanilla = agents.answer_direct(vlm, rows[:3], world, task="vanilla")
+    vanilla = agents.answer_direct(vlm, rows[:3], built_world, task="vanilla")
     assert vanilla[0] == {"chain": replies[0], "steps": [{"title": "Count", "content": "red objects at top left, total 2, so the answer is 2."}],
                           "chain_answer": "2", "answer": "2"}
     assert vanilla[1]["answer"] == "" and vanilla[1]["chain_answer"] is None
     assert calls[-1][0].endswith(data.VANILLA_PROMPT) and calls[-1][1] == agents.CHAIN_TOKENS + agents.ANSWER_TOKENS
 
     for task in ("direct", "summary_only"):
-        direct = agents.answer_direct(vlm, rows[:3], world, task=task)
+        direct = agents.answer_direct(vlm, rows[:3], built_world, task=task)
         assert direct[2] == {"chain": None, "steps": None, "chain_answer": None, "answer": "4"}
         assert calls[-1][0].endswith(data.DIRECT_PROMPT) and calls[-1][1] == agents.ANSWER_TOKENS
     with pytest.raises(ValueError, match="unknown single-model task"):
-        agents.answer_direct(vlm, rows, world, task="reasoning")
+        agents.answer_direct(vlm, rows, built_world, task="reasoning")
 
 
 def test_latest_reasoning_agent(tmp_path):
@@ -159,10 +159,10 @@ def test_latest_reasoning_agent(tmp_path):
     assert list(agents.dpo_rounds(str(tmp_path))) == [1, 2, 10]
 
 
-def test_cli(vlm, rows, world, tmp_path, capsys, monkeypatch):
+def test_cli(vlm, rows, built_world, tmp_path, capsys, monkeypatch):
     ckpt = str(tmp_path / "agent")
     vlm.save_pretrained(ckpt)
-    image = os.path.join(world, rows[0]["image"])
+    image = os.path.join(built_world, rows[0]["image"])
     agents.main(["--image", image, "--question", rows[0]["question"], "--reasoning", ckpt, "--summary", ckpt,
                  "--max-new-tokens", "6"])
     out = capsys.readouterr().out
@@ -184,11 +184,11 @@ def test_cli(vlm, rows, world, tmp_path, capsys, monkeypatch):
         agents.main(["--image", image])
 
 
-def test_cli_on_an_idefics3_checkpoint_and_a_photo_of_any_size_and_mode(world, tmp_path, capsys):
+def test_cli_on_an_idefics3_checkpoint_and_a_photo_of_any_size_and_mode(built_world, tmp_path, capsys):
     # A published SmolVLM directory as a user downloads it: transformers' config.json and safetensors, the tokenizer
     # beside them; here tiny and random. Photos: odd sizes, with alpha, a palette, CMYK, 16-bit grey.
     transformers = pytest.importorskip("transformers")
-    tok = data.load_tokenizer(world)
+    tok = data.load_tokenizer(built_world)
     config = transformers.Idefics3Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
@@ -237,11 +237,11 @@ def fake_generate(monkeypatch, tok, replies):
     return calls
 
 
-def test_model_generator_retries_malformed_json_then_ends(world, rows, monkeypatch):
-    tok = data.load_tokenizer(world)
+def test_model_generator_retries_malformed_json_then_ends(built_world, rows, monkeypatch):
+    tok = data.load_tokenizer(built_world)
     step = '{"title": "Look", "content": "I see it.", "next_action": "%s"}'
     calls = fake_generate(monkeypatch, tok, ["oops", step % "continue", step % "final_answer", "red"])
-    gen = agents.ModelGenerator(FakeVLM(tok), root=world, retries=1)
+    gen = agents.ModelGenerator(FakeVLM(tok), root=built_world, retries=1)
     paths = gen.generate(rows[0], 3, random.Random(0))
     assert len(calls) == 4 and len(calls[0][0]) == 3 and calls[0][1].shape == (3, 3, 48, 48)
     assert all(len(p["steps"]) == 2 and p["final_answer"] == "red" for p in paths)
@@ -258,8 +258,8 @@ def test_parse_step_json():
     assert agents.parse_step_json("no json") is None and agents.parse_step_json('{"title": "x"}') is None
 
 
-def test_model_judge_scores_all_paths_in_one_call(world, monkeypatch):
-    tok = data.load_tokenizer(world)
+def test_model_judge_scores_all_paths_in_one_call(built_world, monkeypatch):
+    tok = data.load_tokenizer(built_world)
     rec = {"question": "Q?", "answer": "3", "image": "x.png"}
     paths = [{"steps": [], "final_answer": "3"}, {"steps": [], "final_answer": "4"}]
     calls = fake_generate(monkeypatch, tok, ["Scores: [80, 20]"])
@@ -270,13 +270,13 @@ def test_model_judge_scores_all_paths_in_one_call(world, monkeypatch):
     assert judge.judge(rec, "three")  # exact match needs no model call
 
 
-def test_real_cli_writes_paths_and_sft_sets(vlm, rows, world, tmp_path, capsys):
+def test_real_cli_writes_paths_and_sft_sets(vlm, rows, built_world, tmp_path, capsys):
     ckpt, out, bench = str(tmp_path / "agent"), str(tmp_path / "real"), tmp_path / "bench"
     vlm.save_pretrained(ckpt)
     (bench / "img").mkdir(parents=True)
     lines = []
     for r in rows[:2]:
-        shutil.copy(os.path.join(world, r["image"]), bench / "img")
+        shutil.copy(os.path.join(built_world, r["image"]), bench / "img")
         lines.append({"image": "img/" + os.path.basename(r["image"]), "question": r["question"], "answer": r["answer"]})
     lines[1]["choices"] = ["red", lines[1]["answer"]]
     (bench / "bench.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -308,14 +308,14 @@ def test_help_lists_the_real_data_options_and_no_world_options(capsys):
 PREFIXES = ["<thoughts>\nCount: red objects at top left, total 1.\n", "<thoughts>\nLook: center is empty.\n"]
 
 
-def reasoning_batch(rows, world, n=2):
+def reasoning_batch(rows, built_world, n=2):
     conversations = [data.task_messages("reasoning", r["question"]) for r in rows[:n]]
-    images = torch.stack([data.load_image(os.path.join(world, r["image"]), 32) for r in rows[:n]])
+    images = torch.stack([data.load_image(os.path.join(built_world, r["image"]), 32) for r in rows[:n]])
     return conversations, images
 
 
-def test_complete_continues_each_prefix_as_greedy_decoding_of_prompt_plus_prefix(vlm, rows, world):
-    conversations, images = reasoning_batch(rows, world)
+def test_complete_continues_each_prefix_as_greedy_decoding_of_prompt_plus_prefix(vlm, rows, built_world):
+    conversations, images = reasoning_batch(rows, built_world)
     texts = agents.complete(vlm, conversations, images, max_new_tokens=6, prefixes=PREFIXES)
     tok, ids = vlm.tokenizer, data.special_ids(vlm.tokenizer)
     for i, (messages, prefix) in enumerate(zip(conversations, PREFIXES)):
@@ -331,8 +331,8 @@ def test_complete_continues_each_prefix_as_greedy_decoding_of_prompt_plus_prefix
         vlm, conversations, images, 6)
 
 
-def test_complete_samples_start_with_their_own_prompts_prefix(vlm, rows, world):
-    conversations, images = reasoning_batch(rows, world)
+def test_complete_samples_start_with_their_own_prompts_prefix(vlm, rows, built_world):
+    conversations, images = reasoning_batch(rows, built_world)
     texts = agents.complete(vlm, conversations, images, max_new_tokens=5, temperature=1.0, num_samples=2, seed=3,
                             prefixes=PREFIXES)
     assert len(texts) == 4  # prompt-major: two samples of the first prompt, then two of the second
@@ -349,7 +349,7 @@ def copies_the_last_step(vlm, conversations, images, max_new_tokens, temperature
     return [data.chain_answer(c[0]["content"].split(data.SUMMARY_PROMPT)[0]) or "" for c in conversations]
 
 
-def test_a_summary_stub_that_copies_the_last_step_gives_the_chains_answer(vlm, rows, world, monkeypatch):
+def test_a_summary_stub_that_copies_the_last_step_gives_the_chains_answer(vlm, rows, built_world, monkeypatch):
     chains = ["<thoughts>\nScan: a red circle at top left.\nLook: top right has a small green square, so the answer is "
               "square.\n</thoughts>", "<thoughts>\nCount: circles at center, total 2.\nAdd: 2 plus 1 is 3, so the "
               "answer is 3.\n</thoughts>"]
@@ -357,14 +357,14 @@ def test_a_summary_stub_that_copies_the_last_step_gives_the_chains_answer(vlm, r
         [chains.pop(0) for _ in conversations] if conversations[0][0]["content"].endswith(data.REASONING_PROMPT)
         else copies_the_last_step(vlm, conversations, *a, **kw)))
     system = agents.TwoAgentSystem(agents.ReasoningAgent(vlm), agents.SummaryAgent(vlm), batch_size=2)
-    results = system.answer(rows[:2], world)
+    results = system.answer(rows[:2], built_world)
     assert [r["answer"] for r in results] == [r["chain_answer"] for r in results] == ["square", "3"]
 
 
 @pytest.mark.parametrize("margin, expected", [(None, ["Circle.", "4", "blue"]),  # the decoded answers, as the paper
                                               (0.5, ["Circle.", "3", "blue"]),  # prefers its own by 1.0, 0.2 nats
                                               (2.0, ["square", "3", "blue"])])  # the chain's, unless 2 nats surer
-def test_the_summary_agent_overrides_a_chain_only_by_the_margin(vlm, rows, world, monkeypatch, margin, expected):
+def test_the_summary_agent_overrides_a_chain_only_by_the_margin(vlm, rows, built_world, monkeypatch, margin, expected):
     chains = [[{"title": "Look", "content": "top right has a small green square, so the answer is square."}],
               [{"title": "Add", "content": "2 plus 1 is 3, so the answer is 3."}],
               [{"title": "Look", "content": "something blue"}]]  # no stated answer: nothing to weigh it against
@@ -382,8 +382,8 @@ def test_the_summary_agent_overrides_a_chain_only_by_the_margin(vlm, rows, world
     assert scored == ([] if margin is None else [["Circle.", "4", "square", "3"]])  # only the departures, one call
 
 
-def test_reply_logps_sum_the_reply_tokens_whatever_the_batch(vlm, rows, world):
-    images = torch.stack([data.load_image(os.path.join(world, r["image"]), 32) for r in rows[:3]])
+def test_reply_logps_sum_the_reply_tokens_whatever_the_batch(vlm, rows, built_world):
+    images = torch.stack([data.load_image(os.path.join(built_world, r["image"]), 32) for r in rows[:3]])
     conversations = [data.task_messages("summary", r["question"], "<thoughts>\n</thoughts>") for r in rows[:3]]
     replies = ["red", "3", "a large blue square"]
     together = agents.reply_logps(vlm, conversations, replies, images)

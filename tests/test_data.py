@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 
 import data
+import world
 
 SMALL = dict(train_scenes=40, val_scenes=6, test_scenes=10)
-NO_ERRORS = {f.name: 0.0 for f in fields(data.ErrorRates)}
+NO_ERRORS = {f.name: 0.0 for f in fields(world.ErrorRates)}
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def built_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
     card = data.build_world(str(out), **SMALL)
     return str(out), card
@@ -40,8 +41,8 @@ def all_bytes(root):
 
 # ---------------------------------------------------------------------------- the world
 
-def test_same_seed_same_bytes(world, tmp_path):
-    out, _ = world
+def test_same_seed_same_bytes(built_world, tmp_path):
+    out, _ = built_world
     data.build_world(str(tmp_path / "again"), **SMALL)
     data.build_world(str(tmp_path / "other"), **{**SMALL, "seed": 1})
     first, again, other = all_bytes(out), all_bytes(tmp_path / "again"), all_bytes(
@@ -51,8 +52,8 @@ def test_same_seed_same_bytes(world, tmp_path):
     assert first["train.jsonl"] != other["train.jsonl"]
 
 
-def test_splits_disjoint_and_test_size(world):
-    out, _ = world
+def test_splits_disjoint_and_test_size(built_world):
+    out, _ = built_world
     split = {s: rows(out, s) for s in ("train", "val", "test")}
     scenes = {s: {r["scene"] for r in rs} for s, rs in split.items()}
     graphs = {s: {json.dumps([(o["cell"], o["shape"], o["color"], o["size"])
@@ -64,9 +65,9 @@ def test_splits_disjoint_and_test_size(world):
     for r in split["train"]:
         assert {"id", "image", "question", "answer", "family", "kind", "scene"} <= r.keys()
     cfg = data.DataConfig()  # the default test split alone: >= 1000 questions, fixed seed
-    test, _ = data.make_split("test", cfg.test_scenes, cfg, set())
+    test, _ = world.make_split("test", cfg.test_scenes, cfg, set())
     assert len(test) >= 1000
-    assert set(r["family"] for r in test) == set(data.FAMILIES)
+    assert set(r["family"] for r in test) == set(world.FAMILIES)
 
 
 def rederive(question, objects):
@@ -75,7 +76,7 @@ def rederive(question, objects):
 
     def group(phrase):
         words = phrase.split()
-        color = words[0] if words[0] in data.COLORS else None
+        color = words[0] if words[0] in world.COLORS else None
         head = words[-1]
         shape = None if head == "objects" else head.rstrip("s")
         return [o for o in objects if (color is None or o["color"] == color)
@@ -104,44 +105,44 @@ def rederive(question, objects):
     if m := re.fullmatch(r"How many (.+) are there\?", question):
         return str(len(group(m[1])))
     assert question == "Which color has the most objects?", question
-    counts = sorted(((sum(o["color"] == c for o in objects), c) for c in data.COLORS),
+    counts = sorted(((sum(o["color"] == c for o in objects), c) for c in world.COLORS),
                     reverse=True)
     assert counts[0][0] > counts[1][0]
     return counts[0][1]
 
 
-def test_answers_agree_with_independent_rederivation(world):
-    out, _ = world
+def test_answers_agree_with_independent_rederivation(built_world):
+    out, _ = built_world
     for split in ("train", "val", "test"):
         for r in rows(out, split):
             assert rederive(r["question"], r["objects"]) == r["answer"], r
-            assert r["kind"] == data.FAMILIES[r["family"]]
+            assert r["kind"] == world.FAMILIES[r["family"]]
 
 
-def test_rendering_shows_each_object_at_its_place_in_its_colour(world):
-    out, _ = world
+def test_rendering_shows_each_object_at_its_place_in_its_colour(built_world):
+    out, _ = built_world
     for r in rows(out, "train")[:60]:
         img = Image.open(os.path.join(out, r["image"])).convert("RGB")
         assert img.size == (48, 48)
         px = img.load()
         by_cell = {o["cell"]: o for o in r["objects"]}
-        for i, cell in enumerate(data.CELLS):
+        for i, cell in enumerate(world.CELLS):
             y0, x0 = divmod(i, 3)
             block = [px[x, y] for y in range(y0 * 16, y0 * 16 + 16)
                      for x in range(x0 * 16, x0 * 16 + 16)]
-            lit = [p for p in block if p != data.BACKGROUND]
+            lit = [p for p in block if p != world.BACKGROUND]
             if cell not in by_cell:
                 assert not lit, f"{r['image']}: {cell} should be empty"
                 continue
             o = by_cell[cell]
-            rgb = data.COLORS[o["color"]]
+            rgb = world.COLORS[o["color"]]
             assert px[o["x"], o["y"]] == rgb  # the recorded centre has the recorded colour
             assert set(lit) == {rgb} and len(lit) >= 20  # visible, inside its cell, one colour
             assert (len(lit) > 70) == (o["size"] == "large")
 
 
-def test_load_image_normalises_and_rejects_corrupt(world, tmp_path):
-    out, _ = world
+def test_load_image_normalises_and_rejects_corrupt(built_world, tmp_path):
+    out, _ = built_world
     x = data.load_image(os.path.join(out, rows(out, "test")[0]["image"]), 48)
     assert x.shape == (3, 48, 48) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
@@ -175,7 +176,7 @@ def test_load_image_turns_photos_upright_and_keeps_16_bit_grey(tmp_path):
 
 def teacher_paths(out, rates, n=4):
     cfg = data.DataConfig(**{**NO_ERRORS, **rates})
-    teacher, scorer, filt = data.ScriptedTeacher(cfg), data.SceneStepScorer(), data.AnswerFilter()
+    teacher, scorer, filt = world.ScriptedTeacher(cfg), data.SceneStepScorer(), data.AnswerFilter()
     results = []
     for r in rows(out, "train") + rows(out, "val"):
         paths = teacher.generate(r, n, random.Random(r["id"]))
@@ -184,10 +185,10 @@ def teacher_paths(out, rates, n=4):
     return results
 
 
-def test_error_free_teacher_passes_with_top_score(world):
-    out, _ = world
+def test_error_free_teacher_passes_with_top_score(built_world):
+    out, _ = built_world
     results = teacher_paths(out, {})
-    assert {r["family"] for r, *_ in results} == set(data.FAMILIES)
+    assert {r["family"] for r, *_ in results} == set(world.FAMILIES)
     for r, p, score, correct in results:
         assert correct and score == 100 and data.bucket(score) == "high", (r, p)
         assert p["steps"][-1]["next_action"] == "final_answer"
@@ -195,40 +196,40 @@ def test_error_free_teacher_passes_with_top_score(world):
         assert 1 <= len(p["steps"]) <= 6 and not p["errors"]
 
 
-@pytest.mark.parametrize("mistake", [f.name for f in fields(data.ErrorRates)])
-def test_each_mistake_lowers_the_score(world, mistake):
-    out, _ = world
+@pytest.mark.parametrize("mistake", [f.name for f in fields(world.ErrorRates)])
+def test_each_mistake_lowers_the_score(built_world, mistake):
+    out, _ = built_world
     hit = [(p, s) for r, p, s, c in teacher_paths(out, {mistake: 1.0}) if p["errors"]]
     assert len(hit) > 20
     for p, score in hit:
         assert p["errors"] == [mistake] and score < 100 and data.bucket(score) != "high"
 
 
-def test_wrong_conclusion_keeps_the_steps_and_changes_the_answer(world):
+def test_wrong_conclusion_keeps_the_steps_and_changes_the_answer(built_world):
     # The mistake the summary agent must learn to see through: every step is the flawless
     # chain's, only the stated answer differs, and what the last step implies is the truth.
-    out, _ = world
-    teacher = data.ScriptedTeacher(data.DataConfig(**NO_ERRORS))
+    out, _ = built_world
+    teacher = world.ScriptedTeacher(data.DataConfig(**NO_ERRORS))
     for r, p, score, correct in teacher_paths(out, {"wrong_conclusion": 1.0}):
         flawless = teacher.path(r, random.Random(0))
-        implied = data.answer_of(data.parse_claim(p["steps"][-1]), r["spec"])
-        assert [data.parse_claim(s) for s in p["steps"]] == [data.parse_claim(s) for s in flawless["steps"]]
+        implied = world.answer_of(world.parse_claim(p["steps"][-1]), r["spec"])
+        assert [world.parse_claim(s) for s in p["steps"]] == [world.parse_claim(s) for s in flawless["steps"]]
         assert implied == r["answer"] and p["final_answer"] != r["answer"] and not correct
         assert score == 51 and data.bucket(score) == "mid"
 
 
-def test_scorer_reads_text_and_penalises_garbage(world):
-    out, _ = world
+def test_scorer_reads_text_and_penalises_garbage(built_world):
+    out, _ = built_world
     r = next(x for x in rows(out, "train") if x["family"] == "compare")
-    path = data.ScriptedTeacher(data.DataConfig(**NO_ERRORS)).path(r, random.Random(0))
+    path = world.ScriptedTeacher(data.DataConfig(**NO_ERRORS)).path(r, random.Random(0))
     chain = data.render_chain(path["steps"])
     scorer = data.SceneStepScorer()
     garbage = "<thoughts>\nStep: I think so\n</thoughts>"
     assert scorer.score(r, [path, chain, garbage, ""]) == [100, 100, 1, 1]
 
 
-def test_sft_sets_buckets_and_summary_ratio(world):
-    out, card = world
+def test_sft_sets_buckets_and_summary_ratio(built_world):
+    out, card = built_world
     cfg = data.DataConfig(**SMALL)
     paths = rows(out, "paths")
     questions = {r["id"]: r for r in rows(out, "train")}
@@ -290,7 +291,7 @@ def test_chain_round_trip_and_tolerant_parsing():
     assert len(data.parse_chain(truncated)) == 2 and data.chain_answer(truncated) is None
     assert data.parse_chain("") == data.parse_chain("<thoughts>\n</thoughts>") == []
     assert data.parse_chain("no tags here")[0]["content"] == "no tags here"
-    assert data.parse_claim(steps[1]) == {"kind": "add", "a": 1, "b": 2, "n": 3}
+    assert world.parse_claim(steps[1]) == {"kind": "add", "a": 1, "b": 2, "n": 3}
 
 
 def test_normalised_match():
@@ -304,8 +305,8 @@ def test_normalised_match():
 
 # ---------------------------------------------------------------- tokenizer and chat
 
-def test_tokenizer_round_trip_numbers_and_specials(world):
-    out, _ = world
+def test_tokenizer_round_trip_numbers_and_specials(built_world):
+    out, _ = built_world
     tok = data.load_tokenizer(out)
     ids = data.special_ids(tok)
     assert ids["pad"] == 0 and len(set(ids.values())) == 6
@@ -319,8 +320,8 @@ def test_tokenizer_round_trip_numbers_and_specials(world):
         data.load_tokenizer(os.path.join(out, "nowhere"))
 
 
-def test_chat_mask_covers_exactly_the_assistant_tokens(world):
-    out, _ = world
+def test_chat_mask_covers_exactly_the_assistant_tokens(built_world):
+    out, _ = built_world
     tok = data.load_tokenizer(out)
     sp = data.special_ids(tok)
     msgs = data.task_messages("summary", "How many circles are there?",
@@ -421,8 +422,8 @@ def test_data_imports_nothing_above_it():
 
 def sound_steps(rec, answer=None):
     """The question's reference chain as steps, its last step stating `answer` (default: the true one)."""
-    claims = data.solve(rec["objects"], rec["spec"])
-    return [data.to_step(c) for c in claims[:-1]] + [data.to_step(claims[-1], answer or rec["answer"])]
+    claims = world.solve(rec["objects"], rec["spec"])
+    return [world.to_step(c) for c in claims[:-1]] + [world.to_step(claims[-1], answer or rec["answer"])]
 
 
 def wrong_answer(answer):
@@ -431,19 +432,19 @@ def wrong_answer(answer):
         return str(int(answer) + 1)
     if answer in ("yes", "no"):
         return {"yes": "no", "no": "yes"}[answer]
-    pool = list(data.COLORS) if answer in data.COLORS else list(data.SHAPES) + ["none"]
+    pool = list(world.COLORS) if answer in world.COLORS else list(world.SHAPES) + ["none"]
     return next(a for a in pool if a != answer)
 
 
 def false_look(rec):
     """A readable but false step: the first object's colour misread."""
     o = rec["objects"][0]
-    other = next(c for c in data.COLORS if c != o["color"])
+    other = next(c for c in world.COLORS if c != o["color"])
     return {"title": "Look", "content": f"{o['cell']} has a {o['size']} {other} {o['shape']}."}
 
 
-def test_first_error_is_none_for_a_right_chain(world):
-    out, _ = world
+def test_first_error_is_none_for_a_right_chain(built_world):
+    out, _ = built_world
     scorer = data.SceneStepScorer()
     for r in rows(out, "train"):
         steps = sound_steps(r)
@@ -452,10 +453,10 @@ def test_first_error_is_none_for_a_right_chain(world):
         assert scorer.first_error(r, data.render_chain([false_look(r)] + steps)) is None  # the answer decides
 
 
-def test_first_error_finds_the_first_false_or_unreadable_step(world):
-    out, _ = world
+def test_first_error_finds_the_first_false_or_unreadable_step(built_world):
+    out, _ = built_world
     scorer = data.SceneStepScorer()
-    multi = [r for r in rows(out, "train") if len(data.solve(r["objects"], r["spec"])) >= 2]
+    multi = [r for r in rows(out, "train") if len(world.solve(r["objects"], r["spec"])) >= 2]
     assert {r["family"] for r in multi} >= {"sum", "difference", "spatial_count", "most_color"}
     for r in multi:
         wrong = wrong_answer(r["answer"])
@@ -475,8 +476,8 @@ def test_first_error_finds_the_first_false_or_unreadable_step(world):
                 assert scorer.first_error(r, data.render_chain(corrupted)) == i
 
 
-def test_first_error_of_right_steps_and_a_wrong_answer_is_the_last_step(world):
-    out, _ = world
+def test_first_error_of_right_steps_and_a_wrong_answer_is_the_last_step(built_world):
+    out, _ = built_world
     scorer = data.SceneStepScorer()
     for r in rows(out, "train"):
         steps = sound_steps(r, wrong_answer(r["answer"]))
@@ -484,8 +485,8 @@ def test_first_error_of_right_steps_and_a_wrong_answer_is_the_last_step(world):
         assert scorer.first_error(r, data.render_chain(steps[:-1])) == max(0, len(steps) - 2)  # stops, no answer
 
 
-def test_first_error_of_an_empty_chain_is_zero(world):
-    out, _ = world
+def test_first_error_of_an_empty_chain_is_zero(built_world):
+    out, _ = built_world
     scorer = data.SceneStepScorer()
     r = rows(out, "train")[0]
     assert scorer.first_error(r, "") == 0
@@ -519,13 +520,13 @@ def small_world(tmp_path):
 
 def test_extra_split_has_new_scenes_images_and_rows(small_world):
     out = small_world
-    taken = {data.scene_graph(r["objects"]) for s in ("train", "val", "test") for r in rows(out, s)}
+    taken = {world.scene_graph(r["objects"]) for s in ("train", "val", "test") for r in rows(out, s)}
     before = set(os.listdir(os.path.join(out, "images")))
     extra = data.extra_split(out, "dpo1-seed0", 7)  # 3 questions a scene: 3 scenes, 9 questions, 7 returned
     assert len(extra) == 7
     assert len({r["id"] for r in extra}) == 7 and all(r["id"].startswith("dpo1-seed0-") for r in extra)
     assert rows(out, "dpo1-seed0")[:7] == extra  # written to out/<split>.jsonl
-    assert all(data.scene_graph(r["objects"]) not in taken for r in extra)
+    assert all(world.scene_graph(r["objects"]) not in taken for r in extra)
     assert all(len(r["objects"]) == 4 for r in extra)  # the world's own config (4 objects), not the default
     assert rows(out, "train")[0].keys() == extra[0].keys()
     added = set(os.listdir(os.path.join(out, "images"))) - before

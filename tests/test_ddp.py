@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import agents
+import common
 import data
 import train_dpo
 import train_grpo
@@ -95,9 +96,9 @@ def grpo_job(out, patch):
     cfg = train_grpo.GRPOConfig(precision="fp32", lr=1e-3, warmup_steps=0, steps=2, micro_batch=1, ppo_epochs=2,
                                 kl_coef=0.1)
     opt = policy.configure_optimizers(0.0, cfg.lr, 0.0, cfg.lr, freeze_vision=True)
-    model, scaler = train_sft.data_parallel(policy), train_sft.make_scaler(CPU, "fp32")
+    model, scaler = common.data_parallel(policy), common.make_scaler(CPU, "fp32")
     chains = synthetic_examples(policy, 3, seed=3)
-    metrics = [train_grpo.grpo_step(model.train(), ref, opt, scaler, examples, step, cfg, CPU, 0, None)
+    metrics = [train_grpo.grpo_step(model.train(), ref, opt, scaler, examples, step, cfg, CPU, 0, "nothing saved")
                for step, examples in enumerate([list(zip(chains, [1.0, -0.5, 0.25])), [(chains[1], -1.0)]])]
     return {"metrics": metrics, "state": policy.state_dict()}
 
@@ -136,13 +137,13 @@ JOBS = {"sft": sft_job, "dpo": dpo_job, "grpo": grpo_job, "sample": sample_job, 
 def worker(rank, port, out):
     """One of the 2 processes: every job, then the helpers; its results go to out/rank{rank}.pt."""
     as_torchrun(rank, port)
-    place, results = train_sft.setup_distributed("cpu"), {}
+    place, results = common.setup_distributed("cpu"), {}
     results.update({name: job(out / "ddp", SimpleNamespace(setattr=setattr)) for name, job in JOBS.items()})
-    results["helpers"] = {"place": place, "rank0": train_sft.on_rank0(lambda: rank),
-                          "gathered": train_sft.all_gather(rank),
-                          "summed": train_sft.all_reduce_sum(torch.tensor([1.0, rank])).tolist()}
+    results["helpers"] = {"place": place, "rank0": common.on_rank0(lambda: rank),
+                          "gathered": common.all_gather(rank),
+                          "summed": common.all_reduce_sum(torch.tensor([1.0, rank])).tolist()}
     torch.save(results, out / f"rank{rank}.pt")
-    train_sft.cleanup_distributed()
+    common.cleanup_distributed()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +169,7 @@ def test_helpers_and_the_process_group(runs):
     _, _, ranks = runs
     for rank, r in enumerate(ranks):
         assert r["helpers"] == {"place": (rank, WORLD, CPU), "rank0": 0, "gathered": [0, 1], "summed": [2.0, 1.0]}
-    assert train_sft.setup_distributed("cpu") == (0, 1, CPU) and train_sft.distributed() == (0, 1)  # no torchrun
+    assert common.setup_distributed("cpu") == (0, 1, CPU) and common.distributed() == (0, 1)  # no torchrun
     assert not dist.is_initialized()
 
 
@@ -259,7 +260,7 @@ def main_jobs_worker(rank, port, out):
     train_dpo.sample_chains = teacher_sampler(train_dpo.sample_chains)  # this process's own copy of the module
     # Each main sets up the process group and leaves it at the end; a process joins one group once, so here the
     # group is left after both.
-    cleanup, train_sft.cleanup_distributed = train_sft.cleanup_distributed, lambda: None
+    cleanup, common.cleanup_distributed = common.cleanup_distributed, lambda: None
     for script, args in MAIN_JOBS:
         script.main(["--out", str(out / "two"), *args])
     cleanup()

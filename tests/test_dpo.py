@@ -9,9 +9,11 @@ import random
 import pytest
 import torch
 
+import common
 import data
 import train_dpo
 import train_sft
+import world
 from model import VLM, get_config
 from train_dpo import build_pairs, dpo_loss, sequence_logps
 
@@ -222,8 +224,8 @@ def micro_run(out):
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     vlm.tokenizer = tok
     for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
-        vlm.save_pretrained(train_sft.stage_dir(out, stage))
-        with open(os.path.join(train_sft.stage_dir(out, stage), train_sft.STAGE_DONE), "w") as f:
+        vlm.save_pretrained(common.stage_dir(out, stage))
+        with open(os.path.join(common.stage_dir(out, stage), train_sft.STAGE_DONE), "w") as f:
             json.dump({"stage": stage}, f)
 
 
@@ -232,8 +234,8 @@ def teacher_sampler(real_sampler):
     scripted-teacher chains (one sound, two flawed) are added so the round has pairs to learn from."""
     def sampler(policy, rows, image_root, cfg, seed, **options):
         chains = real_sampler(policy, rows, image_root, cfg, seed, **options)
-        sound = data.ScriptedTeacher(data.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(data.ErrorRates)}))
-        flawed = data.ScriptedTeacher(data.ErrorRates(miscount=0.5, arithmetic_slip=0.5))
+        sound = world.ScriptedTeacher(world.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(world.ErrorRates)}))
+        flawed = world.ScriptedTeacher(world.ErrorRates(miscount=0.5, arithmetic_slip=0.5))
         rng = random.Random(seed)
         paths = {r["id"]: sound.generate(r, 1, rng) + flawed.generate(r, 2, rng) for r in rows}
         return {r["id"]: chains[r["id"]] + [data.render_chain(p["steps"]) for p in paths[r["id"]]] for r in rows}
@@ -339,9 +341,9 @@ def sum_row(qid="q0"):
 
 def test_hand_made_question_and_chains_are_as_labelled():
     row, scorer = sum_row(), data.SceneStepScorer()
-    claims = data.solve(SCENE, row["spec"])
-    assert data.answer_of(claims[-1], row["spec"]) == "3"
-    assert SOUND == data.render_chain([data.to_step(c) for c in claims[:-1]] + [data.to_step(claims[-1], "3")])
+    claims = world.solve(SCENE, row["spec"])
+    assert world.answer_of(claims[-1], row["spec"]) == "3"
+    assert SOUND == data.render_chain([world.to_step(c) for c in claims[:-1]] + [world.to_step(claims[-1], "3")])
     assert [scorer.first_error(row, t) for t in (SOUND, WRONG_AT_1, WRONG_AT_0)] == [None, 1, 0]
 
 
@@ -431,7 +433,7 @@ def test_round_pairs_first_error_continues_the_wrong_greedy_chains(monkeypatch):
 # The summary set with the reasoning agent's own chains
 
 
-NO_SLIPS = data.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(data.ErrorRates)})
+NO_SLIPS = world.ErrorRates(**{f.name: 0.0 for f in dataclasses.fields(world.ErrorRates)})
 
 
 def other_answer(answer):
@@ -439,7 +441,7 @@ def other_answer(answer):
         return str(int(answer) + 1)
     if answer in ("yes", "no"):
         return "no" if answer == "yes" else "yes"
-    return next(a for a in list(data.COLORS) + list(data.SHAPES) if a != answer)
+    return next(a for a in list(world.COLORS) + list(world.SHAPES) if a != answer)
 
 
 @pytest.mark.parametrize("high, mid, buckets", [(90, 50, ("high", "mid", "low")),  # the default thresholds
@@ -452,11 +454,11 @@ def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_
     torch.manual_seed(0)
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     vlm.tokenizer = tok
-    vlm.save_pretrained(train_sft.stage_dir(out, "reasoning"))
+    vlm.save_pretrained(common.stage_dir(out, "reasoning"))
     train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     teacher = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl"))
 
-    sound = {r["id"]: data.ScriptedTeacher(NO_SLIPS).path(r, random.Random(0))["steps"] for r in train}
+    sound = {r["id"]: world.ScriptedTeacher(NO_SLIPS).path(r, random.Random(0))["steps"] for r in train}
 
     def untidy(steps):  # the agent's own formatting: stray spaces, blank lines, no end tag
         return "<thoughts>\n" + "".join(f"  {s['title']}: {s['content']}  \n\n" for s in steps)
@@ -522,7 +524,7 @@ def test_summary_only_stage_alone_still_gets_the_on_policy_set(tmp_path, monkeyp
     os.makedirs(tmp_path / "data")
     (tmp_path / "data" / "card.json").write_text("{}")
     for stage in ("base", "reasoning", "summary", "vanilla"):  # finished earlier: reused
-        os.makedirs(train_sft.stage_dir(str(tmp_path), stage))
+        os.makedirs(common.stage_dir(str(tmp_path), stage))
         (tmp_path / stage / train_sft.STAGE_DONE).write_text("{}")
     seen, built = {}, []
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.data_file))

@@ -14,6 +14,7 @@ import torch
 
 import agents
 import bench
+import common
 import data
 import eval as E
 import generate
@@ -23,7 +24,7 @@ from model import VLM, get_config
 from test_dpo import micro_run, teacher_sampler
 from test_eval import BENCHMARK, REPLIES, fake_models, question_of, write_set
 from test_generate import checkpoint  # noqa: F401 (a fixture: a micro model saved with a tokenizer, and an image)
-from test_train_sft import loop_config, micro_model, synthetic_examples, world  # noqa: F401 (world is a fixture)
+from test_train_sft import built_world, loop_config, micro_model, synthetic_examples  # noqa: F401 (a fixture)
 from train_sft import STAGE_DONE, train_loop
 
 # The job's smallest round: 6 questions, 2 pairs per step, so a round has several steps.
@@ -40,10 +41,10 @@ def dpo_out(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_run(world, tmp_path_factory):
+def base_run(built_world, tmp_path_factory):
     """A run directory whose base stage finished (2 micro steps) -> (directory, the argv that trained it)."""
     out = tmp_path_factory.mktemp("sft")
-    os.symlink(world / "data", out / "data")
+    os.symlink(built_world / "data", out / "data")
     argv = ["--stage", "base", "--out", str(out), "--preset", "micro", "--device", "cpu", "--precision", "fp32",
             "--max-steps", "2", "--batch-size", "4", "--eval-every", "0", "--save-every", "0"]
     train_sft.main(argv)
@@ -144,7 +145,7 @@ def test_numeric_options_are_checked_at_parse_time(script, argv, message, capsys
 
 
 def test_bounds_admit_their_edges_and_none():
-    cfg = data.parse_config(train_sft.TrainConfig, ["--max-steps", "0", "--min-lr-ratio", "1"])
+    cfg = common.parse_config(train_sft.TrainConfig, ["--max-steps", "0", "--min-lr-ratio", "1"])
     assert (cfg.max_steps, cfg.min_lr_ratio, cfg.lr, cfg.epochs) == (0, 1.0, None, None)  # None: the stage's
 
 

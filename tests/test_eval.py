@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import agents
+import common
 import data
 import eval as E
 
@@ -137,7 +138,7 @@ def write_set(folder, name, items):
         Image.new("RGB", (48, 48), (i * 40, 0, 0)).save(os.path.join(folder, "images", f"{i}.png"))
         rows.append({"id": str(i), "image": f"images/{i}.png", **item})
     path = os.path.join(folder, name)
-    data.write_jsonl(path, rows)
+    common.write_jsonl(path, rows)
     return path
 
 
@@ -231,6 +232,27 @@ def test_run_eval_writes_results(tmp_path, monkeypatch):
         E.run_eval(out, arms=["vanilla"])
     with pytest.raises(FileNotFoundError, match="build the data first"):
         E.run_eval(out, split="nope")
+
+
+def test_override_margin_flag_reaches_the_summary_agent_and_the_results(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    write_set(os.path.join(out, "data"), "test.jsonl", WORLD)
+    for stage in ("reasoning", "summary"):
+        os.makedirs(os.path.join(out, stage))
+        open(os.path.join(out, stage, "config.json"), "w").close()
+    fake_models(monkeypatch, {"reasoning": lambda p: "<thoughts>\nCount: objects, so the answer is 2.\n</thoughts>",
+                              "summary": lambda p: "2"})
+    margins, init = [], agents.SummaryAgent.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        margins.append(self.override_margin)
+
+    monkeypatch.setattr(agents.SummaryAgent, "__init__", recording)
+    results = E.main(["--out", out, "--arms", "two_agent", "--override-margin", "2.5"])
+    assert margins == [2.5] and results["meta"]["override_margin"] == 2.5
+    assert "override margin 2.5 nats" in results["meta"]["decoding"]
+    assert E.main(["--out", out, "--arms", "two_agent"])["meta"]["override_margin"] == agents.OVERRIDE_MARGIN
 
 
 def test_evaluate_two_agent(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 the number of reads back to the host per training and decoding step, which a GPU has to wait for."""
 
 import contextlib
-import math
 import pathlib
 import sys
 from types import SimpleNamespace
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import agents
+import common
 import eval as evaluation
 import generate
 import train_dpo
@@ -65,8 +65,8 @@ def test_auto_precision_follows_the_chosen_gpu(monkeypatch):
     # bf16 needs compute capability 8.0 (Ampere); is_bf16_supported() would also count emulation.
     capability = {0: (9, 0), 1: (7, 5)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
-    assert train_sft.resolve_precision("cuda:0", "auto") == "bf16"
-    assert train_sft.resolve_precision("cuda:1", "auto") == "fp16"
+    assert common.resolve_precision("cuda:0", "auto") == "bf16"
+    assert common.resolve_precision("cuda:1", "auto") == "fp16"
     assert agents.decode_dtype("cuda:1") == torch.float16 and agents.decode_dtype("cuda:0") == torch.bfloat16
     assert agents.decode_dtype("cpu") is None  # auto decodes in fp32 on the CPU
     assert agents.decode_dtype("cpu", "bf16") == torch.bfloat16  # an explicit --precision is followed
@@ -80,7 +80,7 @@ def test_pretrain_vision_steps_through_the_loss_scaler(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = VLM(get_config("tiny", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     calls = []
-    real = train_sft.make_scaler
+    real = common.make_scaler
 
     def spy(device, precision):
         scaler = real(device, precision)
@@ -88,7 +88,7 @@ def test_pretrain_vision_steps_through_the_loss_scaler(monkeypatch, tmp_path):
         scaler.scale = lambda loss: calls.append("scale") or scale(loss)
         return scaler
 
-    monkeypatch.setattr(train_sft, "make_scaler", spy)
+    monkeypatch.setattr(common, "make_scaler", spy)
     rows = [r for r in data.read_jsonl(str(tmp_path / "base.jsonl")) if r["task"] == "describe"]
     train_sft.pretrain_vision(model, rows, [], str(tmp_path), train_sft.TrainConfig(device="cpu"), steps=3, batch_size=4)
     assert calls == ["scale"] * 3  # under fp16 that scaler is active; the same code runs for every precision
@@ -131,8 +131,8 @@ def test_resume_state_holds_only_the_training_device_generator(tmp_path, monkeyp
     train_sft.train_loop(model, synthetic_examples(model, 4), [], cfg, str(tmp_path), str(tmp_path / "log.jsonl"), "t")
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["rng_cuda"] is None  # a CPU run: no GPU generator at all
-    train_sft.load_train_state(model, train_sft.make_optimizer(model, cfg), train_sft.make_scaler("cpu", "fp32"),
-                               cfg, str(tmp_path))
+    common.load_train_state(str(tmp_path / "train_state.pt"), model, train_sft.make_optimizer(model, cfg),
+                            common.make_scaler("cpu", "fp32"), cfg, same=())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,15 +144,17 @@ PROJECT = {str(p) for p in pathlib.Path(__file__).resolve().parent.parent.glob("
 
 
 @contextlib.contextmanager
-def counting_reads(monkeypatch):
+def counting_reads(monkeypatch, host_side=()):
     """Count the reads of tensor values (item, tolist, bool(), int(), float(), nonzero) that the project's own code
-    makes. torch's internals are left out: on the CPU they read host-side counters, such as an optimizer's step."""
+    makes, but in the functions named in host_side, which read tensors that never leave the host. torch's internals
+    are left out: on the CPU they read host-side counters, such as an optimizer's step."""
     count = {"n": 0}
     for name in READS:
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, _real=real, **kw):
-            count["n"] += sys._getframe(1).f_code.co_filename in PROJECT
+            caller = sys._getframe(1).f_code
+            count["n"] += caller.co_filename in PROJECT and caller.co_name not in host_side
             return _real(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
@@ -162,15 +164,18 @@ def counting_reads(monkeypatch):
 
 def test_one_read_per_training_step(monkeypatch, tmp_path):
     # Batches are built (and counted) on the host first; a step then reads its loss and grad norm in one transfer.
-    model = micro_model()
-    batches = [train_sft.collate(synthetic_examples(model, 4, seed=s), 0) for s in range(2)]  # grad_accum = 2
-    optimizer = train_sft.make_optimizer(model, loop_config())
-    scaler = train_sft.make_scaler("cpu", "fp32")
-    model.train()
-    with counting_reads(monkeypatch) as count:
-        loss = train_sft.train_step(model, scaler, batches, torch.device("cpu"), "fp32")
-        metrics = train_sft.optimizer_step(model, optimizer, scaler, 1.0, {"loss": loss})
-    assert count["n"] == 1 and math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    common.matmul_peak(torch.device("cpu"), "fp32")  # measured once per process (cached): not a step's read
+    reads = {}
+    for steps in (2, 6):
+        model = micro_model()
+        examples = synthetic_examples(model, 8)
+        cfg = loop_config(max_steps=steps, grad_accum=2)
+        # The step's rows are shuffled (step_batches) and counted (collate) on the host, before they move.
+        with counting_reads(monkeypatch, host_side=("step_batches", "collate")) as count:
+            train_sft.train_loop(model, examples, [], cfg, str(tmp_path / str(steps)), str(tmp_path / f"{steps}.jsonl"),
+                                 "t")
+        reads[steps] = count["n"]
+    assert reads[6] - reads[2] == 4  # 4 more steps, one read each: the loss and the grad norm together
 
 
 def test_one_read_per_dpo_step(monkeypatch):
@@ -203,7 +208,7 @@ def test_batches_travel_from_pinned_memory_on_cuda(monkeypatch):
     pinned, moved = [], []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(1) or self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: moved.append(kw.get("non_blocking")) or self)
-    out = train_sft.to_device(batch, torch.device("cuda"))
+    out = common.to_device(batch, torch.device("cuda"))
     monkeypatch.undo()
     assert set(out) == {"input_ids", "targets", "pixel_values"}  # no attention_mask, no host-side counts
     assert len(pinned) == 3 and moved == [True] * 3
@@ -215,7 +220,7 @@ def test_cuda_settings_tf32_fused_adamw_and_dynamic_compile(monkeypatch, tmp_pat
     before = matmul.fp32_precision  # a property of torch's backend module: set and restored by hand, not patched
     try:
         matmul.fp32_precision = "ieee"
-        assert train_sft.resolve_device("cuda") == torch.device("cuda")
+        assert common.resolve_device("cuda") == torch.device("cuda")
         assert matmul.fp32_precision == "tf32"  # fp32 matmuls on the tensor cores
     finally:
         matmul.fp32_precision = before

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
+import common
 import eval as evaluation
 import train_dpo
 import train_grpo
-import train_sft
 from model import VLM, get_config
 from test_dpo import make_batch, micro_run, teacher_sampler
 from train_grpo import grpo_loss, group_advantages, kl_k3
@@ -54,11 +54,11 @@ def test_one_update_raises_the_rewarded_chain_and_lowers_the_others(micro):
     adv, _ = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # exactly one chain rewarded
     cfg = train_grpo.GRPOConfig(precision="fp32", device="cpu")
     opt = micro.configure_optimizers(0.0, 1e-3, 0.0, 1e-3, freeze_vision=True)  # the script's optimiser
-    scaler = train_sft.make_scaler("cpu", "fp32")
+    scaler = common.make_scaler("cpu", "fp32")
     before = train_dpo.sequence_logps(micro, batch).detach()
     micro.train()
     m = train_grpo.update(micro, opt, scaler, [(batch, adv[0], None, None)], batch["n_targets"], cfg,
-                          torch.device("cpu"), None)
+                          torch.device("cpu"), "the test step", "nothing saved")
     after = train_dpo.sequence_logps(micro, batch).detach()
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
     assert after[0] > before[0] and (after[1:] < before[1:]).all()

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import eval as E
+import plots
 from test_eval import shares, write_results
 
 
@@ -38,18 +39,18 @@ def test_results_png_bars_follow_their_values(tmp_path, capsys):
     results = {"arms": {"direct": arm(0.25, 0.5, 0.25), "two_agent": arm(0.75, 0.5, 0.8, chain=0.6),
                         "two_agent_dpo1": arm(0.75, 0.75, 0.75, chain=0.7)},
                "meta": {"split": "test"}}
-    path = E.save_png(E.results_chart(results), str(tmp_path / "pictures" / "results.png"))
+    path = plots.save_png(plots.results_chart(results), str(tmp_path / "pictures" / "results.png"))
     assert capsys.readouterr().out == f"[eval] wrote {path}\n"
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (1000, 750)
-        overall, reasoning, perception = (bars(image.convert("RGB"), c) for c in E.GROUPS.values())
+        overall, reasoning, perception = (bars(image.convert("RGB"), c) for c in plots.GROUPS.values())
     plot_height = 390 - 90  # bar_panel's box: 0% at row 390, 100% at row 90
     assert abs(overall[0] - 1 - 0.25 * plot_height) <= 1 and abs(overall[1] - 1 - 0.75 * plot_height) <= 1
     assert abs((overall[1] - 1) / (overall[0] - 1) - 3) < 0.05  # 75% stands three times as high as 25%
     assert reasoning[0] == reasoning[1] and len(perception) == 3 and perception[2] < perception[1]
-    assert bytes(E.results_chart(results).tobytes()) == bytes(E.results_chart(results).tobytes())  # deterministic
+    assert bytes(plots.results_chart(results).tobytes()) == bytes(plots.results_chart(results).tobytes())  # deterministic
     grpo = {**results, "arms": {**results["arms"], "two_agent_grpo": arm(0.5, 0.5, 0.5, chain=0.9)}}
-    has_grpo = [(np.asarray(E.results_chart(r)) == E.GRPO).all(axis=-1).any() for r in (results, grpo)]
+    has_grpo = [(np.asarray(plots.results_chart(r)) == plots.GRPO).all(axis=-1).any() for r in (results, grpo)]
     assert has_grpo == [False, True]  # GRPO's point (and legend) only when the arm ran
 
 
@@ -84,14 +85,14 @@ def test_plot_logs_one_panel_per_stage(tmp_path, capsys):
                                    {"step": 2, "loss": -0.01, "reward": 0.6}, {"step": 3, "loss": 0.02}])
     write_log(logs, "vanilla.jsonl", [])  # an empty log: no panel
 
-    assert E.read_log(os.path.join(logs, "dpo.jsonl")) == ([(i + 1, 0.69 + 0.01 * (i % 3)) for i in range(6)], [], [4])
-    assert E.read_log(os.path.join(logs, "grpo.jsonl"))[0] == [(2, -0.01), (3, 0.02)]
+    assert plots.read_log(os.path.join(logs, "dpo.jsonl")) == ([(i + 1, 0.69 + 0.01 * (i % 3)) for i in range(6)], [], [4])
+    assert plots.read_log(os.path.join(logs, "grpo.jsonl"))[0] == [(2, -0.01), (3, 0.02)]
     assert E.plot_logs(logs) == ["base", "reasoning", "dpo", "grpo"]  # in training order
     assert capsys.readouterr().out == f"[eval] wrote {tmp_path / 'out' / 'training.png'}\n"
     with Image.open(tmp_path / "out" / "training.png") as image:
-        assert image.size == (3 * E.PANEL[0], 50 + 2 * E.PANEL[1])  # four panels, three to a row
+        assert image.size == (3 * plots.PANEL[0], 50 + 2 * plots.PANEL[1])  # four panels, three to a row
         pixels = np.asarray(image.convert("RGB"))
-    assert (pixels == E.VAL).all(axis=-1).any() and (pixels == E.TRAIN).all(axis=-1).any()
+    assert (pixels == plots.VAL).all(axis=-1).any() and (pixels == plots.TRAIN).all(axis=-1).any()
 
     E.main(["--plot-logs", logs, "--plot-out", str(tmp_path / "docs" / "training.png")])
     assert (tmp_path / "docs" / "training.png").read_bytes() == (tmp_path / "out" / "training.png").read_bytes()

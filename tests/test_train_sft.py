@@ -8,10 +8,13 @@ import os
 import pytest
 import torch
 
+import common
 import data
 import train_sft
+import world
 from model import VLM, get_config
-from train_sft import TrainConfig, collate, encode_row, lr_lambda, make_optimizer, run_stage, train_loop
+from common import lr_scale
+from train_sft import TrainConfig, collate, encode_row, make_optimizer, run_stage, train_loop
 
 
 def micro_model(seed=0):
@@ -148,14 +151,14 @@ def test_param_groups_get_their_lr_and_decay():
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor(tmp_path):
-    assert [lr_lambda(s, 4, 20, 0.1) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lr_lambda(4, 4, 20, 0.1) == pytest.approx(1.0) and lr_lambda(20, 4, 20, 0.1) == pytest.approx(0.1)
-    values = [lr_lambda(s, 4, 20, 0.1) for s in range(4, 21)]
+    assert [lr_scale(s, 4, 20, 0.1) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_scale(4, 4, 20, 0.1) == pytest.approx(1.0) and lr_scale(20, 4, 20, 0.1) == pytest.approx(0.1)
+    values = [lr_scale(s, 4, 20, 0.1) for s in range(4, 21)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     model = micro_model()
     cfg = loop_config(max_steps=6, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1)
     train_loop(model, synthetic_examples(model, 8), [], cfg, str(tmp_path / "c"), str(tmp_path / "log.jsonl"), "lr")
-    assert logged(tmp_path / "log.jsonl", "lr") == pytest.approx([1e-3 * lr_lambda(s, 2, 6, 0.1) for s in range(6)])
+    assert logged(tmp_path / "log.jsonl", "lr") == pytest.approx([1e-3 * lr_scale(s, 2, 6, 0.1) for s in range(6)])
 
 
 def test_non_finite_loss_halts_and_keeps_the_last_checkpoint(tmp_path):
@@ -180,7 +183,7 @@ def test_non_finite_loss_halts_and_keeps_the_last_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def built_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     data.build_world(str(out / "data"), train_scenes=12, val_scenes=2, test_scenes=2, paths_per_question=2)
     return out
@@ -193,11 +196,11 @@ def stage_config(out, **overrides):
 
 @pytest.mark.parametrize("file,task", [("base.jsonl", None), ("reasoning_sft.jsonl", None), ("summary_sft.jsonl", None),
                                        ("reasoning_sft.jsonl", "vanilla"), ("summary_sft.jsonl", "summary_only")])
-def test_loss_counts_only_the_assistant_tokens(world, file, task):
-    tok = data.load_tokenizer(str(world / "data" / "tokenizer.json"))
+def test_loss_counts_only_the_assistant_tokens(built_world, file, task):
+    tok = data.load_tokenizer(str(built_world / "data" / "tokenizer.json"))
     model = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
-    rows = data.read_jsonl(str(world / "data" / file))[:4]
-    examples = [encode_row(r, tok, model.config, str(world / "data"), task) for r in rows]
+    rows = data.read_jsonl(str(built_world / "data" / file))[:4]
+    examples = [encode_row(r, tok, model.config, str(built_world / "data"), task) for r in rows]
     for row, ex in zip(rows, examples):
         messages = data.task_messages(task or row["task"], row["question"], row["chain"], row["answer"])
         ids, mask = data.render_conversation(tok, messages, model.config.tokens_per_image)
@@ -215,36 +218,36 @@ def test_loss_counts_only_the_assistant_tokens(world, file, task):
     torch.testing.assert_close(loss, by_hand)
 
 
-def test_stages_run_in_order_and_write_checkpoint_state_and_log(world):
-    base_dir = run_stage("base", stage_config(world))
-    assert base_dir == str(world / "base")
+def test_stages_run_in_order_and_write_checkpoint_state_and_log(built_world):
+    base_dir = run_stage("base", stage_config(built_world))
+    assert base_dir == str(built_world / "base")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt", train_sft.STAGE_DONE):
         assert os.path.isfile(os.path.join(base_dir, name)), name
-    assert logged(world / "logs" / "base.jsonl", "step") == [1, 2]
-    assert math.isfinite(json.loads((world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
+    assert logged(built_world / "logs" / "base.jsonl", "step") == [1, 2]
+    assert math.isfinite(json.loads((built_world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
     # every record carries the stage's wall time so far
-    records = [json.loads(line) for line in (world / "logs" / "base.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (built_world / "logs" / "base.jsonl").read_text().splitlines()]
     assert 0 < records[0]["elapsed_s"] <= records[-1]["elapsed_s"]
-    agent_dir = run_stage("summary-only", stage_config(world, max_steps=1))
+    agent_dir = run_stage("summary-only", stage_config(built_world, max_steps=1))
     agent = VLM.from_pretrained(agent_dir)
     assert agent.tokenizer is not None and agent.config.text.vocab_size == VLM.from_pretrained(base_dir).config.text.vocab_size
 
 
-def test_missing_data_or_previous_stage_names_the_command_to_run(world, tmp_path):
+def test_missing_data_or_previous_stage_names_the_command_to_run(built_world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"base.jsonl not found: run `python data.py --out .*/data` first"):
         run_stage("base", stage_config(tmp_path))
-    os.symlink(world / "data", tmp_path / "data")
+    os.symlink(built_world / "data", tmp_path / "data")
     with pytest.raises(FileNotFoundError, match=r"base not found: run `python train_sft.py --stage base --out .*` first"):
         run_stage("reasoning", stage_config(tmp_path))
     with pytest.raises(SystemExit, match=r"^error: .*base not found: run `python train_sft.py --stage base"):
         train_sft.main(["--stage", "vanilla", "--out", str(tmp_path)])
 
 
-def test_bad_data_line_names_file_and_line(world, tmp_path):
+def test_bad_data_line_names_file_and_line(built_world, tmp_path):
     (tmp_path / "data").mkdir()
     for name in ("images", "tokenizer.json"):
-        os.symlink(world / "data" / name, tmp_path / "data" / name)
-    lines = (world / "data" / "base.jsonl").read_text().splitlines()
+        os.symlink(built_world / "data" / name, tmp_path / "data" / name)
+    lines = (built_world / "data" / "base.jsonl").read_text().splitlines()
     lines[2] = lines[2][:-5]  # a truncated JSON line
     (tmp_path / "data" / "base.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit, match=r"^error: .*base.jsonl:3: "):
@@ -258,7 +261,7 @@ def test_bad_data_line_names_file_and_line(world, tmp_path):
 def test_cell_labels_read_a_scene_description():
     objects = [{"cell": "top left", "size": "small", "color": "red", "shape": "circle"},
                {"cell": "center", "size": "large", "color": "blue", "shape": "triangle"}]
-    labels = train_sft.cell_labels(data.describe(objects))
+    labels = train_sft.cell_labels(world.describe(objects))
     assert labels.shape == (9, 3)
     values = train_sft.VISION_LABELS
     assert labels[0].tolist() == [1 + values["shape"].index("circle"), 1 + values["color"].index("red"),
@@ -268,13 +271,13 @@ def test_cell_labels_read_a_scene_description():
     assert labels[[1, 2, 3, 5, 6, 7, 8]].eq(0).all()  # empty cells
 
 
-def test_vision_pretraining_trains_only_the_tower_and_reports_held_out_accuracy(world):
-    tok = data.load_tokenizer(str(world / "data" / "tokenizer.json"))
+def test_vision_pretraining_trains_only_the_tower_and_reports_held_out_accuracy(built_world):
+    tok = data.load_tokenizer(str(built_world / "data" / "tokenizer.json"))
     torch.manual_seed(0)
     model = VLM(get_config("tiny", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = [r for r in data.read_jsonl(str(world / "data" / "base.jsonl")) if r["task"] == "describe"]
-    accuracy = train_sft.pretrain_vision(model, rows[:-2], rows[-2:], str(world / "data"),
+    rows = [r for r in data.read_jsonl(str(built_world / "data" / "base.jsonl")) if r["task"] == "describe"]
+    accuracy = train_sft.pretrain_vision(model, rows[:-2], rows[-2:], str(built_world / "data"),
                                          TrainConfig(device="cpu", precision="fp32"), steps=40, batch_size=8)
     assert set(accuracy) == {"shape", "color", "size"} and all(0 <= a <= 1 for a in accuracy.values())
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -285,7 +288,7 @@ def test_vision_pretraining_trains_only_the_tower_and_reports_held_out_accuracy(
     assert min(accuracy.values()) >= 0.8, accuracy
     # a model with other than one image token per grid cell skips it
     micro = VLM(get_config("micro"))
-    assert train_sft.pretrain_vision(micro, rows, [], str(world / "data"), TrainConfig(device="cpu"), steps=1) is None
+    assert train_sft.pretrain_vision(micro, rows, [], str(built_world / "data"), TrainConfig(device="cpu"), steps=1) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,13 +374,13 @@ def test_step_batches_are_the_shuffled_steps_of_each_epoch_cut_by_length():
     (set(), "DEFAULT", "fp32"),  # nothing reported (no /proc/cpuinfo)
 ])
 def test_auto_precision_on_the_cpu_follows_what_the_cpu_reports(monkeypatch, capsys, flags, capability, expected):
-    monkeypatch.setattr(train_sft, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    train_sft.announce.cache_clear()
-    assert {train_sft.resolve_precision("cpu", "auto") for _ in range(5)} == {expected}  # no timing race
+    common.announce.cache_clear()
+    assert {common.resolve_precision("cpu", "auto") for _ in range(5)} == {expected}  # no timing race
     assert capsys.readouterr().out.count(f"[precision] auto on cpu: {expected}") == 1  # printed once
-    assert train_sft.resolve_precision("cpu", "fp32") == "fp32"  # an explicit choice is followed
-    train_sft.announce.cache_clear()
+    assert common.resolve_precision("cpu", "fp32") == "fp32"  # an explicit choice is followed
+    common.announce.cache_clear()
 
 
 def test_cpu_flags_read_the_flags_line(tmp_path):
@@ -386,6 +389,6 @@ def test_cpu_flags_read_the_flags_line(tmp_path):
                    "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
     other.write_text("processor\t: 0\nisa\t\t: rv64imafdc\n")
-    assert train_sft.cpu_flags(str(x86)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
-    assert train_sft.cpu_flags(str(arm)) == {"fp", "asimd", "bf16", "i8mm"}
-    assert train_sft.cpu_flags(str(other)) == train_sft.cpu_flags(str(tmp_path / "missing")) == frozenset()
+    assert common.cpu_flags(str(x86)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert common.cpu_flags(str(arm)) == {"fp", "asimd", "bf16", "i8mm"}
+    assert common.cpu_flags(str(other)) == common.cpu_flags(str(tmp_path / "missing")) == frozenset()

@@ -1,0 +1,195 @@
+"""checkpoint.py: checkpoints on disk. Skip it on a first read; model.VLM's save_pretrained, from_pretrained and
+from_parts call it.
+
+Three layouts load: this project's own (config.json with model_type "nano-insight-v", model.safetensors,
+tokenizer.json); a SmolVLM / Idefics3 directory as transformers publishes it; and a SigLIP checkpoint beside a
+Llama-family one (from_parts, the projector freshly initialised). The published names map to ours by key prefix alone,
+because model.py names every module as transformers does. Every key and shape is checked before any is copied.
+"""
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from common import atomic_write, reading_checkpoint, write_json
+
+
+def save(model, path):
+    """config.json + model.safetensors (+ tokenizer.json), each written to a temp file and renamed."""
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.text.tie_word_embeddings)}
+    atomic_write(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "config.json"), lambda f: write_json(model.config.to_dict(), f))
+    if model.tokenizer is not None:
+        atomic_write(os.path.join(path, "tokenizer.json"), lambda f: model.tokenizer.save(f))
+
+
+def load(path):
+    """A checkpoint directory of ours or of Idefics3 / SmolVLM -> (config as VLMConfig.to_dict, tensors under our
+    names, tokenizer or None)."""
+    config = read_config(path)
+    model_type = config.get("model_type")
+    if model_type == "nano-insight-v":
+        prefix_map = {"": ""}
+    elif model_type == "idefics3":
+        config, prefix_map = idefics3_config(config), {"model.": "", "lm_head.": "lm_head."}
+    else:
+        raise ValueError(f"{path}/config.json: unsupported model_type {model_type!r}; expected 'nano-insight-v' "
+                         f"or 'idefics3' (for a SigLIP + Llama pair use VLM.from_parts)")
+    return config, rename(read_safetensors(path), prefix_map), read_tokenizer(path)
+
+
+def load_parts(vision_dir, text_dir, scale_factor, image_token_id, special_tokens):
+    """A SigLIP checkpoint + a Llama-family checkpoint -> (config, tensors, tokenizer) as load gives, without the
+    projector's. The chat format's special tokens the tokenizer lacks (SmolLM2's has no <image>) are added, with new
+    embedding rows; the image token's id goes into the config. image_token_id is for a text checkpoint without a
+    tokenizer.json."""
+    vconf, tconf = read_config(vision_dir), read_config(text_dir)
+    vtype, ttype = vconf.get("model_type"), tconf.get("model_type")
+    if vtype not in ("siglip", "siglip_vision_model"):
+        raise ValueError(f"{vision_dir}/config.json: expected a SigLIP checkpoint, got model_type {vtype!r}")
+    if ttype != "llama":
+        raise ValueError(f"{text_dir}/config.json: expected a Llama checkpoint, got model_type {ttype!r}")
+    text_cfg, tokenizer = llama_config(tconf, tconf), read_tokenizer(text_dir)
+    text = rename(read_safetensors(text_dir), {"model.": "text_model.", "lm_head.": "lm_head."})
+    if tokenizer is not None:
+        old_ids = sorted(i for i in tokenizer.get_vocab().values() if i < text_cfg["vocab_size"])
+        added = [t for t in special_tokens if tokenizer.token_to_id(t) is None]
+        tokenizer.add_special_tokens(added)
+        new_ids = [tokenizer.token_to_id(t) for t in added]
+        text_cfg["vocab_size"] = add_token_rows(text, new_ids, old_ids, text_cfg["vocab_size"])
+    if image_token_id is None:
+        if tokenizer is None:
+            raise ValueError(f"{text_dir}: no tokenizer.json, so no '<image>' token to use; pass image_token_id=")
+        image_token_id = tokenizer.token_to_id("<image>")
+    config = {"vision": siglip_config(vconf.get("vision_config", vconf)), "text": text_cfg,
+              "scale_factor": scale_factor, "image_token_id": image_token_id}
+    vision = read_safetensors(vision_dir)
+    if vtype == "siglip_vision_model":
+        # transformers 4 saved vision-only SigLIP keys under `vision_model.`, transformers 5 without it.
+        vision = rename(vision, {"vision_model.": "vision_model.", "": "vision_model."})
+    # A dual-tower SigLIP also holds a text tower and a pooling head: only the vision trunk is used.
+    vision = {k: v for k, v in vision.items()
+              if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
+    return config, {**vision, **text}, tokenizer
+
+
+def load_checked(model, state, source, fresh=()):
+    """Copy tensors into model, after checking that every key and shape matches: never a silent partial load. Keys
+    starting with a prefix in `fresh` may be missing (they keep their initialisation)."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    optional = {"lm_head.weight"} if model.config.text.tie_word_embeddings else set()
+    missing = [k for k in expected if k not in state and k not in optional and not k.startswith(fresh)]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(expected[k])} in the model"
+             for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k])]
+    problems = ([f"missing tensors: {', '.join(missing)}"] if missing else []) + \
+               ([f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else []) + wrong
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not match the model config: " + "; ".join(problems))
+    # A diverged run can save NaN weights; loaded, they would only show up as empty chains much later.
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ValueError(f"{source}: NaN or inf in {', '.join(broken[:3])}{' and more' if broken[3:] else ''}: "
+                         f"the run that saved this checkpoint diverged; train it again with a lower --lr")
+    if "lm_head.weight" in optional:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
+    model.load_state_dict(state, strict=False)
+
+
+def read_config(path):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path}: no config.json, so this is not a checkpoint directory")
+    with open(config_path, "rb") as f, reading_checkpoint(config_path):
+        return dict(json.load(f))
+
+
+def read_safetensors(path):
+    """All tensors of a checkpoint, from model.safetensors or the shards its index names."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index, "rb") as f, reading_checkpoint(index):
+            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    state = {}
+    for file in files:
+        with reading_checkpoint(file), safe_open(file, framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+    return state
+
+
+def read_tokenizer(path):
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    with reading_checkpoint(file):
+        return Tokenizer.from_file(file)
+
+
+def rename(state, prefix_map):
+    """Map checkpoint key prefixes to ours; keys matching no prefix are kept, to be reported."""
+    out = {}
+    for key, value in state.items():
+        src = next((p for p in prefix_map if key.startswith(p)), None)
+        out[key if src is None else prefix_map[src] + key[len(src):]] = value
+    return out
+
+
+def add_token_rows(state, new_ids, old_ids, vocab_size):
+    """Give tokens added to a tokenizer their rows of the embedding (and of an untied head) -> the new vocab size.
+    An id past the matrices grows them; every new row starts as the mean of the rows the tokenizer already used, so
+    the token begins as an average one, not noise with an outsized logit (Hewitt 2021, "Initializing new word
+    embeddings"). Spare rows of a padded vocabulary are never used, so they stay out of the mean."""
+    new_size = max([vocab_size, *(i + 1 for i in new_ids)])
+    for key in ("text_model.embed_tokens.weight", "lm_head.weight"):  # lm_head is absent when tied
+        if key in state and new_ids:
+            w = torch.cat([state[key], state[key].new_zeros(new_size - len(state[key]), state[key].shape[1])])
+            w[new_ids] = w[old_ids].float().mean(0).to(w.dtype)
+            state[key] = w
+    return new_size
+
+
+def siglip_config(v):
+    if v.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported vision activation {v['hidden_act']!r}")
+    # Defaults are SiglipVisionConfig's, for keys a config.json may omit.
+    defaults = dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, layer_norm_eps=1e-6, num_channels=3)
+    return {key: v.get(key, default) for key, default in defaults.items()}
+
+
+def llama_config(t, top):
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"unsupported rope scaling {rope!r}: only plain rotary embeddings are implemented")
+    heads, hidden = t.get("num_attention_heads", 32), t.get("hidden_size", 4096)
+    if t.get("head_dim", hidden // heads) != hidden // heads:
+        raise ValueError("unsupported: head_dim differs from hidden_size / num_attention_heads")
+    if t.get("attention_bias") or t.get("mlp_bias"):
+        raise ValueError("unsupported: Llama checkpoints with attention or MLP biases")
+    # Defaults are LlamaConfig's, for keys a config.json may omit.
+    defaults = dict(vocab_size=32000, intermediate_size=11008, num_hidden_layers=32, rms_norm_eps=1e-6)
+    return dict(**{key: t.get(key, default) for key, default in defaults.items()}, hidden_size=hidden,
+                num_attention_heads=heads, num_key_value_heads=t.get("num_key_value_heads") or heads,
+                rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 10000.0))),
+                tie_word_embeddings=bool(top.get("tie_word_embeddings", t.get("tie_word_embeddings", False))))
+
+
+def idefics3_config(c):
+    # Idefics3Config's defaults: a SigLIP-so400m-like vision config and scale factor 2.
+    vision = {"hidden_size": 1152, "intermediate_size": 3072, "num_attention_heads": 16, "patch_size": 32,
+              **c.get("vision_config", {})}
+    return {"vision": siglip_config(vision), "text": llama_config(c.get("text_config", {}), c),
+            "scale_factor": c.get("scale_factor", 2), "image_token_id": c.get("image_token_id", 128257)}
+

@@ -1,0 +1,400 @@
+"""common.py: the machinery every script shares; skip it on a first read. Options (a dataclass whose fields are the
+--flags), device and mixed precision, torchrun / DDP helpers, atomic writes, the JSONL training log, and the train
+state --resume continues from. Nothing here knows Insight-V (nanochat's common.py plays the same part there).
+"""
+
+import argparse
+import contextlib
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import MISSING, asdict, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+# ----------------------------------------------------------------------------------------------
+# Options: dataclasses whose fields are also command-line flags (--train-scenes 500).
+
+# The metadata keys that bound a numeric option: key -> (how the error states it, the test a value must pass).
+BOUNDS = {"min": (">=", lambda v, b: v >= b), "above": (">", lambda v, b: v > b), "max": ("<=", lambda v, b: v <= b)}
+
+
+def parse_config(cls, argv=None, description=None):
+    """The one configuration mechanism of every script: a dataclass whose fields become --flags. A field's default is
+    the flag's default and its type; its metadata's "help" documents it (see option). Booleans get --flag / --no-flag.
+    Fields defaulting to None take strings unless their metadata names a "type" (lists: "nargs": "+"). Numbers get
+    their valid range from the metadata keys of BOUNDS ({"min": 1}, {"above": 0, "max": 1}), checked here: a bad value
+    never starts work."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = f.metadata.get("type", type(default) if default is not None else str)
+            parser.add_argument(flag, type=kind, default=default, help=help_text, choices=f.metadata.get("choices"),
+                                nargs=f.metadata.get("nargs"))
+    args = parser.parse_args(argv)
+    for f in fields(cls):
+        value = getattr(args, f.name)
+        for key, (sign, ok) in BOUNDS.items():
+            if key in f.metadata and value is not None and not ok(value, f.metadata[key]):
+                parser.error(f"argument --{f.name.replace('_', '-')}: must be {sign} {f.metadata[key]}, got {value}")
+    return cls(**vars(args))
+
+
+def option(default, text, **metadata):
+    """A field for parse_config: default, --flag help, metadata (a range in BOUNDS keys, a None default's "type")."""
+    return field(default=default, metadata={"help": text, **metadata})
+
+
+def option_of(cls, name, text=None):
+    """Field `name` of config class cls, for another config: the same default and range, and its help unless given."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return field(default=f.default, metadata={**f.metadata, "help": text or f.metadata.get("help", "")})
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: nothing half-written survives a crash; errors name the file.
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: a crash never leaves a half-written file. The file gets the
+    permissions a plain open() gives under the umask, so others can read a shared checkpoint. The temp file's name
+    is fixed (one writer per path), so the next save of the same path removes one that a kill left behind."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        write(tmp)
+        umask = os.umask(0)  # reading the umask means setting it: put it back at once
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors, for one, writes 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def stage_dir(out, stage):
+    """Where a stage's checkpoint lives in the run directory out (every script finds the agents here)."""
+    return os.path.join(out, stage)
+
+
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def writable_dir(path, flag="--out"):
+    """Create the directory if needed and write a file in it, so work is never lost to a save that cannot happen."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"{path} is not a writable directory ({e.strerror or e}): choose another {flag}") from None
+    return path
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path):
+    """A checkpoint file that cannot be parsed -> one ValueError naming it, the same from every script."""
+    try:
+        yield
+    except OSError:
+        raise  # missing or unreadable, not corrupt: its own message names the file
+    except Exception as e:  # json, safetensors, tokenizers and torch.load each raise their own kinds
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {reason})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and mixed precision
+
+def resolve_device(name):
+    """'auto' -> CUDA if there is one, else the CPU; every script comes here, so here fp32 matmuls get TF32 on a GPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"  # torch's documented TF32 switch (allow_tf32 is legacy)
+    return device
+
+
+@functools.cache
+def cpu_flags(path="/proc/cpuinfo"):
+    """The feature flags the CPU reports in /proc/cpuinfo (none where there is no such file or line: not Linux)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return frozenset()
+    line = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.M)  # x86 says flags, Arm says Features
+    return frozenset(line[1].split() if line else ())
+
+
+def cpu_has_bf16(flags, capability):
+    """Whether a CPU computes in bf16 natively, from what it reports: AVX512-BF16 or AMX with torch's AVX512 kernels on
+    x86, the BF16 feature on Arm. Elsewhere torch emulates bf16, 10-400x slower than fp32 (docs/experiments.md)."""
+    return (bool(flags & {"avx512_bf16", "amx_bf16"}) and capability == "AVX512") or "bf16" in flags
+
+
+@functools.cache
+def announce(device, choice, why):
+    """Print the choice of --precision auto once per script and device."""
+    print0(f"[precision] auto on {device}: {choice} ({why})")
+
+
+def resolve_precision(device, precision):
+    """'auto' -> bf16 on GPUs of capability 8.0+ (is_bf16_supported() also counts emulation), else fp16; on the CPU
+    bf16 where it computes in bf16 natively (cpu_has_bf16), else fp32."""
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            choice = "bf16" if capability >= (8, 0) else "fp16"
+            announce(str(device), choice, f"compute capability {capability[0]}.{capability[1]}")
+            return choice
+        capability = torch.backends.cpu.get_cpu_capability()
+        choice = "bf16" if device.type == "cpu" and cpu_has_bf16(cpu_flags(), capability) else "fp32"
+        announce(device.type, choice, f"torch's CPU kernels {capability}, bf16 arithmetic "
+                                      f"{'reported' if choice == 'bf16' else 'not reported'} by the CPU")
+        return choice
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (loss scaling); use bf16 or fp32 here")
+    return precision
+
+
+def autocast(device, precision):
+    """Mixed precision: matmuls in bf16 / fp16; weights, optimizer state, norms and the loss stay fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision))
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def make_scaler(device, precision):
+    """A GradScaler, active only for fp16 (whose gradients underflow unless the loss is scaled up first)."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=resolve_precision(device, precision) == "fp16")
+
+
+def to_device(batch, device):
+    """The tensors but attention_mask (the causal mask hides right pads, and SDPA takes its fused causal path) on the
+    device; on CUDA the copies come from pinned memory and do not block, so they overlap the GPU's work."""
+    cuda = device.type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
+            for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
+
+
+@functools.cache
+def matmul_peak(device, precision):
+    """FLOP/s of a 1024^3 (CPU) or 8192^3 (GPU) matmul in the training dtype, best of 10: the peak that a stage's share
+    is taken against (what this device gives one large dense product, not the datasheet's number)."""
+    device, n = torch.device(device), 8192 if torch.device(device).type == "cuda" else 1024
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(device, precision), torch.float32)
+    a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not random: the probe leaves the RNG as it was
+    best = float("inf")
+    for _ in range(11):  # the first is a warm-up
+        start = time.perf_counter()
+        (a @ a).sum().item()  # .item(): waits for a GPU to finish
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def model_flops(model, tokens, images):
+    """A training step's model FLOPs (Kaplan et al.'s estimate, nanoGPT's estimate_mfu without attention): per weight
+    and input, 2 forward and 4 more backward if it trains; text weights see the real tokens, vision weights the
+    image patches."""
+    vision = {id(p) for p in model.vision_model.parameters()}
+    patches = images * (model.config.vision.image_size // model.config.vision.patch_size) ** 2
+    return sum((6 if p.requires_grad else 2) * p.numel() * (patches if id(p) in vision else tokens)
+               for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism. `torchrun --standalone --nproc_per_node=N script.py ...` starts N copies of a training script, one
+# per GPU (gloo between CPU processes): each holds the whole model and runs its share of every step's rows, and DDP
+# adds up their gradients in backward, so a step is the one-process step. Rank 0 alone writes files and prints.
+# Without torchrun (no WORLD_SIZE) there is no process group, and every helper below leaves the code as it was.
+
+def setup_distributed(device_name):
+    """-> (rank, world size, device) of this process: (0, 1, the device) without torchrun (no WORLD_SIZE), with no
+    process group. Under torchrun: one group (NCCL between GPUs, gloo on the CPU) and GPU LOCAL_RANK for this process.
+    Called again, as when train_dpo.py trains several stages, it returns the same."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"--device {device_name}: under torchrun each process takes GPU LOCAL_RANK; pass --device "
+                             f"cuda (or auto) and pick the GPUs with CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)  # "cuda" now means this GPU, in every later call
+    if not dist.is_initialized():
+        # The others wait in a collective while rank 0 alone builds data or evaluates: an hour, not NCCL's 10 minutes.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed():  # leave the process group at the end of a script run by torchrun (nothing without it)
+    if dist.is_initialized():
+        gc.collect()  # DDP wrappers sit in reference cycles that hold the group: gloo can abort if they outlive it
+        dist.destroy_process_group()
+
+
+def distributed():
+    """(rank, world size) of this process: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(*args):  # print, on rank 0 alone
+    if distributed()[0] == 0:
+        print(*args)
+
+
+def data_parallel(model):
+    """The model in DDP under torchrun (it starts every process from rank 0's weights and averages the gradients over
+    the processes in backward), else the model itself. Wrap it after freezing: DDP syncs what requires grad then."""
+    if distributed()[1] == 1:
+        return model
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def all_reduce_sum(tensor):
+    """The tensor summed over the processes (itself without torchrun); stack numbers to send them in one call."""
+    if distributed()[1] > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(obj):
+    """[process 0's obj, process 1's, ...] on every process ([obj] without torchrun); obj: anything picklable."""
+    world = distributed()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank0(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 alone, as for files it writes; the others wait for it and get its result too."""
+    rank, world = distributed()
+    if world == 1:
+        return fn(*args, **kwargs)
+    out = [fn(*args, **kwargs) if rank == 0 else None]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the lr schedule, one optimizer step, the JSONL log and the train state that --resume continues
+
+def lr_scale(step, warmup, total, min_ratio=0.1):
+    """The lr multiplier at step `step` (from 0) of `total`: linear warmup, then cosine down to min_ratio (nanoGPT's
+    get_lr). The one schedule of SFT, DPO and GRPO."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, peaks, scale):  # every param group's lr = its peak x scale
+    for group, peak in zip(optimizer.param_groups, peaks):
+        group["lr"] = peak * scale
+
+
+def diverged(loss, grad_norm, scaler):
+    """A NaN / inf loss or grad norm (fp16's scaler skips overflowed steps itself, so there only the loss counts)."""
+    return not (math.isfinite(loss) and (scaler.is_enabled() or math.isfinite(grad_norm)))
+
+
+def divergence_error(loss, grad_norm, where, kept, device, precision):  # fp32 is suggested where not already used
+    fix = "a lower --lr" + ("" if resolve_precision(device, precision) == "fp32" else " or --precision fp32")
+    return FloatingPointError(f"loss {loss:.4g}, grad norm {grad_norm:.4g} at {where}: training halted; {kept}; "
+                              f"try {fix}")
+
+
+def optimizer_step(model, optimizer, scaler, max_norm, metrics, where, kept, precision):
+    """The end of train_sft.train_loop's step as one call, for DPO and GRPO: unscale, clip, read `metrics` (scalar
+    tensors) and the grad norm in one transfer, halt before the weights change if they diverged, step, free the
+    gradients -> {name: float}."""
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    values = torch.stack([t.detach().float() for t in (*metrics.values(), grad_norm)]).tolist()
+    out = dict(zip([*metrics, "grad_norm"], values))
+    if diverged(out["loss"], out["grad_norm"], scaler):
+        raise divergence_error(out["loss"], out["grad_norm"], where, kept, next(model.parameters()).device, precision)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def start_log(path, resume_step=None):
+    """A run's JSONL log, on rank 0: removed for a fresh run; for a resumed one cut after resume_step (a crash may
+    have logged steps the checkpoint lacks) -> the wall seconds of the kept records (their last elapsed_s)."""
+    if distributed()[0] != 0 or not os.path.exists(path):
+        return 0.0
+    if resume_step is None:
+        os.remove(path)
+        return 0.0
+    kept = [line for line in Path(path).read_text().splitlines(True) if json.loads(line)["step"] <= resume_step]
+    atomic_write(path, lambda p: Path(p).write_text("".join(kept)))
+    return json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
+
+
+def log_record(path, record):  # one record appended to a JSONL log, on rank 0
+    if distributed()[0] == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save_train_state(path, model, optimizer, scaler, step, config, rng=True):
+    """What --resume needs, beside the weights save_pretrained writes: its own copy of the weights (a crash never mixes
+    two steps), the optimizer, the scaler, the step, the options and (rng) the random generators' states."""
+    device = next(model.parameters()).device  # the training GPU's generator only: a resume may see fewer GPUs
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "config": asdict(config)}
+    if rng:
+        state.update(rng_cpu=torch.get_rng_state(),
+                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    def write(tmp):  # through a file object: torch.save rejects the dot-named path atomic_write gives
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, write)
+
+
+def load_train_state(path, model, optimizer, scaler, config, same, start_over="run without --resume"):
+    """Restore a save_train_state file in place -> the number of steps done. The options named in `same` (those that
+    fix the data order and the optimizer's groups) must match config's."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: nothing to resume; {start_over}")
+    with reading_checkpoint(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in same:
+        if state["config"].get(key) != getattr(config, key):
+            raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'].get(key)}, not "
+                             f"{getattr(config, key)}: resume with the same value, or {start_over}")
+    for part, key in ((model, "model"), (optimizer, "optimizer"), (scaler, "scaler")):
+        part.load_state_dict(state[key])
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    device = next(model.parameters()).device
+    if isinstance(state.get("rng_cuda"), torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return state["step"]

@@ -1,0 +1,216 @@
+"""plots.py: the two pictures, drawn with Pillow alone. Skip it on a first read; eval.py calls it.
+
+results.png: accuracy per arm with 95% Wilson intervals, and the reasoning agent's chain correctness per DPO round
+(and GRPO); training.png: the train and val loss of every training stage against step.
+"""
+
+import functools
+import math
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+import common
+import data
+
+GROUPS = {"overall": (66, 103, 172), "reasoning": (230, 140, 30), "perception": (80, 160, 90)}  # bar colours
+ROUNDS, GRPO, TRAIN, VAL = (120, 80, 160), (200, 50, 50), (150, 170, 210), (220, 90, 40)
+INK, GREY, GRID, WHITE = (40, 40, 40), (150, 150, 150), (222, 222, 222), (255, 255, 255)
+TITLE, SMALL = 16, 13  # font sizes, px
+RESULTS_SIZE, PANEL = (1000, 750), (333, 250)  # results.png; one stage of training.png (3 to a row)
+
+
+@functools.cache
+def font(size):
+    """Pillow's own font: scalable from Pillow 10.1; before it, one small bitmap size."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def text(draw, xy, s, size=SMALL, anchor="lt"):
+    """Draw s placed by its box: anchor = l/m/r then t/m/b. Pillow's own anchors need a scalable font."""
+    left, top, right, bottom = draw.textbbox((0, 0), s, font=font(size))
+    x = xy[0] - left - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]]
+    y = xy[1] - top - {"t": 0, "m": (bottom - top) / 2, "b": bottom - top}[anchor[1]]
+    draw.text((round(x), round(y)), s, font=font(size), fill=INK, align="center")
+
+
+def wrap(name, width):
+    """Break an arm's name after an underscore wherever a line would be wider than width px."""
+    lines = []
+    for part in name.split("_"):
+        if lines and font(SMALL).getlength(f"{lines[-1]}_{part}") <= width:
+            lines[-1] += "_" + part
+        else:
+            lines.append(part)
+    return "_\n".join(lines)  # every break is at an underscore
+
+
+def legend(draw, right, y, entries):
+    """Colour swatches and their names [(name, colour)] in one row that ends at x = right."""
+    widths = [font(SMALL).getlength(name) + 36 for name, _ in entries]
+    x = right - sum(widths)
+    for (name, colour), width in zip(entries, widths):
+        draw.rectangle([x, y - 6, x + 12, y + 6], fill=colour)
+        text(draw, (x + 18, y), name, anchor="lm")
+        x += width
+
+
+def ticks(lo, hi, log=False):
+    """Round values that cover [lo, hi] -> (axis low, axis high, ticks): 1-3-10 steps on a log axis, about five
+    steps of 1, 2 or 5 x 10^k on a linear one."""
+    if log:
+        decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        marks = [m * 10.0 ** e for e in decades for m in (1, 3)]
+        lo, hi = max(m for m in marks if m <= lo), min(m for m in marks if m >= hi)
+        return lo, hi, [m for m in marks if lo <= m <= hi]
+    raw = ((hi - lo) or abs(hi) or 1) / 5
+    e = 10 ** math.floor(math.log10(raw))
+    step = next(m * e for m in (1, 2, 5, 10) if m * e >= raw)
+    lo = math.floor(lo / step) * step
+    hi = max(math.ceil(hi / step) * step, lo + step)  # a flat line still gets a range
+    return lo, hi, [round(lo + i * step, 10) for i in range(round((hi - lo) / step) + 1)]
+
+
+def y_axis(draw, box, lo, hi, marks, unit, log=False):
+    """Grid lines and labels at marks, the axes and the unit above them, in box = (left, top, right, bottom), the
+    plot area in px -> value -> pixel row."""
+    left, top, right, bottom = box
+    f = math.log if log else float
+
+    def to_y(v):
+        return round(bottom - (f(v) - f(lo)) / (f(hi) - f(lo)) * (bottom - top))
+    for m in marks:
+        draw.line([(left, to_y(m)), (right, to_y(m))], fill=GRID)
+        text(draw, (left - 6, to_y(m)), f"{m:g}", anchor="rm")
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=INK)
+    text(draw, (left - 6, top - 14), unit, anchor="rb")
+    return to_y
+
+
+def whisker(draw, x, ci, to_y):
+    """A 95% interval (shares) as a capped vertical line -> its top row, where the value's label goes."""
+    high, low = to_y(100 * ci[1]), to_y(100 * ci[0])
+    draw.line([(x, high), (x, low)], fill=INK)
+    for y in (high, low):
+        draw.line([(x - 4, y), (x + 4, y)], fill=INK)
+    return high
+
+
+def bar_panel(draw, box, arms):
+    """Overall / reasoning / perception accuracy of every arm, in the results' order, each with its interval."""
+    left, top, right, bottom = box
+    to_y = y_axis(draw, box, 0, 100, range(0, 101, 20), "%")
+    step = (right - left) / len(arms)  # px per arm: its three bars, then a gap
+    width = round(step * 0.8 / len(GROUPS))
+    size = next((s for s in (SMALL, 12, 11, 10) if font(s).getlength("88.8") <= width), 9)  # values fit their bars
+    for i, (name, m) in enumerate(arms.items()):
+        for j, (group, colour) in enumerate(GROUPS.items()):
+            x = round(left + step * (i + 0.1)) + width * j
+            if m.get(group) is not None:  # a benchmark without kinds has no reasoning / perception share
+                draw.rectangle([x, to_y(100 * m[group]), x + width - 1, bottom], fill=colour)
+                high = whisker(draw, x + width // 2, m[f"{group}_ci"], to_y)
+                text(draw, (x + width // 2, high - 3), f"{100 * m[group]:.1f}", size, "mb")
+        text(draw, (left + step * (i + 0.5), bottom + 8), wrap(name, step - 6), anchor="mt")
+
+
+def round_panel(draw, box, arms):
+    """Chain correct of the reasoning agent after SFT (round 0) and each DPO round, joined; GRPO's apart."""
+    left, top, right, bottom = box
+    rounds = sorted((int(m[1]), a) for a in arms if (m := re.fullmatch(r"two_agent_dpo(\d+)", a)))  # as eval.dpo_arms
+    points = [("round 0\n(SFT)", arms.get("two_agent"))] + [(f"round {t}", arms[a]) for t, a in rounds]
+    points = [(label, m) for label, m in points + [("GRPO", arms.get("two_agent_grpo"))]
+              if m and m.get("chain_correct") is not None]
+    if not points:  # e.g. a --data benchmark of one model
+        text(draw, ((left + right) / 2, (top + bottom) / 2), "no two-agent arm in these results", anchor="mm")
+        return
+    lo, hi, marks = ticks(min(100 * m["chain_correct_ci"][0] for _, m in points),
+                          max(100 * m["chain_correct_ci"][1] for _, m in points))
+    to_y = y_axis(draw, box, lo, hi, marks, "%")  # points, not bars: the axis may start above 0
+    step = (right - left) / len(points)
+    xy = [(round(left + step * (i + 0.5)), to_y(100 * m["chain_correct"])) for i, (_, m) in enumerate(points)]
+    draw.line([p for p, (label, _) in zip(xy, points) if label != "GRPO"], fill=ROUNDS, width=2)
+    for (x, y), (label, m) in zip(xy, points):
+        whisker(draw, x, m["chain_correct_ci"], to_y)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=GRPO if label == "GRPO" else ROUNDS)
+        text(draw, (x + 8, y - 5), f"{100 * m['chain_correct']:.1f}", anchor="lb")  # above the joining line
+        text(draw, (x, bottom + 8), label, anchor="mt")
+
+
+def results_chart(results):
+    """results.json -> results.png (RESULTS_SIZE): accuracy per arm above, chain correct per DPO round below."""
+    image = Image.new("RGB", RESULTS_SIZE, WHITE)
+    draw, (w, _) = ImageDraw.Draw(image), RESULTS_SIZE
+    arms, split = results["arms"], results.get("meta", {}).get("split")  # no split: a --data benchmark
+    questions = f"{next(iter(arms.values()))['n']}{' ' + split if split else ''} questions"
+    text(draw, (20, 14), f"Accuracy (%) per arm on {questions}, with 95% Wilson intervals", TITLE)
+    legend(draw, w - 20, 50, [(f"{g} questions" if g != "overall" else g, c) for g, c in GROUPS.items()])
+    bar_panel(draw, (60, 90, w - 20, 390), arms)
+    text(draw, (20, 470), "Reasoning agent's chain correct (%): SFT = round 0, then each DPO round; GRPO apart", TITLE)
+    legend(draw, w - 20, 506, [("DPO rounds", ROUNDS)] + [("GRPO", GRPO)] * ("two_agent_grpo" in arms))
+    round_panel(draw, (60, 530, w - 20, 700), arms)
+    return image
+
+
+def read_log(path):
+    """A training log (JSONL) -> (train losses [(step, loss)], val losses [(step, loss)], steps where a DPO round
+    begins). Steps are counted in the log's order: train_dpo.py starts its count again every round."""
+    steps = [r for r in data.read_jsonl(path) if "step" in r and "event" not in r]  # events: checks, val reports
+    train = [(i, r["loss"]) for i, r in enumerate(steps, 1) if r.get("loss") is not None]  # GRPO: none when all tie
+    val = [(i, r["val_loss"]) for i, r in enumerate(steps, 1) if r.get("val_loss") is not None]
+    starts = [i for i in range(2, len(steps) + 1) if steps[i - 1].get("round") != steps[i - 2].get("round")]
+    return train, val, starts
+
+
+def loss_panel(draw, corner, stage, log):
+    """One stage's train (and val) loss against step, in the PANEL-sized cell at corner (x, y)."""
+    (train, val, starts), (x0, y0) = log, corner
+    left, top, right, bottom = x0 + 60, y0 + 52, x0 + PANEL[0] - 15, y0 + PANEL[1] - 42
+    losses, n = [v for _, v in train + val], max(s for s, _ in train + val)
+    log_y = min(losses) > 0 and max(losses) / min(losses) > 10  # SFT's loss falls by decades: see its tail too
+    rounds = f", {len(starts) + 1} rounds" if starts else ""
+    text(draw, ((left + right) / 2, y0 + 10), f"{stage}: {n} steps{rounds}" + " (log scale)" * log_y, anchor="mt")
+    to_y = y_axis(draw, (left, top, right, bottom), *ticks(min(losses), max(losses), log_y), "loss", log_y)
+
+    def to_x(step):
+        return round(left + step / n * (right - left))
+    for s in [t for t in ticks(0, n)[2] if t <= n]:
+        text(draw, (to_x(s), bottom + 4), f"{s:g}", anchor="mt")
+    text(draw, ((left + right) / 2, bottom + 22), "step", anchor="mt")
+    for s in starts:  # a DPO round begins: its policy's loss starts again near log 2
+        draw.line([(to_x(s), top), (to_x(s), bottom)], fill=GREY)
+    for points, colour, width in ((train, TRAIN, 1), (val, VAL, 2)):
+        draw.line([(to_x(s), to_y(v)) for s, v in points], fill=colour, width=width)
+    for s, v in val:
+        draw.ellipse([to_x(s) - 3, to_y(v) - 3, to_x(s) + 3, to_y(v) + 3], fill=VAL)
+
+
+def training_chart(logs_dir, order=()):
+    """Every stage's log in logs_dir -> (training.png: a panel per stage, 3 to a row, those in `order` first, in that
+    order; the stages drawn)."""
+    order = list(order)
+    names = sorted((p.stem for p in Path(logs_dir).glob("*.jsonl")),
+                   key=lambda s: (order.index(s) if s in order else len(order), s))
+    logs = {s: log for s in names if (log := read_log(os.path.join(logs_dir, f"{s}.jsonl")))[0]}
+    if not logs:
+        raise FileNotFoundError(f"no training logs in {logs_dir}: train first (python train_dpo.py --iters 3 "
+                                f"writes them to out/logs)")
+    image = Image.new("RGB", (3 * PANEL[0], 50 + PANEL[1] * math.ceil(len(logs) / 3)), WHITE)
+    draw = ImageDraw.Draw(image)
+    text(draw, (20, 14), "Training loss per stage", TITLE)
+    legend(draw, image.width - 20, 24, [("train loss (each step)", TRAIN), ("val loss", VAL)])
+    for i, (stage, log) in enumerate(logs.items()):
+        loss_panel(draw, (PANEL[0] * (i % 3), 50 + PANEL[1] * (i // 3)), stage, log)
+    return image, list(logs)
+
+
+def save_png(image, path):
+    """Write the picture atomically, its folder made if need be, and say where."""
+    common.writable_dir(os.path.dirname(path) or ".", "--plot-out")
+    common.atomic_write(path, lambda f: image.save(f, format="PNG"))
+    print(f"[eval] wrote {path}")
+    return path
