@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import common
 import data
-from generate import generate
+from generate import generate, token_logps
 from model import VLM
 
 # Token budgets: a world chain is under 100 tokens (card.json has the longest), real ones run longer; answers are short.
@@ -115,11 +115,11 @@ def reply_logps(vlm, conversations, replies, images):
                 for messages, reply in zip(conversations, replies)]
     pad = data.special_ids(vlm.tokenizer)["pad"]
     ids = pad_sequence([torch.tensor(i) for i, _ in rendered], batch_first=True, padding_value=pad)  # (B, T)
-    mask = pad_sequence([torch.tensor(m) for _, m in rendered], batch_first=True)[:, 1:]  # (B, T-1): the reply
+    mask = pad_sequence([torch.tensor(m) for _, m in rendered], batch_first=True)  # (B, T): 1 on the reply
     device = next(vlm.parameters()).device
-    logits, _ = vlm(ids.to(device), None if images is None else images.to(device))  # right pads: causal mask
-    logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # (B, T-1)
-    return (logps * mask.to(device)).sum(-1).cpu()
+    logps, mask = token_logps(vlm, ids.to(device), ids.masked_fill(mask == 0, -100).to(device),
+                              None if images is None else images.to(device))  # right pads: causal mask
+    return (logps * mask).sum(-1).cpu()
 
 
 class SummaryAgent:

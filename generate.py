@@ -49,6 +49,16 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def token_logps(model, input_ids, targets, pixel_values=None):
+    """Teacher-forced scoring of given tokens, the other half of decoding (DPO, GRPO, the summary agent's margin):
+    fp32 log-prob of each next token -> (logps (B, T-1), mask (B, T-1)), position t scoring token t+1; mask is
+    targets != -100 shifted likewise (the completion; right pads are hidden by causal attention)."""
+    logits, _ = model(input_ids, pixel_values=pixel_values)
+    logits, targets = logits[:, :-1].float(), targets[:, 1:]  # position t predicts token t+1
+    logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logps, targets != -100
+
+
 def left_pad(input_ids, attention_mask, pad_id, device):
     """Prompts -> (ids (B, T) long, mask (B, T) long or None when nothing is padded). A list of token lists is
     left-padded with pad_id here; a tensor must be padded on the left already, as the first new token is read from

@@ -31,6 +31,7 @@ import agents
 import common
 import data
 import eval as evaluation
+import generate
 import train_sft
 from model import VLM
 
@@ -69,13 +70,10 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def token_logps(model, batch):
-    """fp32 log-prob of each next token -> (logps (B, T-1), mask (B, T-1)), position t scoring token t+1. mask is
-    collate's targets != -100: True on the completion (the chain and its end token), False on prompt, image and
-    (right) padding tokens; causal attention keeps the pads out. DPO sums it per row, GRPO weighs it per token."""
-    logits, _ = model(batch["input_ids"], pixel_values=batch["pixel_values"])
-    logits, targets = logits[:, :-1].float(), batch["targets"][:, 1:]  # position t predicts token t+1
-    logps = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return logps, targets != -100
+    """generate.token_logps on a collated batch -> (logps (B, T-1), mask (B, T-1)): mask True on the completion (the
+    chain and its end token), False on prompt, image and padding tokens. DPO sums it per row, GRPO weighs it per
+    token."""
+    return generate.token_logps(model, batch["input_ids"], batch["targets"], batch["pixel_values"])
 
 
 def sequence_logps(model, batch, return_counts=False):
