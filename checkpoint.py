@@ -79,9 +79,10 @@ def load_parts(vision_dir, text_dir, scale_factor, image_token_id, special_token
     return config, {**vision, **text}, tokenizer
 
 
-def load_checked(model, state, source, fresh=()):
-    """Copy tensors into model, after checking that every key and shape matches: never a silent partial load. Keys
-    starting with a prefix in `fresh` may be missing (they keep their initialisation)."""
+def load_into(model, state, tokenizer, source, fresh=()):
+    """Copy tensors into model, after checking that every key and shape matches (never a silent partial load), and
+    give it the tokenizer -> model. Keys starting with a prefix in `fresh` may be missing (they keep their
+    initialisation)."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if model.config.text.tie_word_embeddings else set()
     missing = [k for k in expected if k not in state and k not in optional and not k.startswith(fresh)]
@@ -100,6 +101,8 @@ def load_checked(model, state, source, fresh=()):
     if "lm_head.weight" in optional:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: the embedding is the head
     model.load_state_dict(state, strict=False)
+    model.tokenizer = tokenizer
+    return model
 
 
 def read_config(path):

@@ -1,6 +1,6 @@
 """common.py: the machinery every script shares; skip it on a first read. Options (a dataclass whose fields are the
 --flags), device and mixed precision, torchrun / DDP helpers, atomic writes, the JSONL training log, and the train
-state --resume continues from. Nothing here knows Insight-V (nanochat's common.py plays the same part there).
+state --resume continues from. Little here knows Insight-V (nanochat's common.py plays the same part there).
 """
 
 import argparse
@@ -329,16 +329,16 @@ def divergence_error(loss, grad_norm, where, kept, device, precision):  # fp32 i
                               f"try {fix}")
 
 
-def optimizer_step(model, optimizer, scaler, max_norm, metrics, where, kept, precision):
-    """The end of train_sft.train_loop's step as one call, for DPO and GRPO: unscale, clip, read `metrics` (scalar
-    tensors) and the grad norm in one transfer, halt before the weights change if they diverged, step, free the
-    gradients -> {name: float}."""
+def optimizer_step(model, optimizer, scaler, max_norm, metrics, where, kept, device, precision):
+    """The end of train_sft.train_loop's step as one call, for DPO and GRPO (a fix to one is a fix to both): unscale,
+    clip, read `metrics` (scalar tensors) and the grad norm in one transfer, halt before the weights change if they
+    diverged, step, free the gradients -> {name: float}."""
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     values = torch.stack([t.detach().float() for t in (*metrics.values(), grad_norm)]).tolist()
     out = dict(zip([*metrics, "grad_norm"], values))
     if diverged(out["loss"], out["grad_norm"], scaler):
-        raise divergence_error(out["loss"], out["grad_norm"], where, kept, next(model.parameters()).device, precision)
+        raise divergence_error(out["loss"], out["grad_norm"], where, kept, device, precision)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -115,18 +114,13 @@ def score(rows, predictions):
     return metrics
 
 
-def dpo_arms(arms):
-    """The DPO rounds' arms (two_agent_dpo<T>) -> [(T, arm)], by round."""
-    return sorted((int(m[1]), a) for a in arms if (m := re.fullmatch(r"two_agent_dpo(\d+)", a)))
-
-
 def paired_comparisons(arms, rows):
     """Arms' per-row flags ("correct", "chain_right") -> {"A vs B[ (metric)]": {arms: [A, B], metric, n: questions,
     b: A right and B wrong, c: the reverse, diff: (b - c) / n = A's accuracy minus B's, p: mcnemar(b, c)}}. Each later
     two-agent arm against the SFT two agents (answer and chain); the two agents and the last DPO round against vanilla
     (overall) and direct (reasoning, perception questions apart); GRPO against the last DPO round (answer and chain):
     wherever both arms ran."""
-    rounds = dpo_arms(arms)
+    rounds = plots.dpo_arms(arms)  # [(T, arm)], by round
     plan = [(a, "two_agent", m) for a in arms if a.startswith("two_agent_") for m in ("overall", "chain")]
     plan += [(a, b, m) for a in ["two_agent"] + [a for _, a in rounds[-1:]]
              for b, m in (("vanilla", "overall"), ("direct", "reasoning"), ("direct", "perception"))]
@@ -193,6 +187,10 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precisio
     return results
 
 
+def margin_text(margin):
+    return "off (its answers as decoded)" if margin is None else f"{margin:g} nats"
+
+
 def finish(arms, rows, meta, path_stem, start):
     """Add the paired tests and the run's description, write <stem>.json, <stem>.md (results.md: the README's
     table) and <stem>.png (its chart) atomically, print."""
@@ -205,7 +203,7 @@ def finish(arms, rows, meta, path_stem, start):
                         "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
                         "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, answer <= "
                                     f"{agents.ANSWER_TOKENS} tokens; summary agent's override margin "
-                                    f"{meta.get('override_margin', agents.OVERRIDE_MARGIN):g} nats"}}
+                                    f"{margin_text(meta.get('override_margin', agents.OVERRIDE_MARGIN))}"}}
     markdown = results_markdown(results)
     common.atomic_write(path_stem + ".json", lambda f: common.write_json(results, f))
     common.atomic_write(path_stem + ".md", lambda f: Path(f).write_text(markdown))
@@ -456,6 +454,8 @@ def main(argv=None):
             print(summary_markdown(summary))
             return summary
         device = common.resolve_device(cfg.device)
+        if cfg.override_margin == -math.inf:  # the paper's rule: recorded as null, not as JSON's nonstandard -Infinity
+            cfg.override_margin = None
         if cfg.data:
             return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit,
                                  cfg.batch_size, device, cfg.precision, cfg.skip_bad, cfg.override_margin)

@@ -480,20 +480,19 @@ class VLM(nn.Module):  # Idefics3ForConditionalGeneration
     @classmethod
     def from_pretrained(cls, path, dtype=None):
         """This project's own checkpoints, or a SmolVLM / Idefics3 checkpoint directory as published."""
-        return cls._build(*checkpoint.load(path), path, dtype)
+        config, state, tokenizer = checkpoint.load(path)
+        with common.reading_checkpoint(os.path.join(path, "config.json")):  # a section or field missing or misspelt
+            config = VLMConfig.from_dict(config)
+        model = checkpoint.load_into(cls(config), state, tokenizer, path)
+        return model.to(dtype) if dtype is not None else model
 
     @classmethod
     def from_parts(cls, vision_dir, text_dir, scale_factor=2, image_token_id=None, dtype=None):
         """A SigLIP checkpoint + a Llama-family checkpoint; the projector is freshly initialised. The chat format's
         special tokens its tokenizer lacks are added, and the grown tokenizer is saved with the model. image_token_id=
         is for a text checkpoint without a tokenizer.json."""
-        parts = checkpoint.load_parts(vision_dir, text_dir, scale_factor, image_token_id, SPECIAL_TOKENS)
-        return cls._build(*parts, f"{vision_dir} + {text_dir}", dtype, fresh=("connector.",))
-
-    @classmethod
-    def _build(cls, config, state, tokenizer, source, dtype, fresh=()):
-        with common.reading_checkpoint(os.path.join(source, "config.json")):  # a section or field missing or misspelt
-            model = cls(VLMConfig.from_dict(config))
-        checkpoint.load_checked(model, state, source, fresh)
-        model.tokenizer = tokenizer
+        config, state, tokenizer = checkpoint.load_parts(vision_dir, text_dir, scale_factor, image_token_id,
+                                                         SPECIAL_TOKENS)
+        model = checkpoint.load_into(cls(VLMConfig.from_dict(config)), state, tokenizer, f"{vision_dir} + {text_dir}",
+                                     fresh=("connector.",))  # the projector keeps its initialisation
         return model.to(dtype) if dtype is not None else model

@@ -118,11 +118,15 @@ def bar_panel(draw, box, arms):
         text(draw, (left + step * (i + 0.5), bottom + 8), wrap(name, step - 6), anchor="mt")
 
 
+def dpo_arms(arms):
+    """The DPO rounds' arms (two_agent_dpo<T>) -> [(T, arm)], by round (eval.py's paired tests use it too)."""
+    return sorted((int(m[1]), a) for a in arms if (m := re.fullmatch(r"two_agent_dpo(\d+)", a)))
+
+
 def round_panel(draw, box, arms):
     """Chain correct of the reasoning agent after SFT (round 0) and each DPO round, joined; GRPO's apart."""
     left, top, right, bottom = box
-    rounds = sorted((int(m[1]), a) for a in arms if (m := re.fullmatch(r"two_agent_dpo(\d+)", a)))  # as eval.dpo_arms
-    points = [("round 0\n(SFT)", arms.get("two_agent"))] + [(f"round {t}", arms[a]) for t, a in rounds]
+    points = [("round 0\n(SFT)", arms.get("two_agent"))] + [(f"round {t}", arms[a]) for t, a in dpo_arms(arms)]
     points = [(label, m) for label, m in points + [("GRPO", arms.get("two_agent_grpo"))]
               if m and m.get("chain_correct") is not None]
     if not points:  # e.g. a --data benchmark of one model

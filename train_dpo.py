@@ -135,7 +135,8 @@ def first_error_prefix(row, text, scorer):
 class JobConfig:
     """The options train_dpo.py and train_grpo.py share: where the run lives, how its stages are built, how chains are
     sampled, and the seeds."""
-    out: str = common.option("out", "where data, checkpoints, logs and results go")
+    out: str = common.option("out", "where data, checkpoints, logs and results go (train_dpo.py and train_grpo.py "
+                                    "share it)")
     init: str = common.option(None, "start the base stage from this checkpoint")
     force: bool = common.option(False, "rebuild every stage, and this job's own training, even if cached")
     temperature: float = common.option(0.9, "sampling temperature for the chains", min=0)
@@ -150,7 +151,7 @@ class JobConfig:
                                         "summary set (0 = the teacher's only)", min=0)
     summary_temperature: float = common.option(0.7, "sampling temperature of those chains", min=0)
     eval_limit: int = common.option(0, "evaluate on only this many test questions (0 = all)", min=0)
-    seed: int = common.option(0, "seed for pools, sampling and shuffling")
+    seed: int = common.option(0, "seed of the question pools and the sampling (and of DPO's pair order)")
     sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
                                   "vary it, each with its own --out, to see the spread")
 
@@ -265,8 +266,8 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     totals = {}
     bar = tqdm([(batches[i], refs[i]) for i in order], desc=f"  DPO round {round_idx}", leave=False, disable=rank > 0)
     for step, ((batch, n_part, n_pairs), (ref_c, ref_r)) in enumerate(bar):
-        lr_scale = common.lr_scale(step, cfg.warmup_steps, len(order))  # warmup, then cosine to 0.1 (as in SFT)
-        common.set_lr(opt, peaks, lr_scale)
+        scale = common.lr_scale(step, cfg.warmup_steps, len(order))  # warmup, then cosine to 0.1 (as in SFT)
+        common.set_lr(opt, peaks, scale)
         with common.autocast(device, cfg.precision), same_kernels(device):
             logps, counts = sequence_logps(model, batch, return_counts=True)  # chosen and rejected in one forward
         pol_c, pol_r = logps.chunk(2)
@@ -292,9 +293,9 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
         # The whole batch's means: each process's, weighted by its share of the pairs, summed over the processes.
         stats = dict(zip(stats, common.all_reduce_sum(torch.stack([v.detach() for v in stats.values()]) * share)))
         metrics = common.optimizer_step(policy, opt, scaler, cfg.grad_clip, stats, f"DPO round {round_idx} step "
-                                        f"{step + 1}", f"nothing of round {round_idx} was saved", cfg.precision)
+                                        f"{step + 1}", f"nothing of round {round_idx} was saved", device, cfg.precision)
         metrics["pairs"] = n_pairs
-        log({"round": round_idx, "step": step, "lr": cfg.lr * lr_scale, **metrics})
+        log({"round": round_idx, "step": step, "lr": cfg.lr * scale, **metrics})
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + (v if k == "pairs" else v * n_pairs)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")

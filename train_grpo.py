@@ -171,7 +171,7 @@ def update(policy, opt, scaler, chunks, n_tokens, cfg, device, where, kept):
         for k, v in parts.items():
             totals[k] = totals.get(k, 0) + v
     totals = dict(zip(totals, common.all_reduce_sum(torch.stack(list(totals.values())))))  # every process's chains
-    return common.optimizer_step(policy, opt, scaler, cfg.grad_clip, totals, where, kept, cfg.precision)
+    return common.optimizer_step(policy, opt, scaler, cfg.grad_clip, totals, where, kept, device, cfg.precision)
 
 
 def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, kept):

@@ -206,8 +206,8 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     bar = tqdm(total=total, initial=done, desc=desc, dynamic_ncols=True, disable=rank > 0)
     try:
         while done < total:
-            lr_scale = common.lr_scale(done, warmup, total, cfg.min_lr_ratio)
-            common.set_lr(optimizer, peak_lrs, lr_scale)
+            scale = common.lr_scale(done, warmup, total, cfg.min_lr_ratio)
+            common.set_lr(optimizer, peak_lrs, scale)
             # The step's rows, cut by length into micro-batches; process r runs micro-batches r, r + N, ... An epoch's
             # last step may have fewer than N: DDP needs every process in every backward, so one runs with weight 0.
             rows = step_batches(train_examples, done, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.split_cost, n_procs)
@@ -224,6 +224,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                 micro_loss = micro_loss * (batch["n_targets"] / step_targets)  # weighted by tokens: one big batch
                 scaler.scale(micro_loss * n_procs).backward()  # x N: DDP's mean over the N processes is then their sum
                 loss += micro_loss.detach()
+            # The end of the step (common.optimizer_step is the same, as one call, for DPO and GRPO).
             scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
             train_loss, grad_norm = torch.stack([common.all_reduce_sum(loss), grad_norm]).tolist()  # one GPU read
@@ -241,7 +242,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             padded += sum(b["input_ids"].numel() for b in batches)
             images += sum(len(b["pixel_values"]) for b in batches)
             seconds = time.time() - t_start
-            record = {"step": done, "loss": train_loss, "lr": cfg.lr * lr_scale, "grad_norm": grad_norm,
+            record = {"step": done, "loss": train_loss, "lr": cfg.lr * scale, "grad_norm": grad_norm,
                       "tok_s": tokens / seconds, "pad_share": 1 - tokens / padded,
                       "peak_share": (flops[0] * tokens + flops[1] * images) / seconds / flops_peak}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:

@@ -253,6 +253,9 @@ def test_override_margin_flag_reaches_the_summary_agent_and_the_results(tmp_path
     assert margins == [2.5] and results["meta"]["override_margin"] == 2.5
     assert "override margin 2.5 nats" in results["meta"]["decoding"]
     assert E.main(["--out", out, "--arms", "two_agent"])["meta"]["override_margin"] == agents.OVERRIDE_MARGIN
+    off = E.main(["--out", out, "--arms", "two_agent", "--override-margin=-inf"])
+    assert margins[-1] is None and "override margin off" in off["meta"]["decoding"]
+    assert json.load(open(os.path.join(out, "results.json")))["meta"]["override_margin"] is None  # valid JSON
 
 
 def test_evaluate_two_agent(tmp_path, monkeypatch):
