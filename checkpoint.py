@@ -41,7 +41,9 @@ def load(path):
     else:
         raise ValueError(f"{path}/config.json: unsupported model_type {model_type!r}; expected 'nano-insight-v' "
                          f"or 'idefics3' (for a SigLIP + Llama pair use VLM.from_parts)")
-    return config, rename(read_safetensors(path), prefix_map), read_tokenizer(path)
+    state = rename(read_safetensors(path), prefix_map)
+    check_config(config, state, path)
+    return config, state, read_tokenizer(path)
 
 
 def load_parts(vision_dir, text_dir, scale_factor, image_token_id, special_tokens):
@@ -76,7 +78,41 @@ def load_parts(vision_dir, text_dir, scale_factor, image_token_id, special_token
     # A dual-tower SigLIP also holds a text tower and a pooling head: only the vision trunk is used.
     vision = {k: v for k, v in vision.items()
               if k.startswith("vision_model.") and not k.startswith("vision_model.head.")}
+    check_config(config, {**vision, **text}, f"{vision_dir} + {text_dir}")
     return config, {**vision, **text}, tokenizer
+
+
+SIZES = {"vision": ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_channels"),
+         "text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads")}
+
+
+def check_config(config, state, source):
+    """A config that cannot describe these tensors -> one ValueError naming the checkpoint, before any model is built:
+    built first, hidden_size 100000 would ask for tens of GB, num_attention_heads 0 would divide by zero. A config
+    lacking a section or size is left to the loader, which says so."""
+    try:
+        v, t, s = config["vision"], config["text"], config["scale_factor"]
+        sizes = {f"{part}.{k}": c[k] for part, c in (("vision", v), ("text", t)) for k in SIZES[part]}
+    except (KeyError, TypeError):
+        return
+    bad = [f"{k} = {n!r}" for k, n in {**sizes, "scale_factor": s}.items() if type(n) is not int or n <= 0]
+    if bad:
+        raise ValueError(f"{source}: config.json sizes must be positive integers: {', '.join(bad)}")
+    side, heads = v["image_size"] // v["patch_size"], t["num_attention_heads"]
+    rules = {"vision hidden_size is a multiple of num_attention_heads": v["hidden_size"] % v["num_attention_heads"],
+             "text hidden_size is a multiple of num_attention_heads": t["hidden_size"] % heads,
+             "num_attention_heads is a multiple of num_key_value_heads": heads % t["num_key_value_heads"],
+             "image_size is a multiple of patch_size": v["image_size"] % v["patch_size"],
+             "the patch grid's side is a multiple of scale_factor": side % s}
+    broken = [rule for rule, remainder in rules.items() if remainder]
+    shapes = {"text_model.embed_tokens.weight": (t["vocab_size"], t["hidden_size"]),
+              "text_model.norm.weight": (t["hidden_size"],), "vision_model.post_layernorm.weight": (v["hidden_size"],)}
+    broken += [f"{k} is {tuple(state[k].shape)}, so not {shape}" for k, shape in shapes.items()
+               if k in state and tuple(state[k].shape) != shape]
+    if broken:
+        raise ValueError(f"{source}: config.json does not fit its model: " + "; ".join(broken))
 
 
 def load_into(model, state, tokenizer, source, fresh=()):

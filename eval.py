@@ -19,7 +19,7 @@ arms are often within the noise, and pairing the questions removes their shared 
 results.png, beside results.md, draws the first table (bars with their intervals) and chain_correct round by round.
 
     python eval.py                                        # every arm whose checkpoints exist in out/
-    python eval.py --arms direct,two_agent --limit 200
+    python eval.py --arms direct,two_agent --limit 200  # a part: out/results_test_limit200_direct+two_agent.md
     python eval.py --data bench.jsonl --reasoning DIR --summary DIR   # JSONL rows: image, question, answer[, choices]
     python eval.py --data bench.jsonl --model DIR                      # one model, direct answer
     python eval.py --summarize out out_seed1 out_seed2     # runs (seeds) side by side, means, pooled paired tests
@@ -220,9 +220,18 @@ def read_questions(path, limit=None, skip_bad=False):
     return rows
 
 
+def results_stem(out_dir, split="test", limit=None, arms=None):
+    """out_dir/results for every arm on the whole test split (the job's table); a part of it (another split, --limit,
+    --arms) goes to its own file, results_<split>[_limit<N>][_<arms>], and never replaces the whole."""
+    if split == "test" and not limit and not arms:
+        return os.path.join(out_dir, "results")
+    return os.path.join(out_dir, "_".join(["results", split] + [f"limit{limit}"] * bool(limit) + ["+".join(arms or [])]
+                                          * bool(arms)))
+
+
 def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None, precision="auto",
              margin=agents.OVERRIDE_MARGIN):
-    """The arms (default: all whose checkpoints exist) on out_dir/data/<split>.jsonl -> out_dir/results.{json,md}."""
+    """The arms (default: all whose checkpoints exist) on out_dir/data/<split>.jsonl -> <results_stem>.{json,md,png}."""
     start = time.time()
     path = os.path.join(out_dir, "data", f"{split}.jsonl")
     if not os.path.isfile(path):
@@ -239,7 +248,7 @@ def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, 
     common.writable_dir(out_dir)  # before the work, not at the save after it
     results = evaluate_arms(chosen, rows, os.path.dirname(path), batch_size, device, precision, margin)
     meta = {"data": path, "split": split, "override_margin": margin}
-    return finish(results, rows, meta, os.path.join(out_dir, "results"), start)
+    return finish(results, rows, meta, results_stem(out_dir, split, limit, arms), start)
 
 
 def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="direct", out_dir="out",

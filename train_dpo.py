@@ -449,7 +449,8 @@ def evaluate_run(cfg, device, t0):
     """Every arm of the run on the test split (rank 0; under torchrun the others wait), and the job's last line."""
     results = common.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
                               precision=cfg.precision)
-    common.print0(f"\ndone in {time.time() - t0:.0f}s; results in {cfg.out}/results.md")
+    stem = evaluation.results_stem(cfg.out, limit=cfg.eval_limit or None)
+    common.print0(f"\ndone in {time.time() - t0:.0f}s; results in {stem}.md")
     return results
 
 

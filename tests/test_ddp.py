@@ -284,4 +284,4 @@ def test_the_dpo_and_grpo_jobs_in_two_processes_log_the_one_process_steps(tmp_pa
     for out in ("one", "two"):
         for arm in ("reasoning_dpo1", "reasoning_grpo"):
             assert os.path.isfile(tmp_path / out / arm / "model.safetensors")
-        assert os.path.isfile(tmp_path / out / "results.md")
+        assert os.path.isfile(tmp_path / out / "results_test_limit4.md")  # --eval-limit: its own file

@@ -256,7 +256,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
     assert all(e["elapsed_s"] >= 0 for e in events)  # the DPO part's wall time
     steps = [e for e in events if "step" in e]
     assert steps and all(math.isfinite(e["loss"]) for e in steps)
-    assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results.md"))
+    assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results_test_limit4.md"))
 
 
 def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):

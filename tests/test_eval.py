@@ -234,6 +234,29 @@ def test_run_eval_writes_results(tmp_path, monkeypatch):
         E.run_eval(out, split="nope")
 
 
+def test_a_partial_evaluation_never_replaces_the_jobs_results(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    write_set(os.path.join(out, "data"), "test.jsonl", WORLD)
+    write_set(os.path.join(out, "data"), "val.jsonl", WORLD[:2])
+    for stage in ("base", "reasoning", "summary"):
+        os.makedirs(os.path.join(out, stage))
+        open(os.path.join(out, stage, "config.json"), "w").close()
+    fake_models(monkeypatch, {"base": lambda p: "2", "summary": lambda p: "2",
+                              "reasoning": lambda p: "<thoughts>\nCount: objects, so the answer is 2.\n</thoughts>"})
+    E.main(["--out", out])
+    with open(os.path.join(out, "results.json")) as f:
+        whole = f.read()
+    for flags, stem in ((["--split", "val", "--limit", "2", "--arms", "direct"], "results_val_limit2_direct"),
+                        (["--limit", "3"], "results_test_limit3"), (["--arms", "direct,two_agent"],
+                                                                     "results_test_direct+two_agent")):
+        part = E.main(["--out", out, *flags])
+        with open(os.path.join(out, stem + ".json")) as f:
+            assert json.load(f)["arms"].keys() == part["arms"].keys()
+        assert os.path.isfile(os.path.join(out, stem + ".md")) and os.path.isfile(os.path.join(out, stem + ".png"))
+        with open(os.path.join(out, "results.json")) as f:
+            assert f.read() == whole  # the whole job's table is untouched
+
+
 def test_override_margin_flag_reaches_the_summary_agent_and_the_results(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     write_set(os.path.join(out, "data"), "test.jsonl", WORLD)
@@ -255,7 +278,8 @@ def test_override_margin_flag_reaches_the_summary_agent_and_the_results(tmp_path
     assert E.main(["--out", out, "--arms", "two_agent"])["meta"]["override_margin"] == agents.OVERRIDE_MARGIN
     off = E.main(["--out", out, "--arms", "two_agent", "--override-margin=-inf"])
     assert margins[-1] is None and "override margin off" in off["meta"]["decoding"]
-    assert json.load(open(os.path.join(out, "results.json")))["meta"]["override_margin"] is None  # valid JSON
+    with open(os.path.join(out, "results_test_two_agent.json")) as f:
+        assert json.load(f)["meta"]["override_margin"] is None  # valid JSON
 
 
 def test_evaluate_two_agent(tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
     assert all(("kl" in r) == bool(extra) and r.get("kl", 0) >= 0 for r in steps)  # logged only when on
     assert "two_agent_grpo" in results["arms"] and "two_agent_grpo vs two_agent" in results["paired"]
     assert results["arms"]["two_agent_grpo"]["checkpoints"][0] == grpo_dir
-    with open(os.path.join(out, "results.md")) as f:
+    with open(os.path.join(out, "results_test_limit4.md")) as f:  # --eval-limit: not the job's results.md
         assert "two_agent_grpo" in f.read()
     # Run again: the finished run is reused, not trained again (and the evaluation, tested above, is skipped)
     monkeypatch.setattr(train_grpo, "train", lambda *a: pytest.fail("a finished GRPO run was trained again"))

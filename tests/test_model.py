@@ -455,6 +455,26 @@ def test_bad_directory_and_unsupported_model_type(saved_micro, refs, tmp_path):
         VLM.from_parts(refs["llama_True_dir"], refs["siglip_dual_dir"], image_token_id=IMAGE_TOKEN)
 
 
+@pytest.mark.parametrize("part,field,value,message", [
+    ("text", "hidden_size", 100000, r"text_model.embed_tokens.weight is \(256, 64\), so not \(256, 100000\)"),
+    ("text", "num_attention_heads", 0, r"sizes must be positive integers: text.num_attention_heads = 0"),
+    ("text", "num_key_value_heads", 3, "num_attention_heads is a multiple of num_key_value_heads"),
+    ("vision", "patch_size", 7, "image_size is a multiple of patch_size"),
+    ("vision", "hidden_size", "32", "sizes must be positive integers: vision.hidden_size = '32'"),
+])
+def test_a_config_that_does_not_fit_is_refused_before_the_model_is_built(saved_micro, tmp_path, monkeypatch, part,
+                                                                         field, value, message):
+    _, path = saved_micro
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config[part][field] = value
+    (broken / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(VLM, "__init__", lambda *a, **kw: pytest.fail("the model was built before the check"))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(broken))}: config.json .*{message}"):
+        VLM.from_pretrained(str(broken))
+
+
 # ----------------------------------------------------------------------------------------------
 # KV cache: prefill, a multi-token chunk, then single tokens == one full forward
 
