@@ -316,13 +316,13 @@ def load_vlm(path, device=None):
     return vlm.to(device or common.resolve_device("auto")).eval()
 
 
-def dpo_rounds(out_dir):
-    """The reasoning agents saved by train_dpo.py's rounds -> {round t: checkpoint dir}, in order."""
+def dpo_rounds(out_dir, last=None):
+    """The reasoning agents of train_dpo.py's finished rounds (1..last, when given) -> {round t: checkpoint dir}."""
     rounds = {}
     for path in glob.glob(os.path.join(out_dir, "reasoning_dpo*")):
         match = re.fullmatch(r"reasoning_dpo(\d+)", os.path.basename(path))
-        if match and os.path.isfile(os.path.join(path, "config.json")):
-            rounds[int(match.group(1))] = path
+        if match and common.finished(path) and (last is None or int(match[1]) <= last):
+            rounds[int(match[1])] = path
     return dict(sorted(rounds.items()))
 
 
@@ -395,6 +395,11 @@ def main(argv=None):
         raise SystemExit("error: pass both --image PATH and --question TEXT (or --real FILE --generator CKPT)")
     reasoning_dir = cfg.reasoning or latest_reasoning_dir(cfg.out)
     summary_dir = cfg.summary or common.stage_dir(cfg.out, "summary")
+    unfinished = [d for d, given in ((reasoning_dir, cfg.reasoning), (summary_dir, cfg.summary))
+                  if not given and os.path.isdir(d) and not common.finished(d)]  # a run's own stages: finished only
+    if unfinished:
+        raise SystemExit(f"error: {unfinished[0]} was not trained to the end (no {common.STAGE_DONE}): run python "
+                         f"train_dpo.py --iters 3 --out {cfg.out} again to finish it, or pass a checkpoint")
     try:  # a missing checkpoint or image: a one-line message that names it
         reasoner = ReasoningAgent(load_vlm(reasoning_dir), cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
         summarizer = SummaryAgent(load_vlm(summary_dir), override_margin=cfg.override_margin)

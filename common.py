@@ -90,6 +90,14 @@ def stage_dir(out, stage):
     return os.path.join(out, stage)
 
 
+# What an SFT stage, a DPO round and a GRPO run write last, with their summary: without it, the run was interrupted.
+STAGE_DONE, ROUND_DONE, GRPO_DONE = "stage.json", "round.json", "grpo.json"
+
+
+def finished(path):  # a stage, round or GRPO run written to the end
+    return any(os.path.isfile(os.path.join(path, marker)) for marker in (STAGE_DONE, ROUND_DONE, GRPO_DONE))
+
+
 def write_json(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -154,8 +162,7 @@ def cpu_has_bf16(flags, capability):
 
 
 @functools.cache
-def announce(device, choice, why):
-    """Print the choice of --precision auto once per script and device."""
+def announce(device, choice, why):  # the choice of --precision auto, printed once per script and device
     print0(f"[precision] auto on {device}: {choice} ({why})")
 
 
@@ -213,16 +220,6 @@ def matmul_peak(device, precision):
     return 2 * n**3 / best
 
 
-def model_flops(model, tokens, images):
-    """A training step's model FLOPs (Kaplan et al.'s estimate, nanoGPT's estimate_mfu without attention): per weight
-    and input, 2 forward and 4 more backward if it trains; text weights see the real tokens, vision weights the
-    image patches."""
-    vision = {id(p) for p in model.vision_model.parameters()}
-    patches = images * (model.config.vision.image_size // model.config.vision.patch_size) ** 2
-    return sum((6 if p.requires_grad else 2) * p.numel() * (patches if id(p) in vision else tokens)
-               for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------------------------
 # Data parallelism. `torchrun --standalone --nproc_per_node=N script.py ...` starts N copies of a training script, one
 # per GPU (gloo between CPU processes): each holds the whole model and runs its share of every step's rows, and DDP
@@ -254,8 +251,7 @@ def cleanup_distributed():  # leave the process group at the end of a script run
         dist.destroy_process_group()
 
 
-def distributed():
-    """(rank, world size) of this process: (0, 1) without torchrun."""
+def distributed():  # (rank, world size) of this process: (0, 1) without torchrun
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

@@ -143,17 +143,17 @@ def paired_comparisons(arms, rows):
 # ----------------------------------------------------------------------------------------------
 # Arms: which checkpoints answer, and how
 
-def arm_checkpoints(out_dir):
-    """Every arm whose checkpoints all exist -> {arm: (task, [checkpoint dirs])}, in table order."""
+def arm_checkpoints(out_dir, rounds=None):
+    """Every arm whose stages are all finished (their marker, common.finished: an interrupted stage is no arm) ->
+    {arm: (task, [checkpoint dirs])}, in table order; DPO rounds 1..rounds only, when given."""
     stages = {"direct": ["base"], "vanilla": ["vanilla"], "summary_only": ["summary-only"],
               "two_agent": ["reasoning", "summary"]}  # arm (and the task it answers as) -> the stages it loads
     arms = {arm: (arm, [common.stage_dir(out_dir, s) for s in names]) for arm, names in stages.items()}
-    for t, path in agents.dpo_rounds(out_dir).items():
+    for t, path in agents.dpo_rounds(out_dir, rounds).items():
         arms[f"two_agent_dpo{t}"] = ("two_agent", [path, common.stage_dir(out_dir, "summary")])
     # train_grpo.py's reasoning agent, the same summary agent: GRPO beside the DPO rounds
     arms["two_agent_grpo"] = ("two_agent", [common.stage_dir(out_dir, s) for s in ("reasoning_grpo", "summary")])
-    return {name: (task, dirs) for name, (task, dirs) in arms.items()
-            if all(os.path.isfile(os.path.join(d, "config.json")) for d in dirs)}
+    return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(common.finished, dirs))}
 
 
 def predict(task, vlms, rows, image_root, batch_size=64, desc=None, precision="auto", margin=agents.OVERRIDE_MARGIN):
@@ -230,14 +230,14 @@ def results_stem(out_dir, split="test", limit=None, arms=None):
 
 
 def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None, precision="auto",
-             margin=agents.OVERRIDE_MARGIN):
+             margin=agents.OVERRIDE_MARGIN, rounds=None):
     """The arms (default: all whose checkpoints exist) on out_dir/data/<split>.jsonl -> <results_stem>.{json,md,png}."""
     start = time.time()
     path = os.path.join(out_dir, "data", f"{split}.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}: build the data first (python train_dpo.py --iters 3 builds everything)")
     rows = read_questions(path, limit)
-    available = arm_checkpoints(out_dir)
+    available = arm_checkpoints(out_dir, rounds)
     missing = [a for a in arms or () if a not in available]
     if missing:
         raise FileNotFoundError(f"no checkpoints in {out_dir} for arm(s) {', '.join(missing)}; "

@@ -366,7 +366,7 @@ def build_missing_stages(cfg):
     summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
         stage_path = common.stage_dir(cfg.out, stage)
-        if not cfg.force and os.path.isfile(os.path.join(stage_path, train_sft.STAGE_DONE)):
+        if not cfg.force and os.path.isfile(os.path.join(stage_path, common.STAGE_DONE)):
             common.print0(f"[stage] {stage}: cached at {stage_path}")
             continue
         # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
@@ -411,12 +411,16 @@ def run(cfg):
     table = [report("sft", {})]
     for t in range(1, cfg.iters + 1):
         round_dir = common.stage_dir(cfg.out, f"reasoning_dpo{t}")
-        if not cfg.force and os.path.isfile(os.path.join(round_dir, "round.json")):
+        if not cfg.force and os.path.isfile(os.path.join(round_dir, common.ROUND_DONE)):
             common.print0(f"[stage] DPO round {t}: cached at {round_dir}")
             policy = VLM.from_pretrained(round_dir).to(device).eval()
-            with open(os.path.join(round_dir, "round.json")) as f:
+            with open(os.path.join(round_dir, common.ROUND_DONE)) as f:
                 table.append(json.load(f))
             continue
+        for later, path in agents.dpo_rounds(cfg.out).items():  # trained from another round t: not its successors
+            if later > t and common.distributed()[0] == 0:
+                os.remove(os.path.join(path, common.ROUND_DONE))
+                common.print0(f"[stage] DPO round {later}: out of date, rebuilt when asked for ({path})")
         common.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
                       f"{cfg.pool_size} questions, rank, pair, train")
         if cfg.fresh_pool:  # new scenes for every round, each seed its own
@@ -431,7 +435,7 @@ def run(cfg):
         row = report(f"dpo{t}", stats)
         if rank == 0:
             policy.save_pretrained(round_dir)
-            common.atomic_write(os.path.join(round_dir, "round.json"), lambda f: common.write_json(row, f))
+            common.atomic_write(os.path.join(round_dir, common.ROUND_DONE), lambda f: common.write_json(row, f))
         table.append(row)
 
     common.print0("\nIterative DPO, per round (val):")
@@ -442,13 +446,14 @@ def run(cfg):
                  r["val/chain_correct"], r["val/two_agent"]]
         common.print0(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float)
                                                         else str(c) for c in cells) + " |")
-    return evaluate_run(cfg, device, t0)
+    return evaluate_run(cfg, device, t0, rounds=cfg.iters)
 
 
-def evaluate_run(cfg, device, t0):
-    """Every arm of the run on the test split (rank 0; under torchrun the others wait), and the job's last line."""
+def evaluate_run(cfg, device, t0, rounds=None):
+    """Every arm of the run on the test split, DPO rounds 1..rounds (rank 0; under torchrun the others wait), and the
+    job's last line."""
     results = common.on_rank0(evaluation.run_eval, cfg.out, limit=cfg.eval_limit or None, device=device,
-                              precision=cfg.precision)
+                              precision=cfg.precision, rounds=rounds)
     stem = evaluation.results_stem(cfg.out, limit=cfg.eval_limit or None)
     common.print0(f"\ndone in {time.time() - t0:.0f}s; results in {stem}.md")
     return results

@@ -29,8 +29,6 @@ import train_dpo
 import train_sft
 from model import VLM
 
-GRPO_DONE = "grpo.json"  # the marker of a finished run, with its summary: written last
-
 
 # ----------------------------------------------------------------------------------------------
 # Configuration. The budget: as many chains as the DPO job samples (docs/experiments.md, "GRPO beside DPO").
@@ -195,7 +193,7 @@ def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, kep
 # The run, with its checkpoint for --resume
 
 def train(cfg, device, out_dir):
-    """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then the GRPO_DONE marker). Under torchrun every
+    """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then its marker, grpo.json). Under torchrun every
     process samples and trains its share; rank 0 alone writes, logs and evaluates, and the others wait for it."""
     rank = common.distributed()[0]
     data_dir, log_path = os.path.join(cfg.out, "data"), os.path.join(cfg.out, "logs", "grpo.jsonl")
@@ -214,7 +212,7 @@ def train(cfg, device, out_dir):
     common.writable_dir(out_dir)
     common.writable_dir(os.path.dirname(log_path))
     if rank == 0:
-        Path(out_dir, GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
+        Path(out_dir, common.GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
     done, resumed = 0, cfg.resume and not cfg.force and os.path.isfile(state_path)
     if resumed:  # on every process
         same = ("steps", "questions_per_step", "group_size", "ppo_epochs", "fresh_pool", "seed")  # the run's data
@@ -267,7 +265,8 @@ def train(cfg, device, out_dir):
                    "skipped_groups": sum(r["skipped_groups"] for r in steps), "wall_s": records[-1]["elapsed_s"],
                    "val/chain_correct": evals[-1]["val/chain_correct"], "val/two_agent": evals[-1]["val/two_agent"],
                    "config": asdict(cfg)}
-    common.atomic_write(os.path.join(out_dir, GRPO_DONE), lambda f: common.write_json(summary_row, f))  # last: done
+    marker = os.path.join(out_dir, common.GRPO_DONE)
+    common.atomic_write(marker, lambda f: common.write_json(summary_row, f))  # last: the run is done
     Path(state_path).unlink(missing_ok=True)  # nothing left to resume
     print_summary(steps, evals, summary_row, out_dir)
     return summary_row
@@ -295,7 +294,7 @@ def run(cfg):
     common.writable_dir(cfg.out)
     train_dpo.build_missing_stages(cfg)  # the shared options build the stages exactly as the DPO job would
     out_dir = common.stage_dir(cfg.out, "reasoning_grpo")
-    if not cfg.force and os.path.isfile(os.path.join(out_dir, GRPO_DONE)):
+    if not cfg.force and os.path.isfile(os.path.join(out_dir, common.GRPO_DONE)):
         common.print0(f"[stage] GRPO: cached at {out_dir}")
     else:
         common.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "

@@ -44,7 +44,6 @@ STAGES = {
                          about="ablation: the summary agent trained without chains"),
 }
 SPLIT_COST = 512  # a forward and backward pass's fixed cost, in tokens, on a 2-core CPU (docs/experiments.md)
-STAGE_DONE = "stage.json"  # the marker of a finished stage, with its summary
 
 
 @dataclass
@@ -168,6 +167,16 @@ def evaluate(model, examples, cfg, device, pad_id):
     return total / count if count else float("nan")
 
 
+def model_flops(model, tokens, images):
+    """A training step's model FLOPs (Kaplan et al.'s estimate, nanoGPT's estimate_mfu without attention): per weight
+    and input, 2 forward and 4 more backward if it trains; text weights see the real tokens, vision weights the
+    image patches."""
+    vision = {id(p) for p in model.vision_model.parameters()}
+    patches = images * (model.config.vision.image_size // model.config.vision.patch_size) ** 2
+    return sum((6 if p.requires_grad else 2) * p.numel() * (patches if id(p) in vision else tokens)
+               for p in model.parameters())
+
+
 def save_checkpoint(model, optimizer, scaler, step, cfg, out_dir):
     """save_pretrained, plus train_state.pt for --resume with its own copy of the weights."""
     model.save_pretrained(out_dir)
@@ -199,7 +208,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             raise ValueError(f"{out_dir}/train_state.pt is at step {done} of {total}: nothing to resume; run without "
                              f"--resume to train again, or resume with more --max-steps / --epochs")
     elapsed_before = common.start_log(log_path, done if cfg.resume else None)  # seconds of the run(s) resumed
-    flops = common.model_flops(model, 1, 0), common.model_flops(model, 0, 1)  # per real token, per image
+    flops = model_flops(model, 1, 0), model_flops(model, 0, 1)  # per real token, per image
     flops_peak = common.matmul_peak(device, cfg.precision) * n_procs  # every process's device
     saved, train_loss, val_loss, t_start = done, float("nan"), float("nan"), time.time()
     tokens, padded, images = 0, 0, 0  # real tokens, tokens computed (with the pads), images, since t_start
@@ -332,9 +341,9 @@ def run_stage(stage, cfg):
     cfg = replace(cfg, stage=stage, epochs=spec["epochs"] if cfg.epochs is None else cfg.epochs,
                   lr=spec["lr"] if cfg.lr is None else cfg.lr)
     data_dir, out_dir = os.path.join(cfg.out, "data"), common.stage_dir(cfg.out, stage)
-    if cfg.resume and os.path.isfile(os.path.join(out_dir, STAGE_DONE)):  # resuming would overwrite its summary
-        raise ValueError(f"{out_dir} is already finished ({STAGE_DONE} is there): nothing to resume; run without "
-                         f"--resume to train it again")
+    if cfg.resume and os.path.isfile(os.path.join(out_dir, common.STAGE_DONE)):  # resuming would overwrite its summary
+        raise ValueError(f"{out_dir} is already finished ({common.STAGE_DONE} is there): nothing to resume; run "
+                         f"without --resume to train it again")
     path = os.path.join(data_dir, cfg.data_file or spec["data"])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `python data.py --out {data_dir}` first")
@@ -386,14 +395,14 @@ def run_stage(stage, cfg):
         pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
                         [r for r in describe if r["image"] in held_out], data_dir, cfg, cfg.vision_pretrain_steps)
     if rank == 0:
-        Path(out_dir, STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
+        Path(out_dir, common.STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
     summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)
     common.print0(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
                   f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} "
                   f"val rows), {summary['tokens_per_s']:.0f} real tokens/s ({summary['pad_share']:.1%} padding, "
                   f"{summary['peak_share']:.0%} of this device's matmul peak) -> {out_dir}")
     marker = {"stage": stage, **summary, "config": asdict(cfg)}  # written last: without it, the run was interrupted
-    marker_path = os.path.join(out_dir, STAGE_DONE)
+    marker_path = os.path.join(out_dir, common.STAGE_DONE)
     common.on_rank0(common.atomic_write, marker_path, lambda f: common.write_json(marker, f))  # all wait for it
     return out_dir
 

@@ -242,7 +242,7 @@ def test_torchrun_trains_a_stage_as_one_process(tmp_path):
     for key in ("loss", "val_loss", "grad_norm"):
         assert logged(tmp_path / "two" / "logs" / "base.jsonl", key) == pytest.approx(
             logged(tmp_path / "one" / "logs" / "base.jsonl", key), rel=1e-5)
-    assert os.path.isfile(tmp_path / "two" / "base" / train_sft.STAGE_DONE)
+    assert os.path.isfile(tmp_path / "two" / "base" / common.STAGE_DONE)
 
 
 # The main jobs on a micro world, as tests/test_dpo.py and tests/test_grpo.py run them; in fp32, as bf16 rounds the

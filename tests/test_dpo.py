@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import agents
 import common
 import data
 import train_dpo
@@ -225,7 +226,7 @@ def micro_run(out):
     vlm.tokenizer = tok
     for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
         vlm.save_pretrained(common.stage_dir(out, stage))
-        with open(os.path.join(common.stage_dir(out, stage), train_sft.STAGE_DONE), "w") as f:
+        with open(os.path.join(common.stage_dir(out, stage), common.STAGE_DONE), "w") as f:
             json.dump({"stage": stage}, f)
 
 
@@ -257,6 +258,25 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
     steps = [e for e in events if "step" in e]
     assert steps and all(math.isfinite(e["loss"]) for e in steps)
     assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results_test_limit4.md"))
+
+
+def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_retires_the_later_ones(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    micro_run(out)
+    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    args = ["--out", out, "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",
+            "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"]
+    results = train_dpo.main(args + ["--iters", "2"])
+    assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1", "two_agent_dpo2"]
+    results = train_dpo.main(args + ["--iters", "1"])  # round 1 cached: round 2 stays, but is not asked for
+    assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1"]
+    assert common.finished(os.path.join(out, "reasoning_dpo2"))
+    os.remove(os.path.join(out, "reasoning_dpo1", common.ROUND_DONE))  # as if round 1 had been interrupted
+    results = train_dpo.main(args + ["--iters", "1"])  # round 1 trained again: round 2 came from the old one
+    assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1"]
+    assert common.finished(os.path.join(out, "reasoning_dpo1"))
+    assert not common.finished(os.path.join(out, "reasoning_dpo2")) and agents.dpo_rounds(out) == {
+        1: os.path.join(out, "reasoning_dpo1")}
 
 
 def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
@@ -525,7 +545,7 @@ def test_summary_only_stage_alone_still_gets_the_on_policy_set(tmp_path, monkeyp
     (tmp_path / "data" / "card.json").write_text("{}")
     for stage in ("base", "reasoning", "summary", "vanilla"):  # finished earlier: reused
         os.makedirs(common.stage_dir(str(tmp_path), stage))
-        (tmp_path / stage / train_sft.STAGE_DONE).write_text("{}")
+        (tmp_path / stage / common.STAGE_DONE).write_text("{}")
     seen, built = {}, []
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.data_file))
     monkeypatch.setattr(train_dpo, "on_policy_summary_set",

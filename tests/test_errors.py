@@ -25,7 +25,8 @@ from test_dpo import micro_run, teacher_sampler
 from test_eval import BENCHMARK, REPLIES, fake_models, question_of, write_set
 from test_generate import checkpoint  # noqa: F401 (a fixture: a micro model saved with a tokenizer, and an image)
 from test_train_sft import built_world, loop_config, micro_model, synthetic_examples  # noqa: F401 (a fixture)
-from train_sft import STAGE_DONE, train_loop
+from common import STAGE_DONE
+from train_sft import train_loop
 
 # The job's smallest round: 6 questions, 2 pairs per step, so a round has several steps.
 DPO_ARGS = ["--iters", "1", "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",

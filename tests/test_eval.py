@@ -142,6 +142,14 @@ def write_set(folder, name, items):
     return path
 
 
+def finished_stage(out, stage):
+    """A stage directory as a run leaves it finished: a checkpoint and the marker written last."""
+    os.makedirs(os.path.join(out, stage))
+    open(os.path.join(out, stage, "config.json"), "w").close()
+    marker = common.ROUND_DONE if stage.startswith("reasoning_dpo") else common.STAGE_DONE
+    open(os.path.join(out, stage, marker), "w").close()
+
+
 def fake_models(monkeypatch, replies):
     """agents.load_vlm -> a stand-in named by its directory; agents.complete -> replies[name](prompt)."""
     prompts = []
@@ -177,8 +185,7 @@ def test_run_eval_writes_results(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     write_set(os.path.join(out, "data"), "test.jsonl", WORLD)
     for stage in ("base", "reasoning", "summary", "reasoning_dpo1"):  # no vanilla, no summary-only
-        os.makedirs(os.path.join(out, stage))
-        open(os.path.join(out, stage, "config.json"), "w").close()
+        finished_stage(out, stage)
 
     def chain(answer):
         return f"<thoughts>\nCount: objects, so the answer is {answer}.\n</thoughts>"
@@ -239,8 +246,7 @@ def test_a_partial_evaluation_never_replaces_the_jobs_results(tmp_path, monkeypa
     write_set(os.path.join(out, "data"), "test.jsonl", WORLD)
     write_set(os.path.join(out, "data"), "val.jsonl", WORLD[:2])
     for stage in ("base", "reasoning", "summary"):
-        os.makedirs(os.path.join(out, stage))
-        open(os.path.join(out, stage, "config.json"), "w").close()
+        finished_stage(out, stage)
     fake_models(monkeypatch, {"base": lambda p: "2", "summary": lambda p: "2",
                               "reasoning": lambda p: "<thoughts>\nCount: objects, so the answer is 2.\n</thoughts>"})
     E.main(["--out", out])
@@ -261,8 +267,7 @@ def test_override_margin_flag_reaches_the_summary_agent_and_the_results(tmp_path
     out = str(tmp_path / "out")
     write_set(os.path.join(out, "data"), "test.jsonl", WORLD)
     for stage in ("reasoning", "summary"):
-        os.makedirs(os.path.join(out, stage))
-        open(os.path.join(out, stage, "config.json"), "w").close()
+        finished_stage(out, stage)
     fake_models(monkeypatch, {"reasoning": lambda p: "<thoughts>\nCount: objects, so the answer is 2.\n</thoughts>",
                               "summary": lambda p: "2"})
     margins, init = [], agents.SummaryAgent.__init__

@@ -131,7 +131,7 @@ def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
     results = train_grpo.main(args)
     grpo_dir = os.path.join(out, "reasoning_grpo")
     assert os.path.isfile(os.path.join(grpo_dir, "model.safetensors"))
-    assert os.path.isfile(os.path.join(grpo_dir, train_grpo.GRPO_DONE))
+    assert os.path.isfile(os.path.join(grpo_dir, common.GRPO_DONE))
     assert not os.path.exists(os.path.join(grpo_dir, "train_state.pt"))  # finished: nothing to resume
     with open(os.path.join(out, "logs", "grpo.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -180,13 +180,19 @@ def test_an_interrupted_run_resumes_at_its_last_step(tmp_path, monkeypatch):
     with open(os.path.join(out, "logs", "grpo.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [(r.get("event"), r["step"]) for r in records] == [("eval", 0), (None, 1), (None, 2), ("eval", 2)]
-    assert os.path.isfile(os.path.join(grpo_dir, train_grpo.GRPO_DONE))
+    assert os.path.isfile(os.path.join(grpo_dir, common.GRPO_DONE))
 
 
 def test_grpo_arm_after_the_dpo_rounds_and_against_the_last_one(tmp_path):
-    for stage in ("base", "reasoning", "summary", "reasoning_dpo1", "reasoning_dpo2", "reasoning_grpo"):
+    markers = {"reasoning_dpo1": common.ROUND_DONE, "reasoning_dpo2": common.ROUND_DONE,
+               "reasoning_grpo": common.GRPO_DONE}
+    for stage in ("base", "reasoning", "summary", "reasoning_dpo1", "reasoning_dpo2", "reasoning_grpo", "vanilla"):
         os.makedirs(tmp_path / stage)
         (tmp_path / stage / "config.json").write_text("{}")
+        if stage != "vanilla":  # vanilla: interrupted, no marker, so no arm
+            (tmp_path / stage / markers.get(stage, common.STAGE_DONE)).write_text("{}")
+    assert list(evaluation.arm_checkpoints(str(tmp_path), rounds=1)) == ["direct", "two_agent", "two_agent_dpo1",
+                                                                        "two_agent_grpo"]  # train_dpo.py --iters 1
     arms = evaluation.arm_checkpoints(str(tmp_path))
     assert list(arms) == ["direct", "two_agent", "two_agent_dpo1", "two_agent_dpo2", "two_agent_grpo"]
     assert arms["two_agent_grpo"] == ("two_agent", [str(tmp_path / "reasoning_grpo"), str(tmp_path / "summary")])
