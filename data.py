@@ -41,7 +41,7 @@ from model import SPECIAL_TOKENS  # the chat format's special tokens, which the 
 class DataConfig(world.ErrorRates):
     seed: int = option(0, "seed of the scenes, questions and paths")
     train_scenes: int = option(2000, "training scenes", min=1)
-    val_scenes: int = option(400, "validation scenes (1200 questions: enough to see 3-point differences)", min=1)
+    val_scenes: int = option(400, "validation scenes (x questions per scene: 1200)", min=1)
     test_scenes: int = option(400, "test scenes (x questions per scene >= 1000 questions)", min=1)
     questions_per_scene: int = option(3, "distinct question families per scene", min=1)
     min_objects: int = option(3, "fewest objects in a scene", min=1, max=9)
