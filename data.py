@@ -251,7 +251,7 @@ def load_image(path, image_size):
             im = im.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except OSError as e:
+    except (OSError, Image.DecompressionBombError) as e:  # a bomb: a small file that decodes to gigapixels
         raise ValueError(f"cannot read image {path}: {e}") from None
     if im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BICUBIC)
@@ -291,7 +291,7 @@ def read_jsonl(path, skip_bad=False, required=(), check_images=False):
                             im.load()
                     except FileNotFoundError:
                         raise ValueError(f"image not found: {image}") from None
-                    except OSError as e:
+                    except (OSError, Image.DecompressionBombError) as e:
                         raise ValueError(f"corrupt image {image}: {e}") from None
                 rows.append(row)
             except ValueError as e:  # json.JSONDecodeError is a ValueError

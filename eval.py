@@ -363,6 +363,13 @@ def summarize(dirs):
     if not dirs:
         raise ValueError("--summarize: no run directories given")
     loaded = {d: read_results(d) for d in dirs}
+    for d, r in loaded.items():  # valid JSON of another shape: one error naming the file
+        arms, tests = r["arms"].values(), r.get("paired", {})
+        if not (all(isinstance(m, dict) and all(isinstance(m.get(k), (int, float, type(None))) for k in SHARES)
+                    for m in arms) and isinstance(tests, dict) and all(
+                isinstance(t, dict) and {"arms", "metric", "b", "c", "diff"} <= t.keys() for t in tests.values())):
+            raise ValueError(f"{results_file(d)}: not a results.json of eval.py (its arms or paired tests are not "
+                             f"what eval.py writes)")
     runs = {d: {arm: {k: m.get(k) for k in SHARES} for arm, m in r["arms"].items()} for d, r in loaded.items()}
     mean = {arm: {"runs": sum(arm in arms for arms in runs.values())} for arms in runs.values() for arm in arms}
     for arm, k in [(arm, k) for arm in mean for k in SHARES]:
@@ -407,8 +414,12 @@ def summary_markdown(summary):
 
 def plot_results(run, path=None):
     """--plot: a run's results.png (or path) redrawn from its results.json; evaluates nothing."""
-    path = path or os.path.splitext(results_file(run))[0] + ".png"
-    return plots.save_png(plots.results_chart(read_results(run)), path)
+    results = read_results(run)
+    try:
+        image = plots.results_chart(results)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # valid JSON of another shape
+        raise ValueError(f"{results_file(run)}: not a results.json of eval.py ({type(e).__name__}: {e})") from None
+    return plots.save_png(image, path or os.path.splitext(results_file(run))[0] + ".png")
 
 
 def plot_logs(logs_dir, path=None):

@@ -163,9 +163,14 @@ def results_chart(results):
 def read_log(path):
     """A training log (JSONL) -> (train losses [(step, loss)], val losses [(step, loss)], steps where a DPO round
     begins). Steps are counted in the log's order: train_dpo.py starts its count again every round."""
-    steps = [r for r in data.read_jsonl(path) if "step" in r and "event" not in r]  # events: checks, val reports
-    train = [(i, r["loss"]) for i, r in enumerate(steps, 1) if r.get("loss") is not None]  # GRPO: none when all tie
-    val = [(i, r["val_loss"]) for i, r in enumerate(steps, 1) if r.get("val_loss") is not None]
+    def finite(v):  # GRPO logs no loss when every group ties; a diverged step's NaN has no place on an axis
+        return isinstance(v, (int, float)) and math.isfinite(v)
+    try:
+        steps = [r for r in data.read_jsonl(path) if "step" in r and "event" not in r]  # events: checks, val reports
+        train = [(i, r["loss"]) for i, r in enumerate(steps, 1) if finite(r.get("loss"))]
+        val = [(i, r["val_loss"]) for i, r in enumerate(steps, 1) if finite(r.get("val_loss"))]
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: not a training log of this project ({e})") from None
     starts = [i for i in range(2, len(steps) + 1) if steps[i - 1].get("round") != steps[i - 2].get("round")]
     return train, val, starts
 

@@ -155,6 +155,17 @@ def test_load_image_normalises_and_rejects_corrupt(built_world, tmp_path):
         data.load_image(str(tmp_path / "missing.png"), 48)
 
 
+def test_a_decompression_bomb_is_a_one_line_error(built_world, tmp_path, monkeypatch):
+    out, _ = built_world
+    path = os.path.join(out, rows(out, "test")[0]["image"])
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"image": path, "question": "q?", "answer": "a"}) + "\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 48 x 48 picture is then a bomb (> 2 x the limit)
+    with pytest.raises(ValueError, match=f"^cannot read image {re.escape(path)}: .*decompression bomb"):
+        data.load_image(path, 48)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'bench.jsonl'))}:1: corrupt image"):
+        data.read_jsonl(str(tmp_path / "bench.jsonl"), check_images=True)
+
+
 def test_load_image_turns_photos_upright_and_keeps_16_bit_grey(tmp_path):
     # A phone photo stored sideways: left half red, right half blue, EXIF orientation 6 (turn 90 degrees clockwise).
     im = Image.new("RGB", (40, 20), (255, 0, 0))

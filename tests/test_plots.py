@@ -108,3 +108,26 @@ def test_plot_logs_missing_or_empty(tmp_path):
     write_log(str(missing), "base.jsonl", [])
     with pytest.raises(SystemExit, match="^error: no training logs in"):
         E.main(["--plot-logs", str(missing)])
+
+
+def test_valid_json_of_the_wrong_shape_or_nan_losses_are_one_line_errors_or_left_out(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for arms in ({"direct": "not an object"}, {"two_agent": {"overall": "high"}}):
+        (run / "results.json").write_text(json.dumps({"arms": arms}))
+        for argv in (["--plot", str(run)], ["--summarize", str(run)]):
+            with pytest.raises(SystemExit) as e:
+                E.main(argv)
+            assert str(e.value).startswith(f"error: {run / 'results.json'}: not a results.json of eval.py")
+            assert "\n" not in str(e.value)
+    (run / "results.json").write_text(json.dumps({"arms": {"direct": {"overall": 0.5}}, "paired": {"x": [1, 2]}}))
+    with pytest.raises(SystemExit, match=f"^error: {run / 'results.json'}: not a results.json of eval.py"):
+        E.main(["--summarize", str(run)])
+    logs = str(tmp_path / "out" / "logs")
+    write_log(logs, "base.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan"), "val_loss": 1.0},
+                                   {"step": 3, "loss": float("inf")}, {"step": 4, "loss": 1.0}])
+    assert plots.read_log(os.path.join(logs, "base.jsonl")) == ([(1, 2.0), (4, 1.0)], [(2, 1.0)], [])
+    assert E.plot_logs(logs) == ["base"]  # the diverged steps are left out of the picture
+    write_log(logs, "reasoning.jsonl", [{"step": 1, "loss": {"mean": 2.0}}, "a line that is no object"])
+    with pytest.raises(SystemExit, match=f"^error: {os.path.join(logs, 'reasoning.jsonl')}:"):
+        E.main(["--plot-logs", logs])
