@@ -404,9 +404,9 @@ def main(argv=None):
         reasoner = ReasoningAgent(load_vlm(reasoning_dir), cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
         summarizer = SummaryAgent(load_vlm(summary_dir), override_margin=cfg.override_margin)
         image = data.load_image(cfg.image, reasoner.vlm.config.vision.image_size)  # (3, H, W)
+        [result] = TwoAgentSystem(reasoner, summarizer).answer_batch([cfg.question], image[None])
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    [result] = TwoAgentSystem(reasoner, summarizer).answer_batch([cfg.question], image[None])
     print(f"reasoning agent: {reasoning_dir}\nsummary agent:   {summary_dir}\n")
     print(result["chain"] or "(the reasoning agent wrote no chain)")
     print(f"\nanswer: {result['answer']}")

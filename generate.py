@@ -59,6 +59,28 @@ def token_logps(model, input_ids, targets, pixel_values=None):
     return logps, targets != -100
 
 
+def free_memory(device):
+    """Bytes free on the device: the GPU's, or the host's MemAvailable (Linux: free plus reclaimable page cache);
+    None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):  # not Linux
+        return None
+
+
+def check_cache_fits(cfg, rows, positions, dtype, device):
+    """A KV cache that cannot fit on the device -> one ValueError, before it is allocated (--max-new-tokens 1e12 would
+    otherwise ask for terabytes)."""
+    need = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * positions * cfg.head_dim * dtype.itemsize
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"the KV cache for {rows} rows of {positions} tokens needs {need / 2**30:.1f} GiB, more than "
+                         f"the {free / 2**30:.1f} GiB free on {device}: lower --max-new-tokens or the batch size")
+
+
 def left_pad(input_ids, attention_mask, pad_id, device):
     """Prompts -> (ids (B, T) long, mask (B, T) long or None when nothing is padded). A list of token lists is
     left-padded with pad_id here; a tensor must be padded on the left already, as the first new token is read from
@@ -115,6 +137,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
     ids, mask = left_pad(input_ids, attention_mask, pad_id, device)  # (B, T)
     B, T = ids.shape
     n_rows = B * num_samples
+    check_cache_fits(model.config.text, n_rows, T + max_new_tokens, dtype, device)
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -206,9 +229,12 @@ def main(argv=None):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    generate(vlm, [ids], image[None], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, stop_ids=[eou], seed=args.seed, stream=show,
-             dtype=torch.bfloat16 if device.type == "cuda" else None)
+    try:
+        generate(vlm, [ids], image[None], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, stop_ids=[eou], seed=args.seed, stream=show,
+                 dtype=torch.bfloat16 if device.type == "cuda" else None)
+    except ValueError as e:  # the KV cache would not fit
+        raise SystemExit(f"error: {e}")
     print(tok.decode(answer)[len(shown):])  # whatever was held back, and the final newline
 
 

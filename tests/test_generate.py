@@ -269,3 +269,13 @@ def test_cli_unreadable_image(tmp_path, checkpoint):
     (tmp_path / "broken.png").write_text("not an image")
     for image in (tmp_path / "broken.png", tmp_path / "missing.png"):
         assert str(image) in cli_error("--model", checkpoint[1], "--image", image)
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_it_is_allocated(checkpoint, monkeypatch):
+    vlm, path, image = checkpoint
+    monkeypatch.setattr(G, "KVCache", lambda *a, **kw: pytest.fail("the cache was allocated before the check"))
+    with pytest.raises(ValueError, match=r"^the KV cache for 2 rows of \d+ tokens needs [\d.]+ GiB, more than the "
+                                         r"[\d.]+ GiB free on cpu: lower --max-new-tokens or the batch size$"):
+        generate(vlm, [[5, 6, 7]], max_new_tokens=10**12, num_samples=2)
+    message = cli_error("--model", path, "--image", image, "--max-new-tokens", 10**12)
+    assert "lower --max-new-tokens" in message
