@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import glob
 import json
 import math
 import os
@@ -69,11 +70,15 @@ def option_of(cls, name, text=None):
 
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over path: a crash never leaves a half-written file. The file gets the
-    permissions a plain open() gives under the umask, so others can read a shared checkpoint. The temp file's name
-    is fixed (one writer per path), so the next save of the same path removes one that a kill left behind."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), ".tmp-" + os.path.basename(path))
-    if os.path.exists(tmp):
-        os.remove(tmp)
+    permissions a plain open() gives under the umask, so others can read a shared checkpoint. The temp file is the
+    writer's own (its pid in the name); the next save of the same path removes those that killed writers left."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for stale in glob.glob(glob.escape(os.path.join(folder, f".tmp-{name}-")) + "*"):
+        pid = stale.rsplit("-", 1)[1]
+        if pid.isdigit() and not alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):  # another writer may clear it first
+                os.remove(stale)
+    tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}")
     try:
         write(tmp)
         umask = os.umask(0)  # reading the umask means setting it: put it back at once
@@ -96,6 +101,13 @@ STAGE_DONE, ROUND_DONE, GRPO_DONE = "stage.json", "round.json", "grpo.json"
 
 def finished(path):  # a stage, round or GRPO run written to the end
     return any(os.path.isfile(os.path.join(path, marker)) for marker in (STAGE_DONE, ROUND_DONE, GRPO_DONE))
+
+
+def alive(pid):  # signal 0 only asks whether the process exists (PermissionError: it does, as another user's)
+    try:
+        return os.kill(pid, 0) is None
+    except (ProcessLookupError, PermissionError) as e:
+        return isinstance(e, PermissionError)
 
 
 def write_json(obj, path):
@@ -197,14 +209,6 @@ def make_scaler(device, precision):
     return torch.amp.GradScaler(torch.device(device).type, enabled=resolve_precision(device, precision) == "fp16")
 
 
-def to_device(batch, device):
-    """The tensors but attention_mask (the causal mask hides right pads, and SDPA takes its fused causal path) on the
-    device; on CUDA the copies come from pinned memory and do not block, so they overlap the GPU's work."""
-    cuda = device.type == "cuda"
-    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
-            for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
-
-
 @functools.cache
 def matmul_peak(device, precision):
     """FLOP/s of a 1024^3 (CPU) or 8192^3 (GPU) matmul in the training dtype, best of 10: the peak that a stage's share
@@ -221,15 +225,14 @@ def matmul_peak(device, precision):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data parallelism. `torchrun --standalone --nproc_per_node=N script.py ...` starts N copies of a training script, one
-# per GPU (gloo between CPU processes): each holds the whole model and runs its share of every step's rows, and DDP
-# adds up their gradients in backward, so a step is the one-process step. Rank 0 alone writes files and prints.
-# Without torchrun (no WORLD_SIZE) there is no process group, and every helper below leaves the code as it was.
+# Data parallelism. `torchrun --standalone --nproc_per_node=N script.py` starts N copies of a script, one per GPU
+# (gloo on the CPU): each runs its share of every step's rows and DDP adds up their gradients in backward, so a step is
+# the one-process step; rank 0 alone writes and prints. Without torchrun every helper below leaves the code as it was.
 
 def setup_distributed(device_name):
-    """-> (rank, world size, device) of this process: (0, 1, the device) without torchrun (no WORLD_SIZE), with no
-    process group. Under torchrun: one group (NCCL between GPUs, gloo on the CPU) and GPU LOCAL_RANK for this process.
-    Called again, as when train_dpo.py trains several stages, it returns the same."""
+    """-> (rank, world size, device) of this process: (0, 1, the device) without torchrun, with no process group.
+    Under torchrun: one group (NCCL between GPUs, gloo on the CPU), GPU LOCAL_RANK for this process; called again, the
+    same."""
     device = resolve_device(device_name)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, device

@@ -247,7 +247,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     encoded = encode_pairs(pairs, policy.tokenizer, policy.config, image_root)
     g = torch.Generator().manual_seed(cfg.seed + round_idx)
     parts = pair_batches(encoded, cfg.batch_size, pad_id, g)
-    batches = [(common.to_device(b, device), n_part, n_pairs) for b, n_part, n_pairs in parts]
+    batches = [(train_sft.to_device(b, device), n_part, n_pairs) for b, n_part, n_pairs in parts]
 
     # Reference log-probs once, from the round's starting policy on the same batches: no second model in memory. Train
     # mode (no dropout) and same_kernels pick the training forward's kernels, so the ln 2 check below is exact.

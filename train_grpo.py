@@ -146,7 +146,7 @@ def micro_batches(examples, size, pad_id, device):
     for i in range(0, len(mine), size):
         part = mine[i:i + size]
         batch = train_sft.collate([e for e, _ in part], pad_id)
-        chunks.append((common.to_device(batch, device), torch.tensor([a for _, a in part], device=device)))
+        chunks.append((train_sft.to_device(batch, device), torch.tensor([a for _, a in part], device=device)))
     return chunks, n_tokens
 
 

@@ -109,6 +109,14 @@ def collate(examples, pad_id):
             "n_targets": int((targets[:, 1:] != -100).sum()), "n_tokens": int(attention_mask.sum())}
 
 
+def to_device(batch, device):
+    """The tensors but attention_mask (the causal mask hides right pads, and SDPA takes its fused causal path) on the
+    device; on CUDA the copies come from pinned memory and do not block, so they overlap the GPU's work."""
+    cuda = device.type == "cuda"
+    return {k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
+            for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
+
+
 def split_by_length(rows, lengths, max_rows, cost=SPLIT_COST):
     """A step's rows (indices) sorted by length and cut into micro-batches of at most max_rows, where the cuts give the
     fewest padded tokens plus `cost` per micro-batch (a forward pass's fixed cost, in tokens): a dynamic program over
@@ -158,7 +166,7 @@ def evaluate(model, examples, cfg, device, pad_id):
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # float64, as Python floats sum
     for i in range(rank * cfg.batch_size, len(examples), n_procs * cfg.batch_size):
         batch = collate(examples[i:i + cfg.batch_size], pad_id)
-        n, batch = batch["n_targets"], common.to_device(batch, device)
+        n, batch = batch["n_targets"], to_device(batch, device)
         with common.autocast(device, cfg.precision):
             _, loss = model(batch["input_ids"], batch["pixel_values"], targets=batch["targets"])
         total, count = total + loss.double() * n, count + n
@@ -227,7 +235,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             for i, batch in enumerate(mine):
                 if n_procs > 1:  # DDP syncs the gradients once a step: in the backward of the last micro-batch
                     forward.require_backward_grad_sync = i == len(mine) - 1
-                x = common.to_device(batch, device)
+                x = to_device(batch, device)
                 with common.autocast(device, cfg.precision):
                     _, micro_loss = forward(x["input_ids"], x["pixel_values"], targets=x["targets"])
                 micro_loss = micro_loss * (batch["n_targets"] / step_targets)  # weighted by tokens: one big batch

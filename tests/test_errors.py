@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,8 +331,9 @@ def test_benchmark_rows_are_checked_named_and_skippable(tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_saved_files_follow_the_umask_and_stale_temp_files_go(tmp_path, umask):
-    stale = tmp_path / ".tmp-model.safetensors"
-    stale.write_bytes(b"half a tensor")  # a save killed mid-write
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".tmp-model.safetensors-{int(dead.stdout)}"
+    stale.write_bytes(b"half a tensor")  # a save killed mid-write: its writer is gone
     stale.chmod(0o600)
     old = os.umask(umask)
     try:
@@ -339,6 +342,16 @@ def test_saved_files_follow_the_umask_and_stale_temp_files_go(tmp_path, umask):
         os.umask(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o666 & ~umask}
+
+
+def test_two_writers_of_one_path_keep_their_own_temp_files(tmp_path):
+    # Another process (here this test's parent, alive) is writing the same file: its temp file is left alone.
+    other = tmp_path / f".tmp-results.json-{os.getppid()}"
+    other.write_text("{half")
+    seen = []
+    common.atomic_write(str(tmp_path / "results.json"), lambda tmp: seen.append(tmp) or open(tmp, "w").write("{}"))
+    assert seen == [str(tmp_path / f".tmp-results.json-{os.getpid()}")] and other.read_text() == "{half"
+    assert (tmp_path / "results.json").read_text() == "{}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_batches_travel_from_pinned_memory_on_cuda(monkeypatch):
     pinned, moved = [], []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(1) or self)
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: moved.append(kw.get("non_blocking")) or self)
-    out = common.to_device(batch, torch.device("cuda"))
+    out = train_sft.to_device(batch, torch.device("cuda"))
     monkeypatch.undo()
     assert set(out) == {"input_ids", "targets", "pixel_values"}  # no attention_mask, no host-side counts
     assert len(pinned) == 3 and moved == [True] * 3
