@@ -187,15 +187,12 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precisio
     return results
 
 
-def margin_text(margin):
-    return "off (its answers as decoded)" if margin is None else f"{margin:g} nats"
-
-
 def finish(arms, rows, meta, path_stem, start):
     """Add the paired tests and the run's description, write <stem>.json, <stem>.md (results.md: the README's
     table) and <stem>.png (its chart) atomically, print."""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
+    margin = meta.get("override_margin", agents.OVERRIDE_MARGIN)
     meta = {**meta, "n_questions": len(rows), "ids": [r.get("id", i) for i, r in enumerate(rows)],
             "kinds": [r.get("kind") for r in rows]}  # in row order, as the arms' per-question flags
     results = {"arms": arms, "paired": paired_comparisons(arms, rows),
@@ -203,7 +200,7 @@ def finish(arms, rows, meta, path_stem, start):
                         "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
                         "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, answer <= "
                                     f"{agents.ANSWER_TOKENS} tokens; summary agent's override margin "
-                                    f"{margin_text(meta.get('override_margin', agents.OVERRIDE_MARGIN))}"}}
+                                    + ("off (its answers as decoded)" if margin is None else f"{margin:g} nats")}}
     markdown = results_markdown(results)
     common.atomic_write(path_stem + ".json", lambda f: common.write_json(results, f))
     common.atomic_write(path_stem + ".md", lambda f: Path(f).write_text(markdown))
@@ -223,10 +220,9 @@ def read_questions(path, limit=None, skip_bad=False):
 def results_stem(out_dir, split="test", limit=None, arms=None):
     """out_dir/results for every arm on the whole test split (the job's table); a part of it (another split, --limit,
     --arms) goes to its own file, results_<split>[_limit<N>][_<arms>], and never replaces the whole."""
-    if split == "test" and not limit and not arms:
-        return os.path.join(out_dir, "results")
-    return os.path.join(out_dir, "_".join(["results", split] + [f"limit{limit}"] * bool(limit) + ["+".join(arms or [])]
-                                          * bool(arms)))
+    whole = split == "test" and not limit and not arms
+    parts = [] if whole else [split] + [f"limit{limit}"] * bool(limit) + ["+".join(arms or [])] * bool(arms)
+    return os.path.join(out_dir, "_".join(["results", *parts]))
 
 
 def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, device=None, precision="auto",

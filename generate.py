@@ -17,6 +17,7 @@ Sampling follows the usual order (Hugging Face's logits processors): temperature
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import trange
@@ -59,24 +60,18 @@ def token_logps(model, input_ids, targets, pixel_values=None):
     return logps, targets != -100
 
 
-def free_memory(device):
-    """Bytes free on the device: the GPU's, or the host's MemAvailable (Linux: free plus reclaimable page cache);
-    None where it cannot be told."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):  # not Linux
-        return None
-
-
 def check_cache_fits(cfg, rows, positions, dtype, device):
     """A KV cache that cannot fit on the device -> one ValueError, before it is allocated (--max-new-tokens 1e12 would
-    otherwise ask for terabytes)."""
+    ask for terabytes): against the GPU's free memory, or the host's MemAvailable (free plus reclaimable page cache;
+    not checked where there is no /proc/meminfo)."""
     need = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * positions * cfg.head_dim * dtype.itemsize
-    free = free_memory(device)
-    if free is not None and need > free:
+    try:
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else next(
+            int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    if need > free:
         raise ValueError(f"the KV cache for {rows} rows of {positions} tokens needs {need / 2**30:.1f} GiB, more than "
                          f"the {free / 2**30:.1f} GiB free on {device}: lower --max-new-tokens or the batch size")
 

@@ -289,16 +289,8 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
 # The stages
 
 # Vision pretraining, this world's SigLIP: on a random tower the base model read shape at chance (docs/experiments.md),
-# so linear heads on each image token (one per grid cell) first learn its cell's shape, colour and size from base.jsonl.
-VISION_LABELS = {"shape": list(world.SHAPES), "color": list(world.COLORS), "size": list(world.SIZES)}
-
-
-def cell_labels(description):
-    """A scene description -> (cells, 3): per cell 1 + the index of its shape, colour and size; 0 if empty."""
-    labels = torch.zeros(len(world.CELLS), len(VISION_LABELS), dtype=torch.long)
-    for o in world.read_description(description):
-        labels[world.CELLS.index(o["cell"])] = torch.tensor([1 + VISION_LABELS[k].index(o[k]) for k in VISION_LABELS])
-    return labels
+# so linear heads on each image token (one per grid cell) first learn its cell's shape, colour and size from base.jsonl
+# (world.cell_labels).
 
 
 def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64, lr=1e-3):
@@ -310,10 +302,10 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
         return None
     def load(rs):  # -> images (N, 3, H, W), labels (N, cells, 3)
         images = [data.load_image(os.path.join(image_root, r["image"]), mcfg.vision.image_size) for r in rs]
-        return torch.stack(images), torch.stack([cell_labels(r["answer"]) for r in rs])
+        return torch.stack(images), torch.tensor([world.cell_labels(r["answer"]) for r in rs])
     images, labels = (t.to(device) for t in load(rows))  # moved once, not every step
     width = mcfg.vision.hidden_size * mcfg.scale_factor**2  # one pixel-shuffled token per cell
-    heads = torch.nn.ModuleList([torch.nn.Linear(width, 1 + len(v)) for v in VISION_LABELS.values()]).to(device)
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, 1 + len(v)) for v in world.VISION_LABELS.values()]).to(device)
     vision = model.vision_model.to(device).train()
     optimizer = torch.optim.AdamW(list(vision.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -335,7 +327,7 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
     with torch.no_grad():
         x, y = load(val_rows) if val_rows else (images[:batch_size], labels[:batch_size])
         accuracy = {k: (out.argmax(-1).cpu() == y[..., i].cpu()).float().mean().item()
-                    for i, (k, out) in enumerate(zip(VISION_LABELS, logits(x)))}
+                    for i, (k, out) in enumerate(zip(world.VISION_LABELS, logits(x)))}
     common.print0(f"[train_sft] vision tower pretrained: {steps} steps on the cells of {len(rows)} scene descriptions; "
                   f"held-out cell accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     return accuracy

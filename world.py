@@ -408,6 +408,18 @@ def slip(name, claim, objects, rng):
     return None
 
 
+# The labels of the vision tower's pretraining (train_sft.pretrain_vision), per grid cell.
+VISION_LABELS = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES)}
+
+
+def cell_labels(description):
+    """A scene description -> per cell [shape, colour, size], each 1 + its index in VISION_LABELS; 0s if empty."""
+    labels = [[0] * len(VISION_LABELS) for _ in CELLS]
+    for o in read_description(description):
+        labels[CELLS.index(o["cell"])] = [1 + VISION_LABELS[k].index(o[k]) for k in VISION_LABELS]
+    return labels
+
+
 # ----------------------------------------------------------------------------------------------
 # Splits: scenes no earlier split has, and their questions.
 

@@ -261,9 +261,9 @@ def test_bad_data_line_names_file_and_line(built_world, tmp_path):
 def test_cell_labels_read_a_scene_description():
     objects = [{"cell": "top left", "size": "small", "color": "red", "shape": "circle"},
                {"cell": "center", "size": "large", "color": "blue", "shape": "triangle"}]
-    labels = train_sft.cell_labels(world.describe(objects))
+    labels = torch.tensor(world.cell_labels(world.describe(objects)))
     assert labels.shape == (9, 3)
-    values = train_sft.VISION_LABELS
+    values = world.VISION_LABELS
     assert labels[0].tolist() == [1 + values["shape"].index("circle"), 1 + values["color"].index("red"),
                                   1 + values["size"].index("small")]
     assert labels[4].tolist() == [1 + values["shape"].index("triangle"), 1 + values["color"].index("blue"),
