@@ -386,9 +386,8 @@ def write_real_sets(cfg):
 
 
 def main(argv=None):
-    about = ("Answer a question about an image with the two agents, or write reasoning paths and SFT sets for a real "
-             "JSONL with a loaded generator and judge.")
-    cfg = common.parse_config(AgentsConfig, argv, description=about)
+    cfg = common.parse_config(AgentsConfig, argv, description="Answer a question about an image with the two agents, "
+                              "or write paths and SFT sets for a real JSONL with a loaded generator and judge.")
     if cfg.real:
         return write_real_sets(cfg)
     if not cfg.image or not cfg.question:
@@ -407,6 +406,8 @@ def main(argv=None):
         [result] = TwoAgentSystem(reasoner, summarizer).answer_batch([cfg.question], image[None])
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        common.interrupted("nothing was written")
     print(f"reasoning agent: {reasoning_dir}\nsummary agent:   {summary_dir}\n")
     print(result["chain"] or "(the reasoning agent wrote no chain)")
     print(f"\nanswer: {result['answer']}")

@@ -54,8 +54,7 @@ def parse_config(cls, argv=None, description=None):
     return cls(**vars(args))
 
 
-def option(default, text, **metadata):
-    """A field for parse_config: default, --flag help, metadata (a range in BOUNDS keys, a None default's "type")."""
+def option(default, text, **metadata):  # a field for parse_config: default, help, metadata (BOUNDS keys, "type")
     return field(default=default, metadata={"help": text, **metadata})
 
 
@@ -167,9 +166,7 @@ def cpu_flags(path="/proc/cpuinfo"):
     return frozenset(line[1].split() if line else ())
 
 
-def cpu_has_bf16(flags, capability):
-    """Whether a CPU computes in bf16 natively, from what it reports: AVX512-BF16 or AMX with torch's AVX512 kernels on
-    x86, the BF16 feature on Arm. Elsewhere torch emulates bf16, 10-400x slower than fp32 (docs/experiments.md)."""
+def cpu_has_bf16(flags, capability):  # AVX512-BF16 or AMX with AVX512 kernels, or Arm's BF16 (docs/experiments.md)
     return (bool(flags & {"avx512_bf16", "amx_bf16"}) and capability == "AVX512") or "bf16" in flags
 
 
@@ -179,8 +176,7 @@ def announce(device, choice, why):  # the choice of --precision auto, printed on
 
 
 def resolve_precision(device, precision):
-    """'auto' -> bf16 on GPUs of capability 8.0+ (is_bf16_supported() also counts emulation), else fp16; on the CPU
-    bf16 where it computes in bf16 natively (cpu_has_bf16), else fp32."""
+    """'auto' -> bf16 on GPUs of capability 8.0+ (is_bf16_supported counts emulation), else fp16; CPU: cpu_has_bf16."""
     device = torch.device(device)
     if precision == "auto":
         if device.type == "cuda":
@@ -261,6 +257,11 @@ def distributed():  # (rank, world size) of this process: (0, 1) without torchru
 def print0(*args):  # print, on rank 0 alone
     if distributed()[0] == 0:
         print(*args)
+
+
+def interrupted(message):  # Ctrl-C: one line saying what was saved and how to continue; 130, as a shell reports it
+    print0(f"interrupted: {message}")
+    raise SystemExit(130)
 
 
 def data_parallel(model):

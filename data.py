@@ -452,6 +452,8 @@ def main(argv=None):
         card = build_world(args.out, **{f.name: getattr(args, f.name) for f in fields(DataConfig)})
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # card.json, written last, is missing: train_dpo.py builds the world again
+        common.interrupted(f"{args.out} is incomplete; run the command again")
     for key, value in card.items():
         print(f"{key:>22}: {json.dumps(value)}")
     print(f"wrote {args.out} (card.json, tokenizer.json, images/, *.jsonl)")

@@ -479,6 +479,8 @@ def main(argv=None):
                         device, cfg.precision, cfg.override_margin)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # results are written only at the end
+        common.interrupted("no results were written; run the command again")
 
 
 if __name__ == "__main__":

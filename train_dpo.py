@@ -465,6 +465,8 @@ def main(argv=None):
         results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt as e:  # one line: what was saved, how to continue
+        common.interrupted(f"{str(e) or 'finished stages and rounds are kept'}; continue: the same command again")
     common.cleanup_distributed()
     return results
 

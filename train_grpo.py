@@ -252,8 +252,7 @@ def train(cfg, device, out_dir):
         if rank == 0:  # every process holds the same weights
             common.save_train_state(state_path, policy, opt, scaler, done, cfg, rng=False)  # without a half-done step
         bar.close()
-        common.print0(f"interrupted: saved step {done}/{cfg.steps} to {state_path}; run again to continue")
-        raise
+        raise KeyboardInterrupt(f"saved step {done}/{cfg.steps} to {state_path}") from None
     bar.close()
     report(cfg.steps)
     if rank > 0:  # rank 0 alone writes the checkpoint and the summary
@@ -309,8 +308,8 @@ def main(argv=None):
         results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:  # one line: what was saved, how to continue
+        common.interrupted(f"{str(e) or 'finished stages are kept'}; continue: the same command again")
     common.cleanup_distributed()
     return results
 

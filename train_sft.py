@@ -276,8 +276,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
         if rank == 0:  # every process holds the same weights
             save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)  # gradients of a half-done step are dropped
         bar.close()
-        common.print0(f"interrupted: saved step {done}/{total} to {out_dir}; continue with --resume")
-        raise
+        raise KeyboardInterrupt(f"saved step {done}/{total} to {out_dir}") from None  # main says how to continue
     bar.close()
     wall = time.time() - t_start
     return {"steps": done, "wall_s": wall, "train_loss": train_loss, "val_loss": val_loss,
@@ -414,8 +413,8 @@ def main(argv=None):
         run_stage(cfg.stage, cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:  # one line: what was saved, how to continue
+        common.interrupted(f"{str(e) or 'nothing saved'}; continue: the same command with --resume")
     common.cleanup_distributed()
 
 

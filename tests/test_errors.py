@@ -21,13 +21,14 @@ import data
 import eval as E
 import generate
 import train_dpo
+import train_grpo
 import train_sft
+from common import STAGE_DONE
 from model import VLM, get_config
 from test_dpo import micro_run, teacher_sampler
 from test_eval import BENCHMARK, REPLIES, fake_models, question_of, write_set
 from test_generate import checkpoint  # noqa: F401 (a fixture: a micro model saved with a tokenizer, and an image)
 from test_train_sft import built_world, loop_config, micro_model, synthetic_examples  # noqa: F401 (a fixture)
-from common import STAGE_DONE
 from train_sft import train_loop
 
 # The job's smallest round: 6 questions, 2 pairs per step, so a round has several steps.
@@ -384,3 +385,53 @@ def test_sft_divergence_message_is_accurate(tmp_path):
                    str(tmp_path / "b.jsonl"), "b")
     assert str(e.value) == (f"loss nan, grad norm nan at step 3: training halted; the last good checkpoint (step 2) "
                             f"is in {tmp_path / 'b'}; try a lower --lr or --precision fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C ends every script with one line: what was saved and how to continue
+
+
+def interrupt(message=None):
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt(*([message] if message else []))
+    return stop
+
+
+def test_ctrl_c_is_one_line_saying_what_was_saved_and_how_to_continue(tmp_path, monkeypatch, capsys):
+    folder = str(tmp_path / "ckpt")
+    cases = [
+        (train_sft, "run_stage", interrupt("saved step 3/10 to out/base"), train_sft.main, ["--stage", "base"],
+         "interrupted: saved step 3/10 to out/base; continue: the same command with --resume"),
+        (train_dpo, "run", interrupt(), train_dpo.main, [],
+         "interrupted: finished stages and rounds are kept; continue: the same command again"),
+        (train_grpo, "run", interrupt("saved step 2/60 to out/reasoning_grpo/train_state.pt"), train_grpo.main, [],
+         "interrupted: saved step 2/60 to out/reasoning_grpo/train_state.pt; continue: the same command again"),
+        (E, "run_eval", interrupt(), E.main, [], "interrupted: no results were written; run the command again"),
+        (data, "build_world", interrupt(), data.main, ["--out", folder],
+         f"interrupted: {folder} is incomplete; run the command again"),
+        (agents, "load_vlm", interrupt(), agents.main, ["--image", "x.png", "--question", "q?", "--reasoning", folder,
+                                                        "--summary", folder], "interrupted: nothing was written"),
+    ]
+    for module, name, stop, main, argv, expected in cases:
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, stop)
+            with pytest.raises(SystemExit) as e:
+                main(argv)
+        assert e.value.code == 130 and capsys.readouterr().out.splitlines()[-1:] == [expected]
+
+
+def test_an_interrupted_stage_raises_what_it_saved(tmp_path):
+    model = micro_model()
+    calls = {"n": 0}
+
+    def log_then_stop(path, record):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "log_record", log_then_stop)
+        with pytest.raises(KeyboardInterrupt, match=f"^saved step 2/4 to {tmp_path}$"):
+            train_loop(model, synthetic_examples(model, 8), [], loop_config(max_steps=4), str(tmp_path),
+                       str(tmp_path / "log.jsonl"), "t")
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 2
