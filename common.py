@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import MISSING, asdict, field, fields
@@ -70,14 +71,18 @@ def option_of(cls, name, text=None):
 def atomic_write(path, write):
     """Call write(tmp_path), then rename over path: a crash never leaves a half-written file. The file gets the
     permissions a plain open() gives under the umask, so others can read a shared checkpoint. The temp file is the
-    writer's own (its pid in the name); the next save of the same path removes those that killed writers left."""
+    writer's own (host and pid in its name); a save removes those that killed writers on this host left."""
     folder, name = os.path.split(os.path.abspath(path))
-    for stale in glob.glob(glob.escape(os.path.join(folder, f".tmp-{name}-")) + "*"):
-        pid = stale.rsplit("-", 1)[1]
-        if pid.isdigit() and not alive(int(pid)):
+    mine = f".tmp-{name}-{socket.gethostname()}-"  # this host's writers, whose pids can be asked after
+    for stale in glob.glob(glob.escape(os.path.join(folder, mine)) + "*") if os.name == "posix" else ():
+        try:
+            os.kill(int(stale.rsplit("-", 1)[1]), 0)  # signal 0 only asks whether the writer is still alive
+        except ProcessLookupError:
             with contextlib.suppress(FileNotFoundError):  # another writer may clear it first
                 os.remove(stale)
-    tmp = os.path.join(folder, f".tmp-{name}-{os.getpid()}")
+        except (ValueError, PermissionError):  # not a pid; another user's live process
+            pass
+    tmp = os.path.join(folder, mine + str(os.getpid()))
     try:
         write(tmp)
         umask = os.umask(0)  # reading the umask means setting it: put it back at once
@@ -100,13 +105,6 @@ STAGE_DONE, ROUND_DONE, GRPO_DONE = "stage.json", "round.json", "grpo.json"
 
 def finished(path):  # a stage, round or GRPO run written to the end
     return any(os.path.isfile(os.path.join(path, marker)) for marker in (STAGE_DONE, ROUND_DONE, GRPO_DONE))
-
-
-def alive(pid):  # signal 0 only asks whether the process exists (PermissionError: it does, as another user's)
-    try:
-        return os.kill(pid, 0) is None
-    except (ProcessLookupError, PermissionError) as e:
-        return isinstance(e, PermissionError)
 
 
 def write_json(obj, path):

@@ -61,14 +61,13 @@ def token_logps(model, input_ids, targets, pixel_values=None):
 
 
 def check_cache_fits(cfg, rows, positions, dtype, device):
-    """A KV cache that cannot fit on the device -> one ValueError, before it is allocated (--max-new-tokens 1e12 would
-    ask for terabytes): against the GPU's free memory, or the host's MemAvailable (free plus reclaimable page cache;
-    not checked where there is no /proc/meminfo)."""
+    """A KV cache that cannot fit -> one ValueError before it is allocated (--max-new-tokens 1e12 asks for terabytes):
+    against the GPU's free and torch's unused reserved memory, or the host's MemAvailable (not checked elsewhere)."""
     need = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * positions * cfg.head_dim * dtype.itemsize
     try:
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else next(
-            int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-            if line.startswith("MemAvailable:"))
+        free = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                    if line.startswith("MemAvailable:")) if device.type != "cuda" else (
+            torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
     except (OSError, StopIteration):
         return
     if need > free:
@@ -132,7 +131,7 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
     ids, mask = left_pad(input_ids, attention_mask, pad_id, device)  # (B, T)
     B, T = ids.shape
     n_rows = B * num_samples
-    check_cache_fits(model.config.text, n_rows, T + max_new_tokens, dtype, device)
+    check_cache_fits(model.config.text, B + n_rows * (num_samples > 1), T + max_new_tokens, dtype, device)  # + copy
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
@@ -230,6 +229,8 @@ def main(argv=None):
                  dtype=torch.bfloat16 if device.type == "cuda" else None)
     except ValueError as e:  # the KV cache would not fit
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        common.interrupted("the answer so far is above")
     print(tok.decode(answer)[len(shown):])  # whatever was held back, and the final newline
 
 

@@ -414,7 +414,7 @@ def main(argv=None):
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line: what was saved, how to continue
-        common.interrupted(f"{str(e) or 'nothing saved'}; continue: the same command with --resume")
+        common.interrupted(f"{e}; continue: the same command with --resume" if str(e) else "nothing saved")
     common.cleanup_distributed()
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -333,7 +334,7 @@ def test_benchmark_rows_are_checked_named_and_skippable(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_saved_files_follow_the_umask_and_stale_temp_files_go(tmp_path, umask):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".tmp-model.safetensors-{int(dead.stdout)}"
+    stale = tmp_path / f".tmp-model.safetensors-{socket.gethostname()}-{int(dead.stdout)}"
     stale.write_bytes(b"half a tensor")  # a save killed mid-write: its writer is gone
     stale.chmod(0o600)
     old = os.umask(umask)
@@ -346,13 +347,16 @@ def test_saved_files_follow_the_umask_and_stale_temp_files_go(tmp_path, umask):
 
 
 def test_two_writers_of_one_path_keep_their_own_temp_files(tmp_path):
-    # Another process (here this test's parent, alive) is writing the same file: its temp file is left alone.
-    other = tmp_path / f".tmp-results.json-{os.getppid()}"
-    other.write_text("{half")
+    # Other processes are writing the same file: this host's live one (this test's parent) and one on another host
+    # sharing the folder, whose pid means nothing here. Their temp files are left alone.
+    host = socket.gethostname()
+    others = [tmp_path / f".tmp-results.json-{host}-{os.getppid()}", tmp_path / ".tmp-results.json-elsewhere-999999999"]
+    for other in others:
+        other.write_text("{half")
     seen = []
     common.atomic_write(str(tmp_path / "results.json"), lambda tmp: seen.append(tmp) or open(tmp, "w").write("{}"))
-    assert seen == [str(tmp_path / f".tmp-results.json-{os.getpid()}")] and other.read_text() == "{half"
-    assert (tmp_path / "results.json").read_text() == "{}"
+    assert seen == [str(tmp_path / f".tmp-results.json-{host}-{os.getpid()}")]
+    assert all(other.read_text() == "{half" for other in others) and (tmp_path / "results.json").read_text() == "{}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -274,8 +274,17 @@ def test_cli_unreadable_image(tmp_path, checkpoint):
 def test_a_kv_cache_that_cannot_fit_is_refused_before_it_is_allocated(checkpoint, monkeypatch):
     vlm, path, image = checkpoint
     monkeypatch.setattr(G, "KVCache", lambda *a, **kw: pytest.fail("the cache was allocated before the check"))
-    with pytest.raises(ValueError, match=r"^the KV cache for 2 rows of \d+ tokens needs [\d.]+ GiB, more than the "
+    # 3 rows: while the 2 samples' cache is cloned from the prompt's, both exist.
+    with pytest.raises(ValueError, match=r"^the KV cache for 3 rows of \d+ tokens needs [\d.]+ GiB, more than the "
                                          r"[\d.]+ GiB free on cpu: lower --max-new-tokens or the batch size$"):
         generate(vlm, [[5, 6, 7]], max_new_tokens=10**12, num_samples=2)
     message = cli_error("--model", path, "--image", image, "--max-new-tokens", 10**12)
     assert "lower --max-new-tokens" in message
+
+
+def test_ctrl_c_while_streaming_is_one_line(checkpoint, monkeypatch, capsys):
+    _, path, image = checkpoint
+    monkeypatch.setattr(G, "generate", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        G.main(["--model", str(path), "--image", str(image), "--prompt", "hi"])
+    assert e.value.code == 130 and capsys.readouterr().out.splitlines()[-1] == "interrupted: the answer so far is above"
