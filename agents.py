@@ -27,6 +27,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 from generate import generate, token_logps
@@ -321,7 +322,7 @@ def dpo_rounds(out_dir, last=None):
     rounds = {}
     for path in glob.glob(os.path.join(out_dir, "reasoning_dpo*")):
         match = re.fullmatch(r"reasoning_dpo(\d+)", os.path.basename(path))
-        if match and common.finished(path) and (last is None or int(match[1]) <= last):
+        if match and checkpoint.finished(path) and (last is None or int(match[1]) <= last):
             rounds[int(match[1])] = path
     return dict(sorted(rounds.items()))
 
@@ -329,7 +330,7 @@ def dpo_rounds(out_dir, last=None):
 def latest_reasoning_dir(out_dir):
     """The last reasoning agent a run produced: its last DPO round if any, else the SFT one."""
     rounds = dpo_rounds(out_dir)
-    return rounds[max(rounds)] if rounds else common.stage_dir(out_dir, "reasoning")
+    return rounds[max(rounds)] if rounds else checkpoint.stage_dir(out_dir, "reasoning")
 
 
 @dataclass
@@ -393,12 +394,12 @@ def main(argv=None):
     if not cfg.image or not cfg.question:
         raise SystemExit("error: pass both --image PATH and --question TEXT (or --real FILE --generator CKPT)")
     reasoning_dir = cfg.reasoning or latest_reasoning_dir(cfg.out)
-    summary_dir = cfg.summary or common.stage_dir(cfg.out, "summary")
+    summary_dir = cfg.summary or checkpoint.stage_dir(cfg.out, "summary")
     unfinished = [d for d, given in ((reasoning_dir, cfg.reasoning), (summary_dir, cfg.summary))
-                  if not given and os.path.isdir(d) and not common.finished(d)]  # a run's own stages: finished only
+                  if not given and os.path.isdir(d) and not checkpoint.finished(d)]  # a run's own stages: finished only
     if unfinished:
-        raise SystemExit(f"error: {unfinished[0]} was not trained to the end (no {common.STAGE_DONE}): run python "
-                         f"train_dpo.py --iters 3 --out {cfg.out} again to finish it, or pass a checkpoint")
+        raise SystemExit(f"error: {unfinished[0]} is unfinished or out of date (built from a stage rebuilt since): run "
+                         f"python train_dpo.py --iters 3 --out {cfg.out} again to build it, or pass a checkpoint")
     try:  # a missing checkpoint or image: a one-line message that names it
         reasoner = ReasoningAgent(load_vlm(reasoning_dir), cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
         summarizer = SummaryAgent(load_vlm(summary_dir), override_margin=cfg.override_margin)

@@ -22,9 +22,9 @@ import torch
 
 import common
 from common import autocast, resolve_device, resolve_precision
-from eval import markdown_table
 from generate import generate
 from model import VLM, get_config
+from plots import markdown_table
 from train_dpo import dpo_loss, sequence_logps
 
 

@@ -1,5 +1,6 @@
 """checkpoint.py: checkpoints on disk. Skip it on a first read; model.VLM's save_pretrained, from_pretrained and
-from_parts call it.
+from_parts call it, and every script asks it which products of a run (world, stages, rounds) are finished and current,
+and for the train state --resume continues from (nanochat's checkpoint_manager.py plays the same part there).
 
 Three layouts load: this project's own (config.json with model_type "nano-insight-v", model.safetensors,
 tokenizer.json); a SmolVLM / Idefics3 directory as transformers publishes it; and a SigLIP checkpoint beside a
@@ -7,16 +8,119 @@ Llama-family one (from_parts, the projector freshly initialised). The published 
 because model.py names every module as transformers does. Every key and shape is checked before any is copied.
 """
 
+import contextlib
 import json
 import os
+import uuid
+from dataclasses import fields
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from common import atomic_write, reading_checkpoint, write_json
+from common import atomic_write, distributed, print0, write_json
 
+
+@contextlib.contextmanager
+def reading_checkpoint(path):
+    """A checkpoint file that cannot be parsed -> one ValueError naming it, the same from every script."""
+    try:
+        yield
+    except OSError:
+        raise  # missing or unreadable, not corrupt: its own message names the file
+    except Exception as e:  # json, safetensors, tokenizers and torch.load each raise their own kinds
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def stage_dir(out, stage):
+    """Where a stage's checkpoint lives in the run directory out (every script finds the agents here)."""
+    return os.path.join(out, stage)
+
+
+# What the world, an SFT stage, a DPO round and a GRPO run write last: without it, the run was interrupted.
+WORLD_DONE, STAGE_DONE, ROUND_DONE, GRPO_DONE = "card.json", "stage.json", "round.json", "grpo.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached products. The world, an SFT stage, a DPO round and a GRPO run each record, in the file they write last, their
+# id, the options that define them and the ids of their inputs (the products they were built from, named by their
+# directory in the run). A product is reused only while both still hold: nothing stale, nothing mixed.
+
+def options_of(config):  # the options that define what a config builds: all but those marked compared=False
+    return json.loads(json.dumps({f.name: getattr(config, f.name) for f in fields(config)
+                                  if f.metadata.get("compared", True)}))  # as a marker gives them back
+
+
+def marker(path):  # the finished product at path: its last file (card, stage, round or grpo .json) as a dict, or None
+    for file in (os.path.join(path, name) for name in (WORLD_DONE, STAGE_DONE, ROUND_DONE, GRPO_DONE)):
+        if os.path.isfile(file):
+            try:
+                return json.loads(Path(file).read_text())
+            except ValueError:
+                raise ValueError(f"{file} is corrupt: build that product again") from None
+    return None
+
+
+def ids(run_dir, names):  # {name: id of the finished product run_dir/name} (None: unfinished, or built before ids)
+    return {name: (marker(os.path.join(run_dir, name)) or {}).get("id") for name in names}
+
+
+def provenance(options, run_dir, inputs):  # what a product records: a new id, its options, its inputs' ids
+    return {"id": uuid.uuid4().hex, "options": options, "inputs": ids(run_dir, inputs)}
+
+
+def stale(path, done=None):  # the inputs of the finished product at path rebuilt after it, or out of date themselves
+    recorded, run_dir = (done or marker(path) or {}).get("inputs", {}), os.path.dirname(os.path.abspath(path))
+    return [k for k, v in ids(run_dir, recorded).items() if v != recorded[k] or stale(os.path.join(run_dir, k))]
+
+
+def finished(path):  # a product written to the end, from inputs that are still the ones it was built from
+    return marker(path) is not None and not stale(path)
+
+
+def flat(options, prefix=""):  # {"a": {"b": 1}} -> {"a.b": 1}, so that an error names the one option that differs
+    out = {}
+    for key, value in options.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+def check_record(path, recorded, wanted, fix):
+    """A product's (or train state's) recorded provenance against the wanted one: the first option or input that
+    differs -> a one-line ValueError naming it and `fix`, the flag that builds just that product again."""
+    options = flat(recorded.get("options", recorded.get("config", {})))  # "config": stage.json before "options"
+    for key, value in flat(wanted["options"]).items():
+        if key not in options or options[key] != value:
+            raise ValueError(f"{path} was built with {key}={options.get(key, '(not recorded)')}, not {value}: pass "
+                             f"the same option, or {fix}")
+    for key, value in wanted["inputs"].items():
+        if recorded.get("inputs", {}).get(key) != value:
+            raise ValueError(f"{path} was built from an earlier {key}, rebuilt since: {fix}")
+
+
+def cached(path, name, record, fix, force=False):
+    """Whether the finished product at path is reused: built with record's options from its inputs as they are now.
+    Forced, or an input rebuilt since: its marker and train state go, and it is built again from scratch. An
+    interrupted one is built, continuing its train state. Other options: check_record's error."""
+    done, old = marker(path), stale(path)
+    if force or old:
+        if done is not None:
+            why = "asked to" if force else f"its {', '.join(old)} was rebuilt"
+            print0(f"[stage] {name}: building it again ({why})")
+        for file in (STAGE_DONE, ROUND_DONE, GRPO_DONE, "train_state.pt") if distributed()[0] == 0 else ():
+            Path(path, file).unlink(missing_ok=True)
+        return False
+    if done is not None:
+        check_record(path, done, record, fix)
+        print0(f"[stage] {name}: cached at {path}")
+    return done is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
 
 def save(model, path):
     """config.json + model.safetensors (+ tokenizer.json), each written to a temp file and renamed."""
@@ -232,3 +336,39 @@ def idefics3_config(c):
     return {"vision": siglip_config(vision), "text": llama_config(c.get("text_config", {}), c),
             "scale_factor": c.get("scale_factor", 2), "image_token_id": c.get("image_token_id", 128257)}
 
+
+# ----------------------------------------------------------------------------------------------
+# The train state --resume continues from (SFT stages, GRPO runs)
+
+def save_train_state(path, model, optimizer, scaler, step, record, rng=True):
+    """What --resume needs, beside the weights save_pretrained writes: its own copy of the weights (a crash never mixes
+    two steps), the optimizer, the scaler, the step, the run's provenance (its options and inputs) and (rng) the random
+    generators' states."""
+    device = next(model.parameters()).device  # the training GPU's generator only: a resume may see fewer GPUs
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), **record}
+    if rng:
+        state.update(rng_cpu=torch.get_rng_state(),
+                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    def write(tmp):  # through a file object: torch.save rejects the dot-named path atomic_write gives
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, write)
+
+
+def load_train_state(path, model, optimizer, scaler, record, start_over="run without --resume"):
+    """Restore a save_train_state file in place -> the number of steps done. Every option that changes the trajectory
+    and every input must be those of record (check_record): a resumed run never mixes two."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: nothing to resume; {start_over}")
+    with reading_checkpoint(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    check_record(path, state, record, start_over)
+    for part, key in ((model, "model"), (optimizer, "optimizer"), (scaler, "scaler")):
+        part.load_state_dict(state[key])
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    device = next(model.parameters()).device
+    if isinstance(state.get("rng_cuda"), torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return state["step"]

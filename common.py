@@ -14,14 +14,21 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
-from dataclasses import MISSING, asdict, field, fields
+from dataclasses import MISSING, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
+
+try:
+    import fcntl  # POSIX file locks (run_lock)
+except ImportError:
+    fcntl = None
 
 # ----------------------------------------------------------------------------------------------
 # Options: dataclasses whose fields are also command-line flags (--train-scenes 500).
@@ -84,7 +91,8 @@ def atomic_write(path, write):
             pass
     tmp = os.path.join(folder, mine + str(os.getpid()))
     try:
-        write(tmp)
+        with writing(path):
+            write(tmp)
         umask = os.umask(0)  # reading the umask means setting it: put it back at once
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors, for one, writes 0600
@@ -94,17 +102,46 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def stage_dir(out, stage):
-    """Where a stage's checkpoint lives in the run directory out (every script finds the agents here)."""
-    return os.path.join(out, stage)
+HELD = {}  # the lock files this process holds -> their open file
 
 
-# What an SFT stage, a DPO round and a GRPO run write last, with their summary: without it, the run was interrupted.
-STAGE_DONE, ROUND_DONE, GRPO_DONE = "stage.json", "round.json", "grpo.json"
+@contextlib.contextmanager
+def run_lock(*paths):
+    """One run per output directory: each path gets a .lock file that this run holds an OS lock on (fcntl; none on
+    Windows), which the OS drops when the process ends, a crash included. A second run meets a one-line error naming
+    the holder; the holder taking it again (train_dpo.py builds the world and the stages in-process) passes."""
+    taken = []
+    try:
+        for path in paths:
+            lock = os.path.join(writable_dir(path), ".lock")
+            if lock in HELD or fcntl is None or int(os.environ.get("RANK", 0)) > 0:  # torchrun: rank 0 holds it
+                continue
+            f = HELD[lock] = open(lock, "a+")
+            taken.append(lock)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "starting"
+                raise OSError(f"{path} is in use by another run ({holder}): wait for it to end, or choose another "
+                              f"--out") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}: python {' '.join(sys.argv)}")
+            f.flush()
+        yield
+    finally:
+        for lock in taken:
+            HELD.pop(lock).close()
 
 
-def finished(path):  # a stage, round or GRPO run written to the end
-    return any(os.path.isfile(os.path.join(path, marker)) for marker in (STAGE_DONE, ROUND_DONE, GRPO_DONE))
+@contextlib.contextmanager
+def writing(path):
+    """A write that fails (a full disk, a file-size limit) -> one OSError naming the file, from every script."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OS's error
+        raise OSError(f"{path} could not be written ({type(e).__name__}: {str(e).strip()[:200]}): a full disk or a "
+                      f"file-size limit ends a write this way; free space and run the same command again") from None
 
 
 def write_json(obj, path):
@@ -113,7 +150,7 @@ def write_json(obj, path):
 
 
 def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
+    with writing(path), open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
@@ -126,18 +163,6 @@ def writable_dir(path, flag="--out"):
     except OSError as e:
         raise OSError(f"{path} is not a writable directory ({e.strerror or e}): choose another {flag}") from None
     return path
-
-
-@contextlib.contextmanager
-def reading_checkpoint(path):
-    """A checkpoint file that cannot be parsed -> one ValueError naming it, the same from every script."""
-    try:
-        yield
-    except OSError:
-        raise  # missing or unreadable, not corrupt: its own message names the file
-    except Exception as e:  # json, safetensors, tokenizers and torch.load each raise their own kinds
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {reason})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,41 +383,5 @@ def start_log(path, resume_step=None):
 
 def log_record(path, record):  # one record appended to a JSONL log, on rank 0
     if distributed()[0] == 0:
-        with open(path, "a") as f:
+        with writing(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def save_train_state(path, model, optimizer, scaler, step, config, rng=True):
-    """What --resume needs, beside the weights save_pretrained writes: its own copy of the weights (a crash never mixes
-    two steps), the optimizer, the scaler, the step, the options and (rng) the random generators' states."""
-    device = next(model.parameters()).device  # the training GPU's generator only: a resume may see fewer GPUs
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "config": asdict(config)}
-    if rng:
-        state.update(rng_cpu=torch.get_rng_state(),
-                     rng_cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    def write(tmp):  # through a file object: torch.save rejects the dot-named path atomic_write gives
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-    atomic_write(path, write)
-
-
-def load_train_state(path, model, optimizer, scaler, config, same, start_over="run without --resume"):
-    """Restore a save_train_state file in place -> the number of steps done. The options named in `same` (those that
-    fix the data order and the optimizer's groups) must match config's."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: nothing to resume; {start_over}")
-    with reading_checkpoint(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in same:
-        if state["config"].get(key) != getattr(config, key):
-            raise ValueError(f"{path} was trained with --{key.replace('_', '-')} {state['config'].get(key)}, not "
-                             f"{getattr(config, key)}: resume with the same value, or {start_over}")
-    for part, key in ((model, "model"), (optimizer, "optimizer"), (scaler, "scaler")):
-        part.load_state_dict(state[key])
-    if "rng_cpu" in state:
-        torch.set_rng_state(state["rng_cpu"])
-    device = next(model.parameters()).device
-    if isinstance(state.get("rng_cuda"), torch.Tensor) and device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
-    return state["step"]

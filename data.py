@@ -20,15 +20,18 @@ import json
 import os
 import random
 import re
+import hashlib
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+import checkpoint
 import common
 import world
 from common import option
@@ -349,12 +352,17 @@ def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
 
 
 def build_world(out_dir, **options):
-    """Write the whole synthetic world to out_dir; returns the data card."""
+    """Write the whole synthetic world to out_dir, one writer at a time (common.run_lock); returns the data card."""
     cfg = DataConfig(**options)
     if cfg.min_objects > cfg.max_objects:
         raise ValueError(f"--min-objects {cfg.min_objects} is more than --max-objects {cfg.max_objects}: "
                          f"pass a range with min <= max")
-    common.writable_dir(out_dir)
+    with common.run_lock(out_dir):
+        return write_world(out_dir, cfg)
+
+
+def write_world(out_dir, cfg):
+    Path(out_dir, checkpoint.WORLD_DONE).unlink(missing_ok=True)  # written last: until then the world is unfinished
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     splits, taken = {}, set()
     for split in ("test", "val", "train"):  # test first: its scenes never depend on other sizes
@@ -379,8 +387,8 @@ def build_world(out_dir, **options):
     tok = train_tokenizer(list(dict.fromkeys(texts)), cfg.vocab_size)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     card = data_card(cfg, {s: r for s, (r, _) in splits.items()}, sets, paths, tok)
-    with open(os.path.join(out_dir, "card.json"), "w") as f:
-        json.dump(card, f, indent=1)
+    card = {"id": hashlib.sha256(json.dumps(card).encode()).hexdigest()[:16], **card}  # the same world, the same id
+    common.atomic_write(os.path.join(out_dir, checkpoint.WORLD_DONE), lambda f: common.write_json(card, f))
     return card
 
 
@@ -388,7 +396,8 @@ def write_split(out_dir, split, rows, scenes):
     """A split's pictures under out_dir/images and its rows in out_dir/<split>.jsonl."""
     for scene, objects in tqdm(scenes, desc=f"{split} images", unit="img", leave=False):
         image = os.path.join(out_dir, "images", f"{scene}.png")
-        world.render_scene(objects).save(image, format="PNG", compress_level=6)
+        with common.writing(image):
+            world.render_scene(objects).save(image, format="PNG", compress_level=6)
     common.write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)
 
 

@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 import agents
+import checkpoint
 import common
 import data
 import plots
-import train_sft
 from common import option  # the config has a field named data
 
 
@@ -144,16 +144,16 @@ def paired_comparisons(arms, rows):
 # Arms: which checkpoints answer, and how
 
 def arm_checkpoints(out_dir, rounds=None):
-    """Every arm whose stages are all finished (their marker, common.finished: an interrupted stage is no arm) ->
+    """Every arm whose stages are all finished (their marker, checkpoint.finished: an interrupted stage is no arm) ->
     {arm: (task, [checkpoint dirs])}, in table order; DPO rounds 1..rounds only, when given."""
     stages = {"direct": ["base"], "vanilla": ["vanilla"], "summary_only": ["summary-only"],
               "two_agent": ["reasoning", "summary"]}  # arm (and the task it answers as) -> the stages it loads
-    arms = {arm: (arm, [common.stage_dir(out_dir, s) for s in names]) for arm, names in stages.items()}
+    arms = {arm: (arm, [checkpoint.stage_dir(out_dir, s) for s in names]) for arm, names in stages.items()}
     for t, path in agents.dpo_rounds(out_dir, rounds).items():
-        arms[f"two_agent_dpo{t}"] = ("two_agent", [path, common.stage_dir(out_dir, "summary")])
+        arms[f"two_agent_dpo{t}"] = ("two_agent", [path, checkpoint.stage_dir(out_dir, "summary")])
     # train_grpo.py's reasoning agent, the same summary agent: GRPO beside the DPO rounds
-    arms["two_agent_grpo"] = ("two_agent", [common.stage_dir(out_dir, s) for s in ("reasoning_grpo", "summary")])
-    return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(common.finished, dirs))}
+    arms["two_agent_grpo"] = ("two_agent", [checkpoint.stage_dir(out_dir, s) for s in ("reasoning_grpo", "summary")])
+    return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(checkpoint.finished, dirs))}
 
 
 def predict(task, vlms, rows, image_root, batch_size=64, desc=None, precision="auto", margin=agents.OVERRIDE_MARGIN):
@@ -182,8 +182,8 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precisio
         answers = predict(task, [loaded[d] for d in dirs], rows, image_root, batch_size, name, precision, margin)
         metrics = score(rows, answers)
         results[name] = {**metrics, "checkpoints": dirs, "wall_s": round(time.time() - start, 1)}
-        print(f"[eval] {name}: overall {fmt(metrics['overall'])}, reasoning {fmt(metrics['reasoning'])}, "
-              f"perception {fmt(metrics['perception'])} ({results[name]['wall_s']:.0f}s)")
+        print(f"[eval] {name}: overall {plots.fmt(metrics['overall'])}, reasoning {plots.fmt(metrics['reasoning'])}, "
+              f"perception {plots.fmt(metrics['perception'])} ({results[name]['wall_s']:.0f}s)")
     return results
 
 
@@ -201,7 +201,7 @@ def finish(arms, rows, meta, path_stem, start):
                         "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, answer <= "
                                     f"{agents.ANSWER_TOKENS} tokens; summary agent's override margin "
                                     + ("off (its answers as decoded)" if margin is None else f"{margin:g} nats")}}
-    markdown = results_markdown(results)
+    markdown = plots.results_markdown(results)
     common.atomic_write(path_stem + ".json", lambda f: common.write_json(results, f))
     common.atomic_write(path_stem + ".md", lambda f: Path(f).write_text(markdown))
     print("\n" + markdown)
@@ -264,72 +264,7 @@ def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="dir
 
 
 # ----------------------------------------------------------------------------------------------
-# The tables
-
-def fmt(value, ci=None):
-    """A share as a percentage, with its interval when given: 61.2 [58.1, 64.2]; - when undefined."""
-    return "-" if value is None else f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-
-
-def markdown_table(header, rows):
-    """A markdown table's lines: the header, the rule under it, then one line per row of cells."""
-    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
-    return [line(header), "|---" * len(header) + "|"] + [line(cells) for cells in rows]
-
-
-def results_markdown(results):
-    """results.json -> markdown: accuracy per arm, per family, chain vs final answer, and the run."""
-    arms, run = results["arms"], results["meta"]  # run: how these numbers were made
-    rows = [[name, *(fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")),
-             fmt(m.get("chain_correct"), m.get("chain_correct_ci")), m["n"]] for name, m in arms.items()]
-    lines = ["Accuracy (%) with 95% Wilson intervals", "",
-             *markdown_table(["arm", "overall", "reasoning", "perception", "chain correct", "n"], rows)]
-    families = sorted({(f["kind"] or "", name) for m in arms.values() for name, f in m["families"].items()})
-    if families:
-        rows = [[family, kind, *(fmt(m["families"].get(family, {}).get("accuracy")) for m in arms.values())]
-                for kind, family in families]
-        lines += ["", "Accuracy (%) per family", "", *markdown_table(["family", "kind", *arms], rows)]
-    chained = {name: m["chain_vs_final"] for name, m in arms.items() if "chain_vs_final" in m}
-    if chained:
-        pairs = [(c, f) for c in ("right", "wrong") for f in ("right", "wrong")]  # the keys of chain_vs_final
-        rows = [[name, *(t[f"chain_{c}_final_{f}"] for c, f in pairs)] for name, t in chained.items()]
-        lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
-                  *markdown_table(["arm", *(f"chain {c}, final {f}" for c, f in pairs)], rows)]
-        rows = [[family, *(override_repair(arms[name]["families"].get(family, {})) for name in chained)]
-                for _, family in families]
-        lines += ["", "Per family: % of questions whose right chain the final answer overrides / whose wrong chain "
-                  "it repairs", "", *markdown_table(["family", *chained], rows)]
-    if results.get("paired"):
-        lines += ["", "Paired comparisons (exact McNemar test on the same questions)", "",
-                  *paired_table(results["paired"])]
-    m = run["machine"]
-    lines += ["", f"Command: `{run['command']}` on {run['data']} ({run['n_questions']} questions); {run['decoding']}.",
-              f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
-              f"wall time {run['wall_s']:.0f} s.", ""]
-    return "\n".join(lines)
-
-
-def override_repair(family):
-    """A family's metrics -> "overridden / repaired" as % of its questions ("-" where the arm has no chains)."""
-    t, n = family.get("chain_vs_final"), family.get("n")
-    if not t or not n:
-        return "-"
-    return f"{100 * t['chain_right_final_wrong'] / n:.1f} / {100 * t['chain_wrong_final_right'] / n:.1f}"
-
-
-def paired_table(tests, pooled=False):
-    """Paired tests (paired_comparisons's, or summarize's pooled over runs) -> markdown lines."""
-    header = ["comparison", "metric", "A - B (points)", "A right / B wrong (b)", "A wrong / B right (c)", "p"]
-    rows = [[key, t["metric"], f"{100 * t['diff']:+.1f}", t["b"], t["c"], f"{t['p']:.3f}" if t["p"] >= 1e-3
-             else "< 0.001", *([f"{t['ahead']} of {t['runs']}"] if pooled else [])] for key, t in tests.items()]
-    return markdown_table(header + ["A ahead in runs"] * pooled, rows)
-
-
-# ----------------------------------------------------------------------------------------------
 # Several runs (seeds) together
-
-SHARES = ("overall", "reasoning", "perception", "chain_correct")  # what --summarize compares per arm
-
 
 def results_file(run):
     """A run directory (its results.json) or a results JSON file itself -> the file's path."""
@@ -361,14 +296,14 @@ def summarize(dirs):
     loaded = {d: read_results(d) for d in dirs}
     for d, r in loaded.items():  # valid JSON of another shape: one error naming the file
         arms, tests = r["arms"].values(), r.get("paired", {})
-        if not (all(isinstance(m, dict) and all(isinstance(m.get(k), (int, float, type(None))) for k in SHARES)
+        if not (all(isinstance(m, dict) and all(isinstance(m.get(k), (int, float, type(None))) for k in plots.SHARES)
                     for m in arms) and isinstance(tests, dict) and all(
                 isinstance(t, dict) and {"arms", "metric", "b", "c", "diff"} <= t.keys() for t in tests.values())):
             raise ValueError(f"{results_file(d)}: not a results.json of eval.py (its arms or paired tests are not "
                              f"what eval.py writes)")
-    runs = {d: {arm: {k: m.get(k) for k in SHARES} for arm, m in r["arms"].items()} for d, r in loaded.items()}
+    runs = {d: {arm: {k: m.get(k) for k in plots.SHARES} for arm, m in r["arms"].items()} for d, r in loaded.items()}
     mean = {arm: {"runs": sum(arm in arms for arms in runs.values())} for arms in runs.values() for arm in arms}
-    for arm, k in [(arm, k) for arm in mean for k in SHARES]:
+    for arm, k in [(arm, k) for arm in mean for k in plots.SHARES]:
         v = [arms[arm][k] for arms in runs.values() if arm in arms and arms[arm][k] is not None]
         mean[arm][k] = {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} if v else None
     paired, notes = {}, []
@@ -390,23 +325,8 @@ def summarize(dirs):
     return {"runs": runs, "mean": mean, "pooled": pooled, "notes": notes}
 
 
-def summary_markdown(summary):
-    """summarize's dict -> markdown: accuracy per run and arm, mean (min..max) over runs, pooled paired tests."""
-    span = lambda s: "-" if s is None else f"{fmt(s['mean'])} ({fmt(s['min'])}..{fmt(s['max'])})"  # noqa: E731
-    header = ["overall", "reasoning", "perception", "chain correct"]
-    lines = ["Accuracy (%) per run", "", *markdown_table(["run", "arm", *header], [
-        [d, arm, *(fmt(m[k]) for k in SHARES)] for d, arms in summary["runs"].items() for arm, m in arms.items()])]
-    rows = [[arm, s["runs"], *(span(s[k]) for k in SHARES)] for arm, s in summary["mean"].items()]
-    lines += ["", f"Accuracy (%) over {len(summary['runs'])} runs: mean (min..max)", "",
-              *markdown_table(["arm", "runs", *header], rows)]
-    if summary["pooled"]:
-        lines += ["", "Paired comparisons pooled over runs (exact McNemar test on the summed b and c)", "",
-                  *paired_table(summary["pooled"], pooled=True)]
-    return "\n".join(lines + ["", *summary["notes"]])
-
-
 # ----------------------------------------------------------------------------------------------
-# Pictures (plots.py draws them)
+# Pictures and tables (plots.py draws them)
 
 def plot_results(run, path=None):
     """--plot: a run's results.png (or path) redrawn from its results.json; evaluates nothing."""
@@ -420,7 +340,7 @@ def plot_results(run, path=None):
 
 def plot_logs(logs_dir, path=None):
     """--plot-logs: the loss of every stage logged in logs_dir -> path (default: training.png beside logs_dir)."""
-    image, stages = plots.training_chart(logs_dir, [*train_sft.STAGES, "dpo", "grpo"])
+    image, stages = plots.training_chart(logs_dir)
     plots.save_png(image, path or os.path.join(os.path.dirname(os.path.normpath(logs_dir)), "training.png"))
     return stages
 
@@ -467,7 +387,7 @@ def main(argv=None):
             return None
         if cfg.summarize is not None:
             summary = summarize(cfg.summarize)
-            print(summary_markdown(summary))
+            print(plots.summary_markdown(summary))
             return summary
         device = common.resolve_device(cfg.device)
         if cfg.override_margin == -math.inf:  # the paper's rule: recorded as null, not as JSON's nonstandard -Infinity
@@ -475,8 +395,9 @@ def main(argv=None):
         if cfg.data:
             return run_benchmark(cfg.data, cfg.reasoning, cfg.summary, cfg.model, cfg.task, cfg.out, cfg.limit,
                                  cfg.batch_size, device, cfg.precision, cfg.skip_bad, cfg.override_margin)
-        return run_eval(cfg.out, cfg.arms.split(",") if cfg.arms else None, cfg.split, cfg.limit, cfg.batch_size,
-                        device, cfg.precision, cfg.override_margin)
+        with common.run_lock(cfg.out):  # not while a training writes there
+            return run_eval(cfg.out, cfg.arms.split(",") if cfg.arms else None, cfg.split, cfg.limit, cfg.batch_size,
+                            device, cfg.precision, cfg.override_margin)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # results are written only at the end

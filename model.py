@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import checkpoint
-import common
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -481,7 +480,7 @@ class VLM(nn.Module):  # Idefics3ForConditionalGeneration
     def from_pretrained(cls, path, dtype=None):
         """This project's own checkpoints, or a SmolVLM / Idefics3 checkpoint directory as published."""
         config, state, tokenizer = checkpoint.load(path)
-        with common.reading_checkpoint(os.path.join(path, "config.json")):  # a section or field missing or misspelt
+        with checkpoint.reading_checkpoint(os.path.join(path, "config.json")):  # a section or field missing or misspelt
             config = VLMConfig.from_dict(config)
         model = checkpoint.load_into(cls(config), state, tokenizer, path)
         return model.to(dtype) if dtype is not None else model

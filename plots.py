@@ -1,7 +1,9 @@
-"""plots.py: the two pictures, drawn with Pillow alone. Skip it on a first read; eval.py calls it.
+"""plots.py: the two pictures, drawn with Pillow alone, and the markdown tables. Skip it on a first read; eval.py
+calls it.
 
 results.png: accuracy per arm with 95% Wilson intervals, and the reasoning agent's chain correctness per DPO round
-(and GRPO); training.png: the train and val loss of every training stage against step.
+(and GRPO); training.png: the train and val loss of every training stage against step; results.md's tables and those
+of eval.py --summarize.
 """
 
 import functools
@@ -14,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import common
 import data
+import train_sft
 
 GROUPS = {"overall": (66, 103, 172), "reasoning": (230, 140, 30), "perception": (80, 160, 90)}  # bar colours
 ROUNDS, GRPO, TRAIN, VAL = (120, 80, 160), (200, 50, 50), (150, 170, 210), (220, 90, 40)
@@ -198,10 +201,10 @@ def loss_panel(draw, corner, stage, log):
         draw.ellipse([to_x(s) - 3, to_y(v) - 3, to_x(s) + 3, to_y(v) + 3], fill=VAL)
 
 
-def training_chart(logs_dir, order=()):
-    """Every stage's log in logs_dir -> (training.png: a panel per stage, 3 to a row, those in `order` first, in that
-    order; the stages drawn)."""
-    order = list(order)
+def training_chart(logs_dir):
+    """Every stage's log in logs_dir -> (training.png: a panel per stage, 3 to a row, in the order the job trains
+    them; the stages drawn)."""
+    order = [*train_sft.STAGES, "dpo", "grpo"]
     names = sorted((p.stem for p in Path(logs_dir).glob("*.jsonl")),
                    key=lambda s: (order.index(s) if s in order else len(order), s))
     logs = {s: log for s in names if (log := read_log(os.path.join(logs_dir, f"{s}.jsonl")))[0]}
@@ -223,3 +226,83 @@ def save_png(image, path):
     common.atomic_write(path, lambda f: image.save(f, format="PNG"))
     print(f"[eval] wrote {path}")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables of results.md and of eval.py --summarize
+
+def fmt(value, ci=None):
+    """A share as a percentage, with its interval when given: 61.2 [58.1, 64.2]; - when undefined."""
+    return "-" if value is None else f"{100 * value:.1f}" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def markdown_table(header, rows):
+    """A markdown table's lines: the header, the rule under it, then one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(header), "|---" * len(header) + "|"] + [line(cells) for cells in rows]
+
+
+def results_markdown(results):
+    """results.json -> markdown: accuracy per arm, per family, chain vs final answer, and the run."""
+    arms, run = results["arms"], results["meta"]  # run: how these numbers were made
+    rows = [[name, *(fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")),
+             fmt(m.get("chain_correct"), m.get("chain_correct_ci")), m["n"]] for name, m in arms.items()]
+    lines = ["Accuracy (%) with 95% Wilson intervals", "",
+             *markdown_table(["arm", "overall", "reasoning", "perception", "chain correct", "n"], rows)]
+    families = sorted({(f["kind"] or "", name) for m in arms.values() for name, f in m["families"].items()})
+    if families:
+        rows = [[family, kind, *(fmt(m["families"].get(family, {}).get("accuracy")) for m in arms.values())]
+                for kind, family in families]
+        lines += ["", "Accuracy (%) per family", "", *markdown_table(["family", "kind", *arms], rows)]
+    chained = {name: m["chain_vs_final"] for name, m in arms.items() if "chain_vs_final" in m}
+    if chained:
+        pairs = [(c, f) for c in ("right", "wrong") for f in ("right", "wrong")]  # the keys of chain_vs_final
+        rows = [[name, *(t[f"chain_{c}_final_{f}"] for c, f in pairs)] for name, t in chained.items()]
+        lines += ["", "Chain vs final answer (counts): does the final answer follow, fix or spoil the chain?", "",
+                  *markdown_table(["arm", *(f"chain {c}, final {f}" for c, f in pairs)], rows)]
+        rows = [[family, *(override_repair(arms[name]["families"].get(family, {})) for name in chained)]
+                for _, family in families]
+        lines += ["", "Per family: % of questions whose right chain the final answer overrides / whose wrong chain "
+                  "it repairs", "", *markdown_table(["family", *chained], rows)]
+    if results.get("paired"):
+        lines += ["", "Paired comparisons (exact McNemar test on the same questions)", "",
+                  *paired_table(results["paired"])]
+    m = run["machine"]
+    lines += ["", f"Command: `{run['command']}` on {run['data']} ({run['n_questions']} questions); {run['decoding']}.",
+              f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
+              f"wall time {run['wall_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def override_repair(family):
+    """A family's metrics -> "overridden / repaired" as % of its questions ("-" where the arm has no chains)."""
+    t, n = family.get("chain_vs_final"), family.get("n")
+    if not t or not n:
+        return "-"
+    return f"{100 * t['chain_right_final_wrong'] / n:.1f} / {100 * t['chain_wrong_final_right'] / n:.1f}"
+
+
+def paired_table(tests, pooled=False):
+    """Paired tests (paired_comparisons's, or summarize's pooled over runs) -> markdown lines."""
+    header = ["comparison", "metric", "A - B (points)", "A right / B wrong (b)", "A wrong / B right (c)", "p"]
+    rows = [[key, t["metric"], f"{100 * t['diff']:+.1f}", t["b"], t["c"], f"{t['p']:.3f}" if t["p"] >= 1e-3
+             else "< 0.001", *([f"{t['ahead']} of {t['runs']}"] if pooled else [])] for key, t in tests.items()]
+    return markdown_table(header + ["A ahead in runs"] * pooled, rows)
+
+
+SHARES = ("overall", "reasoning", "perception", "chain_correct")  # what --summarize compares per arm
+
+
+def summary_markdown(summary):
+    """summarize's dict -> markdown: accuracy per run and arm, mean (min..max) over runs, pooled paired tests."""
+    span = lambda s: "-" if s is None else f"{fmt(s['mean'])} ({fmt(s['min'])}..{fmt(s['max'])})"  # noqa: E731
+    header = ["overall", "reasoning", "perception", "chain correct"]
+    lines = ["Accuracy (%) per run", "", *markdown_table(["run", "arm", *header], [
+        [d, arm, *(fmt(m[k]) for k in SHARES)] for d, arms in summary["runs"].items() for arm, m in arms.items()])]
+    rows = [[arm, s["runs"], *(span(s[k]) for k in SHARES)] for arm, s in summary["mean"].items()]
+    lines += ["", f"Accuracy (%) over {len(summary['runs'])} runs: mean (min..max)", "",
+              *markdown_table(["arm", "runs", *header], rows)]
+    if summary["pooled"]:
+        lines += ["", "Paired comparisons pooled over runs (exact McNemar test on the summed b and c)", "",
+                  *paired_table(summary["pooled"], pooled=True)]
+    return "\n".join(lines + ["", *summary["notes"]])

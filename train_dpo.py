@@ -15,12 +15,11 @@ each round's questions and trains on its share of each batch of pairs (common.py
 """
 
 import contextlib
-import json
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 import agents
+import checkpoint
 import common
 import data
 import eval as evaluation
@@ -136,21 +136,25 @@ class JobConfig:
     """The options train_dpo.py and train_grpo.py share: where the run lives, how its stages are built, how chains are
     sampled, and the seeds."""
     out: str = common.option("out", "where data, checkpoints, logs and results go (train_dpo.py and train_grpo.py "
-                                    "share it)")
+                                    "share it)", compared=False)
     init: str = common.option(None, "start the base stage from this checkpoint")
-    force: bool = common.option(False, "rebuild every stage, and this job's own training, even if cached")
+    force: bool = common.option(False, "rebuild every stage, and this job's own training, even if cached",
+                                compared=False)
+    rebuild: str = common.option(None, "build these again, and then what was built from them (a cached product built "
+                                 "with other options is an error)", nargs="+", compared=False,
+                                 choices=["data", *train_sft.STAGES, "dpo", "grpo"])
     temperature: float = common.option(0.9, "sampling temperature for the chains", min=0)
     top_p: float = common.option(0.95, "nucleus sampling for the chains (paper: 0.95)", above=0, max=1)
     sample_batch: int = common.option(1024, "sequences decoded together (lower it for a big model)", min=1)
     max_chain_tokens: int = common.option(160, "cap on a sampled chain's length", min=1)
     grad_clip: float = common.option(1.0, "gradient norm clip (0 would zero every update)", above=0)
     precision: str = common.option("auto", "mixed precision", choices=["auto", "bf16", "fp16", "fp32"])
-    device: str = common.option("auto", "auto, cpu or cuda")
-    val_size: int = common.option(300, "val questions for the reports during training", min=1)
+    device: str = common.option("auto", "auto, cpu or cuda", compared=False)
+    val_size: int = common.option(300, "val questions for the reports during training", min=1, compared=False)
     summary_chains: int = common.option(1, "the reasoning agent's own chains per training question added to the "
                                         "summary set (0 = the teacher's only)", min=0)
     summary_temperature: float = common.option(0.7, "sampling temperature of those chains", min=0)
-    eval_limit: int = common.option(0, "evaluate on only this many test questions (0 = all)", min=0)
+    eval_limit: int = common.option(0, "evaluate on only this many test questions (0 = all)", min=0, compared=False)
     seed: int = common.option(0, "seed of the question pools and the sampling (and of DPO's pair order)")
     sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
                                   "vary it, each with its own --out, to see the spread")
@@ -158,7 +162,7 @@ class JobConfig:
 
 @dataclass
 class DPOConfig(JobConfig):
-    iters: int = common.option(3, "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)", min=0)
+    iters: int = common.option(3, "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)", min=0, compared=False)
     pool_size: int = common.option(1200, "questions sampled per round", min=1)
     fresh_pool: bool = common.option(True, "each round's questions on new scenes (the world is free), not the SFT "
                                      "questions the agent has fitted")
@@ -332,6 +336,10 @@ def round_pairs(policy, pool, data_dir, cfg, seed, answer_filter, scorer):
 # ----------------------------------------------------------------------------------------------
 # The main job
 
+SUMMARY_SET = "summary_onpolicy_sft.jsonl"
+SUMMARY_SET_OPTIONS = ("summary_chains", "summary_temperature", "seed", "top_p", "max_chain_tokens", "sample_batch")
+
+
 def on_policy_summary_set(cfg, data_dir, device):
     """The summary set the summary agent trains on: the teacher's rows plus --summary-chains chains per training
     question sampled from the SFT reasoning agent, each with its question's true answer as the target. At test time
@@ -339,10 +347,10 @@ def on_policy_summary_set(cfg, data_dir, device):
     last step, then another answer); the paper's summary data comes from the reasoning data's generator likewise.
     Rows are the teacher's format ("path": agentK marks them) -> the file's name in data_dir. Under torchrun the
     processes share the sampling, and rank 0 writes the file."""
-    name, answer_filter, scorer = "summary_onpolicy_sft.jsonl", data.AnswerFilter(), data.SceneStepScorer()
+    name, answer_filter, scorer = SUMMARY_SET, data.AnswerFilter(), data.SceneStepScorer()
     common.print0(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> "
                   f"{name}")
-    reasoner = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    reasoner = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).eval()
     train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
                            temperature=cfg.summary_temperature, desc="summary-set")
@@ -357,26 +365,37 @@ def on_policy_summary_set(cfg, data_dir, device):
 
 
 def build_missing_stages(cfg):
-    """Data, base, both agents and the ablation arms, each reused when already built (unless --force). Under torchrun
-    rank 0 builds the data while the others wait, and every stage trains on all the processes."""
-    data_dir = os.path.join(cfg.out, "data")
-    if cfg.force or not os.path.isfile(os.path.join(data_dir, "card.json")):
+    """Data, base, both agents and the ablation arms, each reused when built with the same options from the same
+    inputs (checkpoint.cached), built again on --force, --rebuild or a rebuilt input, continued when interrupted. Under
+    torchrun rank 0 builds the data while the others wait, and every stage trains on all the processes."""
+    data_dir, rebuild = os.path.join(cfg.out, "data"), set(cfg.rebuild or ())
+    if cfg.force or "data" in rebuild or not checkpoint.finished(data_dir):
         common.print0(f"[stage] data -> {data_dir}")
         common.on_rank0(data.build_world, data_dir)
     summary_file = None  # built once, when the first stage that reads it is trained
     for stage in train_sft.STAGES:  # base first: every other stage starts from it
-        stage_path = common.stage_dir(cfg.out, stage)
-        if not cfg.force and os.path.isfile(os.path.join(stage_path, common.STAGE_DONE)):
-            common.print0(f"[stage] {stage}: cached at {stage_path}")
+        tcfg, extra, inputs = stage_plan(cfg, stage)
+        stage_path = checkpoint.stage_dir(cfg.out, stage)
+        if checkpoint.cached(stage_path, stage, train_sft.stage_record(tcfg, extra, inputs), f"add --rebuild {stage}",
+                             cfg.force or stage in rebuild):
             continue
-        # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
-        resume = not cfg.force and os.path.isfile(os.path.join(stage_path, "train_state.pt"))
-        init = cfg.init if stage == "base" and cfg.init else None  # --init stands in for the base stage's fresh model
-        if stage in ("summary", "summary-only") and cfg.summary_chains and summary_file is None:
+        if inputs and summary_file is None:  # the on-policy summary set, sampled from the reasoning agent
             summary_file = on_policy_summary_set(cfg, data_dir, common.resolve_device(cfg.device))
-        train_sft.run_stage(stage, train_sft.TrainConfig(
-            stage=stage, out=cfg.out, init=init, precision=cfg.precision, device=cfg.device, resume=resume,
-            seed=cfg.sft_seed, data_file=summary_file if stage in ("summary", "summary-only") else None))
+        # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
+        resume = os.path.isfile(os.path.join(stage_path, "train_state.pt"))
+        train_sft.run_stage(stage, replace(tcfg, resume=resume), extra, inputs)
+
+
+def stage_plan(cfg, stage):
+    """How the job builds an SFT stage -> (its TrainConfig, the options it records beside that config's, its inputs
+    beside its world and init stage): a summary stage on the on-policy set records how that set is sampled."""
+    on_policy = stage in ("summary", "summary-only") and cfg.summary_chains > 0
+    tcfg = train_sft.stage_config(stage, train_sft.TrainConfig(  # --init: the base stage's start, not scratch
+        out=cfg.out, init=cfg.init if stage == "base" else None, precision=cfg.precision, device=cfg.device,
+        seed=cfg.sft_seed, data_file=SUMMARY_SET if on_policy else None))
+    if not on_policy:
+        return tcfg, {}, []
+    return tcfg, {"summary_set": {k: getattr(cfg, k) for k in SUMMARY_SET_OPTIONS}}, ["reasoning"]
 
 
 def run(cfg):
@@ -390,9 +409,9 @@ def run(cfg):
     data_dir = os.path.join(cfg.out, "data")
     train_rows = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
-    summary = VLM.from_pretrained(common.stage_dir(cfg.out, "summary")).to(device).eval()
-    policy = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).eval()
-    answer_filter, scorer = data.AnswerFilter(), data.SceneStepScorer()
+    summary = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "summary")).to(device).eval()
+    policy = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    answer_filter, scorer, rebuild = data.AnswerFilter(), data.SceneStepScorer(), set(cfg.rebuild or ())
     os.makedirs(os.path.join(cfg.out, "logs"), exist_ok=True)
     log_path, t_dpo = os.path.join(cfg.out, "logs", "dpo.jsonl"), time.time()
 
@@ -410,17 +429,13 @@ def run(cfg):
 
     table = [report("sft", {})]
     for t in range(1, cfg.iters + 1):
-        round_dir = common.stage_dir(cfg.out, f"reasoning_dpo{t}")
-        if not cfg.force and os.path.isfile(os.path.join(round_dir, common.ROUND_DONE)):
-            common.print0(f"[stage] DPO round {t}: cached at {round_dir}")
+        round_dir = checkpoint.stage_dir(cfg.out, f"reasoning_dpo{t}")
+        record = checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, [f"reasoning_dpo{t - 1}" if t > 1
+                                                                             else "reasoning"])
+        if checkpoint.cached(round_dir, f"DPO round {t}", record, "add --rebuild dpo", cfg.force or "dpo" in rebuild):
             policy = VLM.from_pretrained(round_dir).to(device).eval()
-            with open(os.path.join(round_dir, common.ROUND_DONE)) as f:
-                table.append(json.load(f))
+            table.append(checkpoint.marker(round_dir))
             continue
-        for later, path in agents.dpo_rounds(cfg.out).items():  # trained from another round t: not its successors
-            if later > t and common.distributed()[0] == 0:
-                os.remove(os.path.join(path, common.ROUND_DONE))
-                common.print0(f"[stage] DPO round {later}: out of date, rebuilt when asked for ({path})")
         common.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
                       f"{cfg.pool_size} questions, rank, pair, train")
         if cfg.fresh_pool:  # new scenes for every round, each seed its own
@@ -435,7 +450,8 @@ def run(cfg):
         row = report(f"dpo{t}", stats)
         if rank == 0:
             policy.save_pretrained(round_dir)
-            common.atomic_write(os.path.join(round_dir, common.ROUND_DONE), lambda f: common.write_json(row, f))
+            common.atomic_write(os.path.join(round_dir, checkpoint.ROUND_DONE),
+                                lambda f: common.write_json({**row, **record}, f))
         table.append(row)
 
     common.print0("\nIterative DPO, per round (val):")
@@ -462,7 +478,8 @@ def evaluate_run(cfg, device, t0, rounds=None):
 def main(argv=None):
     cfg = common.parse_config(DPOConfig, argv, description=__doc__.splitlines()[0])
     try:
-        results = run(cfg)
+        with common.run_lock(cfg.out, os.path.join(cfg.out, "data")):  # one run per directory
+            results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line: what was saved, how to continue

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import eval as evaluation
@@ -51,9 +52,10 @@ class GRPOConfig(train_dpo.JobConfig):  # and the options it shares with train_d
     lr: float = common.option(1e-4, "peak learning rate (chosen on val: docs/experiments.md)", above=0)
     warmup_steps: int = common.option(5, "linear warmup updates, then cosine to 0.1 x lr (as DPO)", min=0)
     micro_batch: int = common.option(64, "sequences per forward / backward; they add up to the step's gradient", min=1)
-    eval_every: int = common.option(20, "val report every N steps (and at the start and end); 0 = start and end", min=0)
-    save_every: int = common.option(10, "train_state.pt every N steps, for --resume; 0 = never", min=0)
-    resume: bool = common.option(True, "continue an interrupted run from OUT/reasoning_grpo/train_state.pt")
+    eval_every: int = common.option(20, "val report every N steps (and at the start and end); 0 = start and end", min=0,
+                                    compared=False)
+    save_every: int = common.option(10, "train_state.pt every N steps, for --resume; 0 = never", min=0, compared=False)
+    resume: bool = common.option(True, "continue an interrupted run from its train_state.pt", compared=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,17 +194,18 @@ def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, kep
 # ----------------------------------------------------------------------------------------------
 # The run, with its checkpoint for --resume
 
-def train(cfg, device, out_dir):
+def train(cfg, device, out_dir, record):
     """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then its marker, grpo.json). Under torchrun every
-    process samples and trains its share; rank 0 alone writes, logs and evaluates, and the others wait for it."""
+    process samples and trains its share; rank 0 alone writes, logs and evaluates, and the others wait for it. record:
+    the run's provenance, which --resume must match."""
     rank = common.distributed()[0]
     data_dir, log_path = os.path.join(cfg.out, "data"), os.path.join(cfg.out, "logs", "grpo.jsonl")
     state_path = os.path.join(out_dir, "train_state.pt")
-    policy = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).eval()
-    summary = VLM.from_pretrained(common.stage_dir(cfg.out, "summary")).to(device).eval()
+    policy = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    summary = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "summary")).to(device).eval()
     ref = None  # the KL's reference, only when on (Dr.GRPO and DAPO drop it: a checked answer cannot be gamed)
     if cfg.kl_coef:  # frozen, in train mode as the policy's passes are: the same attention kernels
-        ref = VLM.from_pretrained(common.stage_dir(cfg.out, "reasoning")).to(device).train().requires_grad_(False)
+        ref = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).train().requires_grad_(False)
     val_rows = data.read_jsonl(os.path.join(data_dir, "val.jsonl"))[:cfg.val_size]
     pool, judges = common.on_rank0(question_pool, cfg, data_dir), (data.AnswerFilter(), data.SceneStepScorer())
     opt = policy.configure_optimizers(weight_decay=0.0, lr_text=cfg.lr, lr_vision=0.0, lr_projector=cfg.lr,
@@ -212,11 +215,10 @@ def train(cfg, device, out_dir):
     common.writable_dir(out_dir)
     common.writable_dir(os.path.dirname(log_path))
     if rank == 0:
-        Path(out_dir, common.GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
+        Path(out_dir, checkpoint.GRPO_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
     done, resumed = 0, cfg.resume and not cfg.force and os.path.isfile(state_path)
     if resumed:  # on every process
-        same = ("steps", "questions_per_step", "group_size", "ppo_epochs", "fresh_pool", "seed")  # the run's data
-        done = common.load_train_state(state_path, policy, opt, scaler, cfg, same, "start over with --no-resume")
+        done = checkpoint.load_train_state(state_path, policy, opt, scaler, record, "start over with --no-resume")
         common.print0(f"[grpo] resuming at step {done}/{cfg.steps} from {state_path}")
     elapsed_before = common.start_log(log_path, done if resumed else None)  # seconds of GRPO before this run
     model = common.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
@@ -247,10 +249,10 @@ def train(cfg, device, out_dir):
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 report(done)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps and rank == 0:
-                common.save_train_state(state_path, policy, opt, scaler, done, cfg, rng=False)
+                checkpoint.save_train_state(state_path, policy, opt, scaler, done, record, rng=False)
     except KeyboardInterrupt:
         if rank == 0:  # every process holds the same weights
-            common.save_train_state(state_path, policy, opt, scaler, done, cfg, rng=False)  # without a half-done step
+            checkpoint.save_train_state(state_path, policy, opt, scaler, done, record, rng=False)  # no half-done step
         bar.close()
         raise KeyboardInterrupt(f"saved step {done}/{cfg.steps} to {state_path}") from None
     bar.close()
@@ -263,8 +265,8 @@ def train(cfg, device, out_dir):
     summary_row = {"steps": done, "chains": sum(r["chains"] for r in steps),
                    "skipped_groups": sum(r["skipped_groups"] for r in steps), "wall_s": records[-1]["elapsed_s"],
                    "val/chain_correct": evals[-1]["val/chain_correct"], "val/two_agent": evals[-1]["val/two_agent"],
-                   "config": asdict(cfg)}
-    marker = os.path.join(out_dir, common.GRPO_DONE)
+                   "config": asdict(cfg), **record}
+    marker = os.path.join(out_dir, checkpoint.GRPO_DONE)
     common.atomic_write(marker, lambda f: common.write_json(summary_row, f))  # last: the run is done
     Path(state_path).unlink(missing_ok=True)  # nothing left to resume
     print_summary(steps, evals, summary_row, out_dir)
@@ -292,20 +294,20 @@ def run(cfg):
     _, _, device = common.setup_distributed(cfg.device)
     common.writable_dir(cfg.out)
     train_dpo.build_missing_stages(cfg)  # the shared options build the stages exactly as the DPO job would
-    out_dir = common.stage_dir(cfg.out, "reasoning_grpo")
-    if not cfg.force and os.path.isfile(os.path.join(out_dir, common.GRPO_DONE)):
-        common.print0(f"[stage] GRPO: cached at {out_dir}")
-    else:
+    out_dir = checkpoint.stage_dir(cfg.out, "reasoning_grpo")
+    record = checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, ["reasoning"])
+    if not checkpoint.cached(out_dir, "GRPO", record, "add --rebuild grpo", cfg.force or "grpo" in (cfg.rebuild or ())):
         common.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "
                       f"chains")
-        train(cfg, device, out_dir)
+        train(cfg, device, out_dir, record)
     return train_dpo.evaluate_run(cfg, device, t0)
 
 
 def main(argv=None):
     cfg = common.parse_config(GRPOConfig, argv, description=__doc__.splitlines()[0])
     try:
-        results = run(cfg)
+        with common.run_lock(cfg.out, os.path.join(cfg.out, "data")):  # one run per directory
+            results = run(cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line: what was saved, how to continue

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import world
@@ -50,7 +51,7 @@ SPLIT_COST = 512  # a forward and backward pass's fixed cost, in tokens, on a 2-
 class TrainConfig:
     stage: str = common.option("base", "what to train", choices=list(STAGES))
     data_file: str = common.option(None, "train on this JSONL of OUT/data instead of the stage's (see train_dpo.py)")
-    out: str = common.option("out", "run directory: data in OUT/data, checkpoints in OUT/<stage>")
+    out: str = common.option("out", "run directory: data in OUT/data, checkpoints in OUT/<stage>", compared=False)
     init: str = common.option(None, "start from this checkpoint, not the stage's default")
     preset: str = common.option("tiny", "model shape from scratch", choices=list(PRESETS))
     epochs: float = common.option(None, "passes over the data (default: the stage's)", type=float, above=0)
@@ -67,11 +68,13 @@ class TrainConfig:
     grad_clip: float = common.option(1.0, "clip the global grad norm to this; 0 = off", min=0)
     precision: str = common.option("auto", "auto = bf16 (fp16 on older GPUs; fp32 on a CPU without bf16 arithmetic)",
                                    choices=["auto", "bf16", "fp16", "fp32"])
-    device: str = common.option("auto", "auto, cpu, cuda, cuda:1, ...")
-    eval_every: int = common.option(100, "validation loss every N steps (and at the end); 0 = end only", min=0)
-    save_every: int = common.option(200, "checkpoint every N steps (and at the end); 0 = end only", min=0)
-    resume: bool = common.option(False, "continue from OUT/<stage>/train_state.pt")
-    compile: bool = common.option(False, "torch.compile the model (worth it on GPU)")
+    device: str = common.option("auto", "auto, cpu, cuda, cuda:1, ...", compared=False)
+    eval_every: int = common.option(100, "validation loss every N steps (and at the end); 0 = end only", min=0,
+                                    compared=False)
+    save_every: int = common.option(200, "checkpoint every N steps (and at the end); 0 = end only", min=0,
+                                    compared=False)
+    resume: bool = common.option(False, "continue from OUT/<stage>/train_state.pt", compared=False)
+    compile: bool = common.option(False, "torch.compile the model (worth it on GPU)", compared=False)
     freeze_vision: bool = common.option(True, "train only the projector and the LM (see STAGES)")
     vision_pretrain_steps: int = common.option(100, "from scratch only: vision tower pretraining steps before the "
                                                "stage (pretrain_vision); 0 = off", min=0)
@@ -185,15 +188,17 @@ def model_flops(model, tokens, images):
                for p in model.parameters())
 
 
-def save_checkpoint(model, optimizer, scaler, step, cfg, out_dir):
-    """save_pretrained, plus train_state.pt for --resume with its own copy of the weights."""
+def save_checkpoint(model, optimizer, scaler, step, provenance, out_dir):
+    """save_pretrained, plus train_state.pt for --resume with its own copy of the weights and the stage's provenance."""
     model.save_pretrained(out_dir)
-    common.save_train_state(os.path.join(out_dir, "train_state.pt"), model, optimizer, scaler, step, cfg)
+    checkpoint.save_train_state(os.path.join(out_dir, "train_state.pt"), model, optimizer, scaler, step, provenance)
 
 
-def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc):
+def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc, provenance=None):
     """Train `model` in place; checkpoints to out_dir, metrics to log_path -> a summary. Ctrl-C saves first. Under
-    torchrun every process runs its share of each step's micro-batches, and rank 0 alone writes."""
+    torchrun every process runs its share of each step's micro-batches, and rank 0 alone writes. provenance: the
+    stage's (stage_record), which --resume must match."""
+    provenance = provenance or checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, [])
     device, (rank, n_procs) = common.resolve_device(cfg.device), common.distributed()
     model.to(device).train()
     pad_id = data.special_ids(model.tokenizer)["pad"] if model.tokenizer is not None else 0
@@ -209,9 +214,11 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     os.makedirs(out_dir, exist_ok=True)
     os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
     done = 0
-    if cfg.resume:
-        done = common.load_train_state(os.path.join(out_dir, "train_state.pt"), model, optimizer, scaler, cfg,
-                                       same=("batch_size", "grad_accum", "seed", "freeze_vision"))
+    if cfg.resume:  # every option and input as the run resumed had them, but its length: it may be trained longer
+        same = {**provenance, "options": {k: v for k, v in provenance["options"].items()
+                                          if k not in ("max_steps", "epochs")}}
+        done = checkpoint.load_train_state(os.path.join(out_dir, "train_state.pt"), model, optimizer, scaler, same,
+                                           "start over: train_sft.py without --resume, or the main job's --rebuild")
         if done >= total:  # nothing left to train, so no losses to report
             raise ValueError(f"{out_dir}/train_state.pt is at step {done} of {total}: nothing to resume; run without "
                              f"--resume to train again, or resume with more --max-steps / --epochs")
@@ -270,11 +277,11 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{record['lr']:.1e}",
                             tok_s=f"{record['tok_s']:.0f}", pad=f"{record['pad_share']:.1%}")
             if (cfg.save_every and done % cfg.save_every == 0) or done == total:
-                common.on_rank0(save_checkpoint, model, optimizer, scaler, done, cfg, out_dir)  # the others wait
+                common.on_rank0(save_checkpoint, model, optimizer, scaler, done, provenance, out_dir)  # the others wait
                 saved = done
     except KeyboardInterrupt:
         if rank == 0:  # every process holds the same weights
-            save_checkpoint(model, optimizer, scaler, done, cfg, out_dir)  # gradients of a half-done step are dropped
+            save_checkpoint(model, optimizer, scaler, done, provenance, out_dir)  # a half-done step's gradients: dropped
         bar.close()
         raise KeyboardInterrupt(f"saved step {done}/{total} to {out_dir}") from None  # main says how to continue
     bar.close()
@@ -332,21 +339,35 @@ def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64
     return accuracy
 
 
-def run_stage(stage, cfg):
-    """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults. Under
-    torchrun every process encodes the rows and trains; rank 0 writes the checkpoint, and the others wait for it."""
-    rank = common.distributed()[0]
+def stage_config(stage, cfg):  # cfg for this stage, its None fields set to the stage's defaults
     spec = STAGES[stage]
-    cfg = replace(cfg, stage=stage, epochs=spec["epochs"] if cfg.epochs is None else cfg.epochs,
-                  lr=spec["lr"] if cfg.lr is None else cfg.lr)
-    data_dir, out_dir = os.path.join(cfg.out, "data"), common.stage_dir(cfg.out, stage)
-    if cfg.resume and os.path.isfile(os.path.join(out_dir, common.STAGE_DONE)):  # resuming would overwrite its summary
-        raise ValueError(f"{out_dir} is already finished ({common.STAGE_DONE} is there): nothing to resume; run "
+    return replace(cfg, stage=stage, epochs=spec["epochs"] if cfg.epochs is None else cfg.epochs,
+                   lr=spec["lr"] if cfg.lr is None else cfg.lr)
+
+
+def stage_record(cfg, extra=None, inputs=()):
+    """What a stage (cfg from stage_config) records and --resume checks: its options, with the caller's `extra` (how
+    train_dpo.py sampled a data file), and the ids of the run's world, of its init stage and of `inputs`."""
+    init = STAGES[cfg.stage]["init"]
+    names = ["data", *([init] if init and not cfg.init else []), *inputs]
+    return checkpoint.provenance({**checkpoint.options_of(cfg), **(extra or {})}, cfg.out, names)
+
+
+def run_stage(stage, cfg, extra=None, inputs=()):
+    """`python train_sft.py --stage STAGE` -> the checkpoint dir; cfg's None fields take the stage's defaults; extra
+    and inputs go to stage_record. Under torchrun every process encodes the rows and trains; rank 0 writes the
+    checkpoint, and the others wait for it."""
+    rank, spec = common.distributed()[0], STAGES[stage]
+    cfg = stage_config(stage, cfg)
+    record = stage_record(cfg, extra, inputs)
+    data_dir, out_dir = os.path.join(cfg.out, "data"), checkpoint.stage_dir(cfg.out, stage)
+    if cfg.resume and checkpoint.marker(out_dir):  # resuming would overwrite its summary
+        raise ValueError(f"{out_dir} is already finished ({checkpoint.STAGE_DONE} is there): nothing to resume; run "
                          f"without --resume to train it again")
     path = os.path.join(data_dir, cfg.data_file or spec["data"])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: run `python data.py --out {data_dir}` first")
-    init = cfg.init or (common.stage_dir(cfg.out, spec["init"]) if spec["init"] else None)
+    init = cfg.init or (checkpoint.stage_dir(cfg.out, spec["init"]) if spec["init"] else None)
     if init and not os.path.isfile(os.path.join(init, "config.json")):
         out_flag = "" if cfg.out == "out" else f" --out {cfg.out}"
         command = f"run `python train_sft.py --stage {spec['init']}{out_flag}` first"
@@ -394,14 +415,15 @@ def run_stage(stage, cfg):
         pretrain_vision(model, [r for r in describe if r["image"] not in held_out],
                         [r for r in describe if r["image"] in held_out], data_dir, cfg, cfg.vision_pretrain_steps)
     if rank == 0:
-        Path(out_dir, common.STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive this one
-    summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), desc=stage)
+        Path(out_dir, checkpoint.STAGE_DONE).unlink(missing_ok=True)  # an earlier run's marker must not outlive it
+    summary = train_loop(model, train, val, cfg, out_dir, os.path.join(cfg.out, "logs", f"{stage}.jsonl"), stage,
+                         record)
     common.print0(f"[train_sft] {stage}: {summary['steps']} steps in {summary['wall_s']:.0f}s, train loss "
                   f"{summary['train_loss']:.3f}, val loss {summary['val_loss']:.3f} ({len(train)} train / {len(val)} "
                   f"val rows), {summary['tokens_per_s']:.0f} real tokens/s ({summary['pad_share']:.1%} padding, "
                   f"{summary['peak_share']:.0%} of this device's matmul peak) -> {out_dir}")
-    marker = {"stage": stage, **summary, "config": asdict(cfg)}  # written last: without it, the run was interrupted
-    marker_path = os.path.join(out_dir, common.STAGE_DONE)
+    marker = {"stage": stage, **summary, "config": asdict(cfg), **record}  # last: without it, it was interrupted
+    marker_path = os.path.join(out_dir, checkpoint.STAGE_DONE)
     common.on_rank0(common.atomic_write, marker_path, lambda f: common.write_json(marker, f))  # all wait for it
     return out_dir
 
@@ -410,7 +432,8 @@ def main(argv=None):
     cfg = common.parse_config(TrainConfig, argv, description=__doc__.strip().splitlines()[0])
     try:
         common.setup_distributed(cfg.device)  # a process group under torchrun; nothing without it
-        run_stage(cfg.stage, cfg)
+        with common.run_lock(cfg.out, os.path.join(cfg.out, "data")):  # one run per directory
+            run_stage(cfg.stage, cfg)
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line: what was saved, how to continue

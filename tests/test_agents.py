@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import agents
-import common
+import checkpoint
 import data
 import generate
 import model as M
@@ -156,7 +156,7 @@ def test_latest_reasoning_agent(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
         if name != "reasoning_dpo11":  # a round interrupted after its weights, before its marker
-            (tmp_path / name / common.ROUND_DONE).write_text("{}")
+            (tmp_path / name / checkpoint.ROUND_DONE).write_text("{}")
     assert agents.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning_dpo10")
     assert list(agents.dpo_rounds(str(tmp_path))) == [1, 2, 10]
     assert list(agents.dpo_rounds(str(tmp_path), last=2)) == [1, 2]  # train_dpo.py --iters 2
@@ -166,12 +166,12 @@ def test_cli_takes_a_runs_own_stages_only_when_finished(vlm, rows, built_world, 
     out = tmp_path / "run"
     for stage in ("reasoning", "summary"):
         vlm.save_pretrained(str(out / stage))
-    (out / "summary" / common.STAGE_DONE).write_text("{}")  # the reasoning stage was interrupted: no marker
+    (out / "summary" / checkpoint.STAGE_DONE).write_text("{}")  # the reasoning stage was interrupted: no marker
     argv = ["--out", str(out), "--image", os.path.join(built_world, rows[0]["image"]), "--question", rows[0]["question"],
             "--max-new-tokens", "4"]
-    with pytest.raises(SystemExit, match=f"^error: {out / 'reasoning'} was not trained to the end"):
+    with pytest.raises(SystemExit, match=f"^error: {out / 'reasoning'} is unfinished or out of date"):
         agents.main(argv)
-    (out / "reasoning" / common.STAGE_DONE).write_text("{}")
+    (out / "reasoning" / checkpoint.STAGE_DONE).write_text("{}")
     agents.main(argv)
     assert f"reasoning agent: {out / 'reasoning'}" in capsys.readouterr().out
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import agents
+import checkpoint
 import common
 import data
 import train_dpo
@@ -122,7 +123,7 @@ def stages_job(out, patch):
     os.makedirs(out / "stages" / "data", exist_ok=True)
     (out / "stages" / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
     seen = {}
-    patch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, (cfg.batch_size, cfg.grad_accum)))
+    patch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, (cfg.batch_size, cfg.grad_accum)))
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(out / "stages"), summary_chains=0))
     return seen
 
@@ -242,7 +243,7 @@ def test_torchrun_trains_a_stage_as_one_process(tmp_path):
     for key in ("loss", "val_loss", "grad_norm"):
         assert logged(tmp_path / "two" / "logs" / "base.jsonl", key) == pytest.approx(
             logged(tmp_path / "one" / "logs" / "base.jsonl", key), rel=1e-5)
-    assert os.path.isfile(tmp_path / "two" / "base" / common.STAGE_DONE)
+    assert os.path.isfile(tmp_path / "two" / "base" / checkpoint.STAGE_DONE)
 
 
 # The main jobs on a micro world, as tests/test_dpo.py and tests/test_grpo.py run them; in fp32, as bf16 rounds the
@@ -269,7 +270,7 @@ def main_jobs_worker(rank, port, out):
 @pytest.mark.slow
 def test_the_dpo_and_grpo_jobs_in_two_processes_log_the_one_process_steps(tmp_path, monkeypatch):
     for out in ("one", "two"):
-        micro_run(str(tmp_path / out))
+        micro_run(str(tmp_path / out), max_chain_tokens=8, precision="fp32")
     spawn(main_jobs_worker, free_port(), tmp_path)
     monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
     for script, args in MAIN_JOBS:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import agents
-import common
+import checkpoint
 import data
 import train_dpo
 import train_sft
@@ -217,17 +217,24 @@ def test_pairs_closest_wrong_chain_as_rejected():
 # A micro end-to-end run of the main job: every stage cached as a micro model, one DPO round.
 
 
-def micro_run(out):
-    """A tiny world in out/data and every SFT stage as one random micro model, marked finished (the job reuses it)."""
+def micro_run(out, **job):
+    """A tiny world in out/data and every SFT stage as one random micro model, marked finished as the main job with
+    these options (train_dpo.JobConfig's) leaves it, so that the job reuses it."""
     data.build_world(os.path.join(out, "data"), train_scenes=24, val_scenes=3, test_scenes=3)
     tok = data.load_tokenizer(os.path.join(out, "data", "tokenizer.json"))
     torch.manual_seed(0)
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     vlm.tokenizer = tok
-    for stage in ("base", "reasoning", "summary", "vanilla", "summary-only"):
-        vlm.save_pretrained(common.stage_dir(out, stage))
-        with open(os.path.join(common.stage_dir(out, stage), common.STAGE_DONE), "w") as f:
-            json.dump({"stage": stage}, f)
+    for stage in train_sft.STAGES:  # in order: a summary stage records the reasoning stage's id
+        vlm.save_pretrained(checkpoint.stage_dir(out, stage))
+        mark_finished(out, stage, **job)
+
+
+def mark_finished(out, stage, **job):
+    """The marker the main job with these options (train_dpo.JobConfig's) writes last on a stage it trained."""
+    tcfg, extra, inputs = train_dpo.stage_plan(train_dpo.JobConfig(out=str(out), **job), stage)
+    with open(os.path.join(checkpoint.stage_dir(str(out), stage), checkpoint.STAGE_DONE), "w") as f:
+        json.dump({"stage": stage, **train_sft.stage_record(tcfg, extra, inputs)}, f)
 
 
 def teacher_sampler(real_sampler):
@@ -245,7 +252,7 @@ def teacher_sampler(real_sampler):
 
 def test_micro_round_end_to_end(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    micro_run(out)
+    micro_run(out, max_chain_tokens=8)
     monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
     results = train_dpo.main(["--out", out, "--iters", "1", "--pool-size", "6", "--samples-per-question", "2",
                               "--max-chain-tokens", "8", "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"])
@@ -262,7 +269,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
 
 def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_retires_the_later_ones(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    micro_run(out)
+    micro_run(out, max_chain_tokens=8)
     monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
     args = ["--out", out, "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",
             "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"]
@@ -270,12 +277,12 @@ def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_retires_the_later_o
     assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1", "two_agent_dpo2"]
     results = train_dpo.main(args + ["--iters", "1"])  # round 1 cached: round 2 stays, but is not asked for
     assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1"]
-    assert common.finished(os.path.join(out, "reasoning_dpo2"))
-    os.remove(os.path.join(out, "reasoning_dpo1", common.ROUND_DONE))  # as if round 1 had been interrupted
+    assert checkpoint.finished(os.path.join(out, "reasoning_dpo2"))
+    os.remove(os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE))  # as if round 1 had been interrupted
     results = train_dpo.main(args + ["--iters", "1"])  # round 1 trained again: round 2 came from the old one
     assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1"]
-    assert common.finished(os.path.join(out, "reasoning_dpo1"))
-    assert not common.finished(os.path.join(out, "reasoning_dpo2")) and agents.dpo_rounds(out) == {
+    assert checkpoint.finished(os.path.join(out, "reasoning_dpo1"))
+    assert not checkpoint.finished(os.path.join(out, "reasoning_dpo2")) and agents.dpo_rounds(out) == {
         1: os.path.join(out, "reasoning_dpo1")}
 
 
@@ -283,7 +290,7 @@ def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "data")
     (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
     seen = {}
-    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.seed))
+    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, cfg.seed))
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), sft_seed=7, summary_chains=0))
     assert seen == dict.fromkeys(train_sft.STAGES, 7)  # every stage, each with the given seed
     assert train_dpo.DPOConfig().sft_seed == train_sft.TrainConfig().seed  # the default job is unchanged
@@ -474,7 +481,7 @@ def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_
     torch.manual_seed(0)
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     vlm.tokenizer = tok
-    vlm.save_pretrained(common.stage_dir(out, "reasoning"))
+    vlm.save_pretrained(checkpoint.stage_dir(out, "reasoning"))
     train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     teacher = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl"))
 
@@ -528,7 +535,7 @@ def test_summary_stages_train_on_the_on_policy_set_built_once(tmp_path, monkeypa
     os.makedirs(tmp_path / "data")
     (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
     seen, built = {}, []
-    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.data_file))
+    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, cfg.data_file))
     monkeypatch.setattr(train_dpo, "on_policy_summary_set",
                         lambda cfg, data_dir, device: built.append(data_dir) or "summary_onpolicy_sft.jsonl")
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=2, device="cpu"))
@@ -544,10 +551,10 @@ def test_summary_only_stage_alone_still_gets_the_on_policy_set(tmp_path, monkeyp
     os.makedirs(tmp_path / "data")
     (tmp_path / "data" / "card.json").write_text("{}")
     for stage in ("base", "reasoning", "summary", "vanilla"):  # finished earlier: reused
-        os.makedirs(common.stage_dir(str(tmp_path), stage))
-        (tmp_path / stage / common.STAGE_DONE).write_text("{}")
+        os.makedirs(checkpoint.stage_dir(str(tmp_path), stage))
+        mark_finished(tmp_path, stage, summary_chains=1)
     seen, built = {}, []
-    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg: seen.setdefault(stage, cfg.data_file))
+    monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, cfg.data_file))
     monkeypatch.setattr(train_dpo, "on_policy_summary_set",
                         lambda cfg, data_dir, device: built.append(device) or "summary_onpolicy_sft.jsonl")
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=1, device="cpu"))

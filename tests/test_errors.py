@@ -24,7 +24,7 @@ import generate
 import train_dpo
 import train_grpo
 import train_sft
-from common import STAGE_DONE
+from checkpoint import STAGE_DONE
 from model import VLM, get_config
 from test_dpo import micro_run, teacher_sampler
 from test_eval import BENCHMARK, REPLIES, fake_models, question_of, write_set
@@ -41,7 +41,7 @@ DPO_ARGS = ["--iters", "1", "--pool-size", "6", "--samples-per-question", "2", "
 def dpo_out(tmp_path_factory):
     """A run directory with the world and every SFT stage cached; tests work on copies."""
     out = tmp_path_factory.mktemp("dpo") / "out"
-    micro_run(str(out))
+    micro_run(str(out), max_chain_tokens=8, precision="fp32")
     return out
 
 

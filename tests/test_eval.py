@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 import agents
+import checkpoint
 import common
 import data
 import eval as E
+import plots
 
 
 def test_wilson_interval_hand_values():
@@ -76,7 +78,7 @@ def test_metrics_on_hand_made_predictions():
                        "chain_vs_final": table(0, 1, 0, 0)},
         "sum": {"kind": "reasoning", "accuracy": 1.0, "ci": list(E.wilson_interval(2, 2)), "n": 2,
                 "chain_vs_final": table(1, 0, 1, 0)}}
-    assert [E.override_repair(m["families"][f]) for f in ("color_at", "most_color", "sum")] == [
+    assert [plots.override_repair(m["families"][f]) for f in ("color_at", "most_color", "sum")] == [
         "0.0 / 50.0", "100.0 / 0.0", "0.0 / 50.0"]
     assert m["chain_correct"] == 2 / 5
     assert m["chain_vs_final"] == {"chain_right_final_right": 1, "chain_right_final_wrong": 1,
@@ -85,7 +87,7 @@ def test_metrics_on_hand_made_predictions():
     # A single model without a chain has no chain metrics.
     direct = E.score(ROWS, predictions(with_chain=False))
     assert direct["overall"] == 3 / 5 and "chain_correct" not in direct and "chain_vs_final" not in direct
-    assert E.override_repair(direct["families"]["sum"]) == "-"
+    assert plots.override_repair(direct["families"]["sum"]) == "-"
     assert "chain_right" not in direct
 
 
@@ -146,8 +148,9 @@ def finished_stage(out, stage):
     """A stage directory as a run leaves it finished: a checkpoint and the marker written last."""
     os.makedirs(os.path.join(out, stage))
     open(os.path.join(out, stage, "config.json"), "w").close()
-    marker = common.ROUND_DONE if stage.startswith("reasoning_dpo") else common.STAGE_DONE
-    open(os.path.join(out, stage, marker), "w").close()
+    marker = checkpoint.ROUND_DONE if stage.startswith("reasoning_dpo") else checkpoint.STAGE_DONE
+    with open(os.path.join(out, stage, marker), "w") as f:
+        f.write("{}")
 
 
 def fake_models(monkeypatch, replies):
@@ -215,7 +218,7 @@ def test_run_eval_writes_results(tmp_path, monkeypatch):
         assert json.load(f) == json.loads(json.dumps(results))
     with open(os.path.join(out, "results.md")) as f:
         markdown = f.read()
-    assert markdown == E.results_markdown(results)
+    assert markdown == plots.results_markdown(results)
     assert "| two_agent_dpo1 | 100.0 [51.0, 100.0] |" in markdown  # Wilson 4/4 = [0.510, 1]
     assert "| color_at | perception | 100.0 | 0.0 | 100.0 |" in markdown
 
@@ -234,7 +237,7 @@ def test_run_eval_writes_results(tmp_path, monkeypatch):
 
     one = E.run_eval(out, arms=["two_agent"], limit=2)
     assert list(one["arms"]) == ["two_agent"] and one["paired"] == {}
-    assert "Paired comparisons" not in E.results_markdown(one)
+    assert "Paired comparisons" not in plots.results_markdown(one)
     with pytest.raises(FileNotFoundError, match="vanilla"):
         E.run_eval(out, arms=["vanilla"])
     with pytest.raises(FileNotFoundError, match="build the data first"):

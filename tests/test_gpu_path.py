@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import agents
+import checkpoint
 import common
 import eval as evaluation
 import generate
@@ -131,8 +132,8 @@ def test_resume_state_holds_only_the_training_device_generator(tmp_path, monkeyp
     train_sft.train_loop(model, synthetic_examples(model, 4), [], cfg, str(tmp_path), str(tmp_path / "log.jsonl"), "t")
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["rng_cuda"] is None  # a CPU run: no GPU generator at all
-    common.load_train_state(str(tmp_path / "train_state.pt"), model, train_sft.make_optimizer(model, cfg),
-                            common.make_scaler("cpu", "fp32"), cfg, same=())
+    checkpoint.load_train_state(str(tmp_path / "train_state.pt"), model, train_sft.make_optimizer(model, cfg),
+                                common.make_scaler("cpu", "fp32"), checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, []))
 
 
 # ----------------------------------------------------------------------------------------------

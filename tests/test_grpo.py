@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import common
 import eval as evaluation
 import train_dpo
@@ -123,7 +124,7 @@ def test_kl_k3_is_zero_at_the_reference_and_positive_elsewhere():
 @pytest.mark.parametrize("extra", [[], ["--ppo-epochs", "2", "--kl-coef", "0.1", "--no-std"]])
 def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
     out = str(tmp_path / "out")
-    micro_run(out)
+    micro_run(out, max_chain_tokens=8)
     # The random micro policy's chains all score alike; the teacher's (one sound, two flawed) mix the groups.
     monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
     args = ["--out", out, "--steps", "2", "--questions-per-step", "3", "--group-size", "2", "--max-chain-tokens", "8",
@@ -131,7 +132,7 @@ def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
     results = train_grpo.main(args)
     grpo_dir = os.path.join(out, "reasoning_grpo")
     assert os.path.isfile(os.path.join(grpo_dir, "model.safetensors"))
-    assert os.path.isfile(os.path.join(grpo_dir, common.GRPO_DONE))
+    assert os.path.isfile(os.path.join(grpo_dir, checkpoint.GRPO_DONE))
     assert not os.path.exists(os.path.join(grpo_dir, "train_state.pt"))  # finished: nothing to resume
     with open(os.path.join(out, "logs", "grpo.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -155,7 +156,7 @@ def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
 
 def test_an_interrupted_run_resumes_at_its_last_step(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    micro_run(out)
+    micro_run(out, max_chain_tokens=8)
     monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
     monkeypatch.setattr(evaluation, "evaluate_two_agent", lambda *a, **kw: {"chain_correct": 0.5, "overall": 0.5})
     monkeypatch.setattr(evaluation, "run_eval", lambda out_dir, **kw: "evaluated")
@@ -173,24 +174,24 @@ def test_an_interrupted_run_resumes_at_its_last_step(tmp_path, monkeypatch):
     grpo_dir = os.path.join(out, "reasoning_grpo")
     assert e.value.code == 130 and os.path.isfile(os.path.join(grpo_dir, "train_state.pt"))
     assert "two_agent_grpo" not in evaluation.arm_checkpoints(out)  # no arm until the run is finished
-    with pytest.raises(SystemExit, match="--group-size 2, not 3"):
+    with pytest.raises(SystemExit, match="group_size=2, not 3: pass the same option, or start over with --no-resume"):
         train_grpo.main(args[:-3] + ["3", "--max-chain-tokens", "8"])
     monkeypatch.setattr(train_grpo, "rollout", real)
     assert train_grpo.main(args) == "evaluated" and len(calls) == 2  # step 1 was not sampled again
     with open(os.path.join(out, "logs", "grpo.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [(r.get("event"), r["step"]) for r in records] == [("eval", 0), (None, 1), (None, 2), ("eval", 2)]
-    assert os.path.isfile(os.path.join(grpo_dir, common.GRPO_DONE))
+    assert os.path.isfile(os.path.join(grpo_dir, checkpoint.GRPO_DONE))
 
 
 def test_grpo_arm_after_the_dpo_rounds_and_against_the_last_one(tmp_path):
-    markers = {"reasoning_dpo1": common.ROUND_DONE, "reasoning_dpo2": common.ROUND_DONE,
-               "reasoning_grpo": common.GRPO_DONE}
+    markers = {"reasoning_dpo1": checkpoint.ROUND_DONE, "reasoning_dpo2": checkpoint.ROUND_DONE,
+               "reasoning_grpo": checkpoint.GRPO_DONE}
     for stage in ("base", "reasoning", "summary", "reasoning_dpo1", "reasoning_dpo2", "reasoning_grpo", "vanilla"):
         os.makedirs(tmp_path / stage)
         (tmp_path / stage / "config.json").write_text("{}")
         if stage != "vanilla":  # vanilla: interrupted, no marker, so no arm
-            (tmp_path / stage / markers.get(stage, common.STAGE_DONE)).write_text("{}")
+            (tmp_path / stage / markers.get(stage, checkpoint.STAGE_DONE)).write_text("{}")
     assert list(evaluation.arm_checkpoints(str(tmp_path), rounds=1)) == ["direct", "two_agent", "two_agent_dpo1",
                                                                         "two_agent_grpo"]  # train_dpo.py --iters 1
     arms = evaluation.arm_checkpoints(str(tmp_path))

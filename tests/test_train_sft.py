@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import common
 import data
 import train_sft
@@ -221,7 +222,7 @@ def test_loss_counts_only_the_assistant_tokens(built_world, file, task):
 def test_stages_run_in_order_and_write_checkpoint_state_and_log(built_world):
     base_dir = run_stage("base", stage_config(built_world))
     assert base_dir == str(built_world / "base")
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt", common.STAGE_DONE):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_state.pt", checkpoint.STAGE_DONE):
         assert os.path.isfile(os.path.join(base_dir, name)), name
     assert logged(built_world / "logs" / "base.jsonl", "step") == [1, 2]
     assert math.isfinite(json.loads((built_world / "logs" / "base.jsonl").read_text().splitlines()[-1])["val_loss"])
