@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from common import atomic_write, distributed, print0, write_json
+from common import atomic_write, on_rank0, print0, write_json
 
 
 @contextlib.contextmanager
@@ -91,7 +91,9 @@ def flat(options, prefix=""):  # {"a": {"b": 1}} -> {"a.b": 1}, so that an error
 def check_record(path, recorded, wanted, fix):
     """A product's (or train state's) recorded provenance against the wanted one: the first option or input that
     differs -> a one-line ValueError naming it and `fix`, the flag that builds just that product again."""
-    options = flat(recorded.get("options", recorded.get("config", {})))  # "config": stage.json before "options"
+    if "options" not in recorded and "config" not in recorded:  # "config": stage.json before "options" was added
+        raise ValueError(f"{path} was built before its options were recorded: {fix}")
+    options = flat(recorded.get("options", recorded.get("config")))
     for key, value in flat(wanted["options"]).items():
         if key not in options or options[key] != value:
             raise ValueError(f"{path} was built with {key}={options.get(key, '(not recorded)')}, not {value}: pass "
@@ -110,8 +112,9 @@ def cached(path, name, record, fix, force=False):
         if done is not None:
             why = "asked to" if force else f"its {', '.join(old)} was rebuilt"
             print0(f"[stage] {name}: building it again ({why})")
-        for file in (STAGE_DONE, ROUND_DONE, GRPO_DONE, "train_state.pt") if distributed()[0] == 0 else ():
-            Path(path, file).unlink(missing_ok=True)
+        # On rank 0, and the other processes wait for it: they then all see the train state gone.
+        on_rank0(lambda: [Path(path, f).unlink(missing_ok=True) for f in (STAGE_DONE, ROUND_DONE, GRPO_DONE,
+                                                                          "train_state.pt")])
         return False
     if done is not None:
         check_record(path, done, record, fix)

@@ -1,11 +1,12 @@
 """common.py: the machinery every script shares; skip it on a first read. Options (a dataclass whose fields are the
---flags), device and mixed precision, torchrun / DDP helpers, atomic writes, the JSONL training log, and the train
-state --resume continues from. Little here knows Insight-V (nanochat's common.py plays the same part there).
+--flags), device and mixed precision, torchrun / DDP helpers, atomic writes, one run per directory, the JSONL training
+log. Little here knows Insight-V (nanochat's common.py plays the same part there).
 """
 
 import argparse
 import contextlib
 import datetime
+import errno
 import functools
 import gc
 import glob
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 
 try:
@@ -113,7 +113,7 @@ def run_lock(*paths):
     taken = []
     try:
         for path in paths:
-            lock = os.path.join(writable_dir(path), ".lock")
+            lock = os.path.realpath(os.path.join(writable_dir(path), ".lock"))
             if lock in HELD or fcntl is None or int(os.environ.get("RANK", 0)) > 0:  # torchrun: rank 0 holds it
                 continue
             f = HELD[lock] = open(lock, "a+")
@@ -134,14 +134,22 @@ def run_lock(*paths):
             HELD.pop(lock).close()
 
 
+# How a full disk or a file-size limit shows: the OS's errno, or in the message of the error torch.save,
+# safetensors and tokenizers raise instead (any other failure is raised as it is).
+DISK_FULL = re.compile(r"No space left|File too large|Disk quota|os error (28|27|122)\b|PytorchStreamWriter|"
+                       r"inline_container")
+
+
 @contextlib.contextmanager
 def writing(path):
-    """A write that fails (a full disk, a file-size limit) -> one OSError naming the file, from every script."""
+    """A write that fails on a full disk or a file-size limit -> one OSError naming the file, from every script."""
     try:
         yield
-    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OS's error
-        raise OSError(f"{path} could not be written ({type(e).__name__}: {str(e).strip()[:200]}): a full disk or a "
-                      f"file-size limit ends a write this way; free space and run the same command again") from None
+    except Exception as e:
+        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and not DISK_FULL.search(str(e)):
+            raise
+        raise OSError(f"{path} could not be written ({type(e).__name__}: {str(e).strip()[:200]}): the disk is full "
+                      f"or a file-size limit was met; free space and run the same command again") from None
 
 
 def write_json(obj, path):
@@ -325,7 +333,7 @@ def on_rank0(fn, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: the lr schedule, one optimizer step, the JSONL log and the train state that --resume continues
+# Training: the lr schedule, one optimizer step, the JSONL log
 
 def lr_scale(step, warmup, total, min_ratio=0.1):
     """The lr multiplier at step `step` (from 0) of `total`: linear warmup, then cosine down to min_ratio (nanoGPT's

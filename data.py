@@ -23,7 +23,7 @@ import re
 import hashlib
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -385,9 +385,11 @@ def write_world(out_dir, cfg):
     texts += [render_chain(p["steps"]) for p in paths] + ["User:", "Assistant:", "System:"]
     texts.append(" ".join(str(n % 10) for n in range(5000)))  # every digit one token, 8/9 too
     tok = train_tokenizer(list(dict.fromkeys(texts)), cfg.vocab_size)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    common.atomic_write(os.path.join(out_dir, "tokenizer.json"), tok.save)
     card = data_card(cfg, {s: r for s, (r, _) in splits.items()}, sets, paths, tok)
-    card = {"id": hashlib.sha256(json.dumps(card).encode()).hexdigest()[:16], **card}  # the same world, the same id
+    files = [*(f"{name}.jsonl" for name in ("train", "val", "test", *sets, "paths")), "tokenizer.json"]
+    digest = hashlib.sha256(b"".join(Path(out_dir, name).read_bytes() for name in files))
+    card = {"id": digest.hexdigest()[:16], **card}  # the same files, the same id: what was built on them stays current
     common.atomic_write(os.path.join(out_dir, checkpoint.WORLD_DONE), lambda f: common.write_json(card, f))
     return card
 
@@ -407,10 +409,11 @@ def world_config(out_dir):
         return DataConfig(**json.load(f)["config"])
 
 
-def extra_split(out_dir, split, n_questions):
+def extra_split(out_dir, split, n_questions, **changes):
     """New questions on scenes no split of the world in out_dir has (the world is free; train_dpo.py's fresh pools):
-    the world's own config, images under out_dir/images, rows in out_dir/<split>.jsonl -> the rows."""
-    cfg = world_config(out_dir)
+    the world's own config with `changes` (min_objects=8, max_objects=9: larger scenes), images under out_dir/images,
+    rows in out_dir/<split>.jsonl -> the rows."""
+    cfg = replace(world_config(out_dir), **changes)
     taken = {world.scene_graph(r["objects"]) for name in ("train", "val", "test")
              for r in read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))}
     rows, scenes = world.make_split(split, -(-n_questions // cfg.questions_per_scene), cfg, taken)

@@ -386,6 +386,14 @@ def build_missing_stages(cfg):
         train_sft.run_stage(stage, replace(tcfg, resume=resume), extra, inputs)
 
 
+STAGE_OPTIONS = ("init", "sft_seed", "summary_chains", "summary_temperature")  # what only the SFT stages depend on
+
+
+def job_record(cfg, inputs):  # a DPO round's or GRPO run's: its options but the SFT stages' (its inputs name those)
+    options = {k: v for k, v in checkpoint.options_of(cfg).items() if k not in STAGE_OPTIONS}
+    return checkpoint.provenance(options, cfg.out, inputs)
+
+
 def stage_plan(cfg, stage):
     """How the job builds an SFT stage -> (its TrainConfig, the options it records beside that config's, its inputs
     beside its world and init stage): a summary stage on the on-policy set records how that set is sampled."""
@@ -430,8 +438,7 @@ def run(cfg):
     table = [report("sft", {})]
     for t in range(1, cfg.iters + 1):
         round_dir = checkpoint.stage_dir(cfg.out, f"reasoning_dpo{t}")
-        record = checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, [f"reasoning_dpo{t - 1}" if t > 1
-                                                                             else "reasoning"])
+        record = job_record(cfg, [f"reasoning_dpo{t - 1}" if t > 1 else "reasoning"])
         if checkpoint.cached(round_dir, f"DPO round {t}", record, "add --rebuild dpo", cfg.force or "dpo" in rebuild):
             policy = VLM.from_pretrained(round_dir).to(device).eval()
             table.append(checkpoint.marker(round_dir))
@@ -483,7 +490,8 @@ def main(argv=None):
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line: what was saved, how to continue
-        common.interrupted(f"{str(e) or 'finished stages and rounds are kept'}; continue: the same command again")
+        again = "without --force / --rebuild" if cfg.force or cfg.rebuild else "again"  # not to rebuild them again
+        common.interrupted(f"{str(e) or 'finished stages and rounds are kept'}; continue: the same command {again}")
     common.cleanup_distributed()
     return results
 

@@ -195,9 +195,8 @@ def grpo_step(policy, ref, opt, scaler, examples, step, cfg, device, pad_id, kep
 # The run, with its checkpoint for --resume
 
 def train(cfg, device, out_dir, record):
-    """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then its marker, grpo.json). Under torchrun every
-    process samples and trains its share; rank 0 alone writes, logs and evaluates, and the others wait for it. record:
-    the run's provenance, which --resume must match."""
+    """GRPO from the SFT reasoning agent -> out_dir (save_pretrained, then grpo.json with record, which --resume must
+    match). Under torchrun every process samples and trains its share; rank 0 alone writes, logs and evaluates."""
     rank = common.distributed()[0]
     data_dir, log_path = os.path.join(cfg.out, "data"), os.path.join(cfg.out, "logs", "grpo.jsonl")
     state_path = os.path.join(out_dir, "train_state.pt")
@@ -295,7 +294,7 @@ def run(cfg):
     common.writable_dir(cfg.out)
     train_dpo.build_missing_stages(cfg)  # the shared options build the stages exactly as the DPO job would
     out_dir = checkpoint.stage_dir(cfg.out, "reasoning_grpo")
-    record = checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, ["reasoning"])
+    record = train_dpo.job_record(cfg, ["reasoning"])
     if not checkpoint.cached(out_dir, "GRPO", record, "add --rebuild grpo", cfg.force or "grpo" in (cfg.rebuild or ())):
         common.print0(f"[stage] GRPO: {cfg.steps} steps x {cfg.questions_per_step} questions x {cfg.group_size} "
                       f"chains")
@@ -311,7 +310,8 @@ def main(argv=None):
     except (OSError, ValueError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt as e:  # one line: what was saved, how to continue
-        common.interrupted(f"{str(e) or 'finished stages are kept'}; continue: the same command again")
+        again = "without --force / --rebuild" if cfg.force or cfg.rebuild else "again"  # not to rebuild them again
+        common.interrupted(f"{str(e) or 'finished stages are kept'}; continue: the same command {again}")
     common.cleanup_distributed()
     return results
 

@@ -218,7 +218,8 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
         same = {**provenance, "options": {k: v for k, v in provenance["options"].items()
                                           if k not in ("max_steps", "epochs")}}
         done = checkpoint.load_train_state(os.path.join(out_dir, "train_state.pt"), model, optimizer, scaler, same,
-                                           "start over: train_sft.py without --resume, or the main job's --rebuild")
+                                           f"start over (train_sft.py without --resume; the main job: add --rebuild "
+                                           f"{cfg.stage})")
         if done >= total:  # nothing left to train, so no losses to report
             raise ValueError(f"{out_dir}/train_state.pt is at step {done} of {total}: nothing to resume; run without "
                              f"--resume to train again, or resume with more --max-steps / --epochs")
@@ -281,7 +282,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
                 saved = done
     except KeyboardInterrupt:
         if rank == 0:  # every process holds the same weights
-            save_checkpoint(model, optimizer, scaler, done, provenance, out_dir)  # a half-done step's gradients: dropped
+            save_checkpoint(model, optimizer, scaler, done, provenance, out_dir)  # a half-done step's grads: dropped
         bar.close()
         raise KeyboardInterrupt(f"saved step {done}/{total} to {out_dir}") from None  # main says how to continue
     bar.close()

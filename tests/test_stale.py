@@ -83,6 +83,30 @@ def test_a_rebuilt_reasoning_stage_makes_every_round_after_it_out_of_date(job, c
     assert checkpoint.stale(os.path.join(out, "reasoning_dpo2")) == ["reasoning_dpo1"]  # built from the old round 1
 
 
+def test_a_round_or_grpo_run_records_its_own_options_not_those_of_the_sft_stages(tmp_path):
+    record = train_dpo.job_record(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=2, sft_seed=3), ["reasoning"])
+    assert record["options"]["lr"] == 3e-6 and not set(train_dpo.STAGE_OPTIONS) & set(record["options"])
+    assert record["inputs"] == {"reasoning": None}  # the SFT stages' options reach it through this id
+
+
+def test_a_product_built_before_options_were_recorded_is_refused_by_name(job):
+    out, argv = job
+    train_dpo.main(argv)
+    round1 = os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE)
+    with open(round1, "w") as f:
+        f.write('{"round": "dpo1", "val/chain_correct": 0.5, "val/two_agent": 0.5}')  # as older runs left it
+    assert one_line_exit(train_dpo.main, argv) == (f"error: {os.path.dirname(round1)} was built before its options "
+                                                   f"were recorded: add --rebuild dpo")
+
+
+def test_an_error_that_is_not_a_full_disk_is_raised_as_it_is(tmp_path):
+    with pytest.raises(ValueError, match="^a bug$"):
+        common.atomic_write(str(tmp_path / "x"), lambda f: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(OSError, match="could not be written .* the disk is full"):  # torch.save's own words
+        common.atomic_write(str(tmp_path / "x"), lambda f: (_ for _ in ()).throw(
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")))
+
+
 def test_a_rebuilt_world_makes_the_stages_out_of_date_and_the_same_world_does_not(tmp_path):
     out = str(tmp_path / "out")
     micro_run(out)
@@ -141,8 +165,8 @@ def test_sft_resume_with_another_option_is_one_line(base_run, tmp_path, change):
     flag, value = change
     message = one_line_exit(train_sft.main, argv + ["--resume", *change])
     assert message.startswith(f"error: {run / 'base' / 'train_state.pt'} was built with {flag[2:].replace('-', '_')}=")
-    assert message.endswith(f", not {value}: pass the same option, or start over: train_sft.py without --resume, or "
-                            f"the main job's --rebuild")
+    assert message.endswith(f", not {value}: pass the same option, or start over (train_sft.py without --resume; the "
+                            f"main job: add --rebuild base)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +218,7 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_file(built_world, tmp_
     assert proc.returncode == 1 and time.time() - started < 120
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'base' / 'model.safetensors'} could not be written (SafetensorError: ")
-    assert last.endswith("a full disk or a file-size limit ends a write this way; free space and run the same "
-                         "command again")
+    assert last.endswith("the disk is full or a file-size limit was met; free space and run the same command again")
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "base" / checkpoint.STAGE_DONE)
 
