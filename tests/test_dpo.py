@@ -267,7 +267,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
     assert "two_agent_dpo1" in results["arms"] and os.path.isfile(os.path.join(out, "results_test_limit4.md"))
 
 
-def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_retires_the_later_ones(tmp_path, monkeypatch):
+def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_makes_the_later_ones_out_of_date(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8)
     monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
