@@ -49,6 +49,11 @@ class DataConfig(world.ErrorRates):
     questions_per_scene: int = option(3, "distinct question families per scene", min=1)
     min_objects: int = option(3, "fewest objects in a scene", min=1, max=9)
     max_objects: int = option(7, "most objects in a scene (9 cells)", min=1, max=9)
+    hard_val_scenes: int = option(0, "scenes of hard_val.jsonl: larger than any other split's, the edge RL is "
+                                  "tried at", min=0)
+    hard_test_scenes: int = option(0, "scenes of hard_test.jsonl (x questions per scene: 800 gives 2400)", min=0)
+    hard_min_objects: int = option(8, "fewest objects in a hard scene", min=1, max=9)
+    hard_max_objects: int = option(9, "most objects in a hard scene", min=1, max=9)
     paths_per_question: int = option(4, "N reasoning paths per question (the paper: unstated)", min=1)
     max_steps: int = option(16, "step cap of a path, as in the paper", min=1)
     high: int = option(90, "score >= high is High (only flawless world paths)", min=1, max=100)
@@ -354,9 +359,10 @@ def assess_and_write(rows, generator, answer_filter, scorer, out_dir, cfg):
 def build_world(out_dir, **options):
     """Write the whole synthetic world to out_dir, one writer at a time (common.run_lock); returns the data card."""
     cfg = DataConfig(**options)
-    if cfg.min_objects > cfg.max_objects:
-        raise ValueError(f"--min-objects {cfg.min_objects} is more than --max-objects {cfg.max_objects}: "
-                         f"pass a range with min <= max")
+    for low, high in (("min_objects", "max_objects"), ("hard_min_objects", "hard_max_objects")):
+        if getattr(cfg, low) > getattr(cfg, high):
+            raise ValueError(f"--{low.replace('_', '-')} {getattr(cfg, low)} is more than --{high.replace('_', '-')} "
+                             f"{getattr(cfg, high)}: pass a range with min <= max")
     with common.run_lock(out_dir):
         return write_world(out_dir, cfg)
 
@@ -365,10 +371,12 @@ def write_world(out_dir, cfg):
     Path(out_dir, checkpoint.WORLD_DONE).unlink(missing_ok=True)  # written last: until then the world is unfinished
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     splits, taken = {}, set()
-    for split in ("test", "val", "train"):  # test first: its scenes never depend on other sizes
-        rows, scenes = world.make_split(split, getattr(cfg, f"{split}_scenes"), cfg, taken)
-        write_split(out_dir, split, rows, scenes)
-        splits[split] = (rows, scenes)
+    hard = replace(cfg, min_objects=cfg.hard_min_objects, max_objects=cfg.hard_max_objects)  # no SFT set has these
+    for split, c in (("test", cfg), ("val", cfg), ("train", cfg), ("hard_test", hard), ("hard_val", hard)):
+        if getattr(cfg, f"{split}_scenes"):  # test first: its scenes never depend on other sizes; the hard ones last
+            rows, scenes = world.make_split(split, getattr(cfg, f"{split}_scenes"), c, taken)
+            write_split(out_dir, split, rows, scenes)
+            splits[split] = (rows, scenes)
     train, train_scenes = splits["train"]
     teacher = world.ScriptedTeacher(cfg, cfg.max_steps)
     reasoning, summary, paths = assess_and_write(train, teacher, AnswerFilter(), SceneStepScorer(), out_dir, cfg)
@@ -387,7 +395,7 @@ def write_world(out_dir, cfg):
     tok = train_tokenizer(list(dict.fromkeys(texts)), cfg.vocab_size)
     common.atomic_write(os.path.join(out_dir, "tokenizer.json"), tok.save)
     card = data_card(cfg, {s: r for s, (r, _) in splits.items()}, sets, paths, tok)
-    files = [*(f"{name}.jsonl" for name in ("train", "val", "test", *sets, "paths")), "tokenizer.json"]
+    files = [*(f"{name}.jsonl" for name in (*splits, *sets, "paths")), "tokenizer.json"]
     digest = hashlib.sha256(b"".join(Path(out_dir, name).read_bytes() for name in files))
     card = {"id": digest.hexdigest()[:16], **card}  # the same files, the same id: what was built on them stays current
     common.atomic_write(os.path.join(out_dir, checkpoint.WORLD_DONE), lambda f: common.write_json(card, f))
@@ -414,8 +422,8 @@ def extra_split(out_dir, split, n_questions, **changes):
     the world's own config with `changes` (min_objects=8, max_objects=9: larger scenes), images under out_dir/images,
     rows in out_dir/<split>.jsonl -> the rows."""
     cfg = replace(world_config(out_dir), **changes)
-    taken = {world.scene_graph(r["objects"]) for name in ("train", "val", "test")
-             for r in read_jsonl(os.path.join(out_dir, f"{name}.jsonl"))}
+    files = [os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "val", "test", "hard_val", "hard_test")]
+    taken = {world.scene_graph(r["objects"]) for file in files if os.path.isfile(file) for r in read_jsonl(file)}
     rows, scenes = world.make_split(split, -(-n_questions // cfg.questions_per_scene), cfg, taken)
     write_split(out_dir, split, rows[:n_questions], scenes)
     return rows[:n_questions]

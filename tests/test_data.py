@@ -555,3 +555,37 @@ def test_extra_split_is_deterministic(small_world):
     assert all_bytes(small_world) == written  # the same file and images, byte for byte
     other = data.extra_split(small_world, "pool2", 5)  # another name: other scenes
     assert [r["objects"] for r in other] != [r["objects"] for r in first]
+
+
+# ----------------------------------------------------------------------------------------------
+# The hard splits: larger scenes than any SFT set has, where RL is tried at the edge of the agent's competence
+
+
+def test_hard_splits_have_larger_scenes_no_sft_set_sees_and_leave_the_world_as_it_was(tmp_path):
+    sizes = dict(train_scenes=6, val_scenes=2, test_scenes=2)
+    plain, hard = str(tmp_path / "plain"), str(tmp_path / "hard")
+    data.build_world(plain, **sizes)
+    data.build_world(hard, **sizes, hard_val_scenes=3, hard_test_scenes=4)
+    for split in ("train", "val", "test", "base", "reasoning_sft", "summary_sft", "paths"):  # unchanged by them
+        assert open(os.path.join(plain, f"{split}.jsonl"), "rb").read() == open(os.path.join(hard, f"{split}.jsonl"),
+                                                                                   "rb").read()
+    graphs = {s: {world.scene_graph(r["objects"]) for r in rows(hard, s)} for s in ("train", "val", "test")}
+    for split, n in (("hard_val", 3), ("hard_test", 4)):
+        got = rows(hard, split)
+        assert len({r["scene"] for r in got}) == n and all(8 <= len(r["objects"]) <= 9 for r in got)
+        assert all(r["id"].startswith(f"{split}-") for r in got)
+        assert not {world.scene_graph(r["objects"]) for r in got} & set().union(*graphs.values())
+        seen = {r["image"] for s in ("base", "reasoning_sft", "summary_sft") for r in rows(hard, s)}
+        assert not {r["image"] for r in got} & seen  # no SFT set has a hard scene's picture
+        assert all(rederive(r["question"], r["objects"]) == r["answer"] for r in got)
+    card = json.load(open(os.path.join(hard, "card.json")))
+    assert card["questions"]["hard_test"] == len(rows(hard, "hard_test")) and "hard_val" in card["families"]
+    assert card["id"] != json.load(open(os.path.join(plain, "card.json")))["id"]
+    again = str(tmp_path / "again")
+    data.build_world(again, **sizes, hard_val_scenes=3, hard_test_scenes=4)
+    assert all_bytes(again) == all_bytes(hard)  # deterministic given the seed
+    pool = data.extra_split(hard, "pool", 12, min_objects=8, max_objects=9)  # a hard DPO pool: fresh scenes
+    held_out = {world.scene_graph(r["objects"]) for s in ("hard_val", "hard_test") for r in rows(hard, s)}
+    assert not {world.scene_graph(r["objects"]) for r in pool} & held_out
+    with pytest.raises(ValueError, match="--hard-min-objects 9 is more than --hard-max-objects 8"):
+        data.build_world(str(tmp_path / "bad"), **sizes, hard_min_objects=9, hard_max_objects=8)
