@@ -572,7 +572,7 @@ def test_hard_splits_have_larger_scenes_no_sft_set_sees_and_leave_the_world_as_i
     graphs = {s: {world.scene_graph(r["objects"]) for r in rows(hard, s)} for s in ("train", "val", "test")}
     for split, n in (("hard_val", 3), ("hard_test", 4)):
         got = rows(hard, split)
-        assert len({r["scene"] for r in got}) == n and all(8 <= len(r["objects"]) <= 9 for r in got)
+        assert len({r["scene"] for r in got}) == n and all(len(r["objects"]) == 8 for r in got)
         assert all(r["id"].startswith(f"{split}-") for r in got)
         assert not {world.scene_graph(r["objects"]) for r in got} & set().union(*graphs.values())
         seen = {r["image"] for s in ("base", "reasoning_sft", "summary_sft") for r in rows(hard, s)}
@@ -584,7 +584,7 @@ def test_hard_splits_have_larger_scenes_no_sft_set_sees_and_leave_the_world_as_i
     again = str(tmp_path / "again")
     data.build_world(again, **sizes, hard_val_scenes=3, hard_test_scenes=4)
     assert all_bytes(again) == all_bytes(hard)  # deterministic given the seed
-    pool = data.extra_split(hard, "pool", 12, min_objects=8, max_objects=9)  # a hard DPO pool: fresh scenes
+    pool = data.extra_split(hard, "pool", 12, min_objects=8, max_objects=8)  # a hard DPO pool: fresh scenes
     held_out = {world.scene_graph(r["objects"]) for s in ("hard_val", "hard_test") for r in rows(hard, s)}
     assert not {world.scene_graph(r["objects"]) for r in pool} & held_out
     with pytest.raises(ValueError, match="--hard-min-objects 9 is more than --hard-max-objects 8"):
