@@ -290,6 +290,14 @@ def paired_table(tests, pooled=False):
     return markdown_table(header + ["A ahead in runs"] * pooled, rows)
 
 
+def rounds_table(rows):
+    """train_dpo.py's rows per round (the SFT agent's, then each round's; val) -> markdown lines."""
+    keys = ["pairs", "rewards/accuracies", "rewards/margins", "sample_correct", "val/chain_correct", "val/two_agent"]
+    cell = lambda c: "-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)  # noqa: E731
+    return markdown_table(["round", "pairs", "reward acc", "margin", "samples correct", "chain correct",
+                           "two-agent acc"], [[r["round"], *(cell(r.get(k)) for k in keys)] for r in rows])
+
+
 SHARES = ("overall", "reasoning", "perception", "chain_correct")  # what --summarize compares per arm
 
 

@@ -32,6 +32,7 @@ import common
 import data
 import eval as evaluation
 import generate
+import plots
 import train_sft
 from model import VLM
 
@@ -461,14 +462,7 @@ def run(cfg):
                                 lambda f: common.write_json({**row, **record}, f))
         table.append(row)
 
-    common.print0("\nIterative DPO, per round (val):")
-    common.print0("| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |")
-    common.print0("|---|---|---|---|---|---|---|")
-    for r in table:
-        cells = [r.get("pairs"), r.get("rewards/accuracies"), r.get("rewards/margins"), r.get("sample_correct"),
-                 r["val/chain_correct"], r["val/two_agent"]]
-        common.print0(f"| {r['round']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float)
-                                                        else str(c) for c in cells) + " |")
+    common.print0("\nIterative DPO, per round (val):\n" + "\n".join(plots.rounds_table(table)))
     return evaluate_run(cfg, device, t0, rounds=cfg.iters)
 
 

@@ -131,3 +131,14 @@ def test_valid_json_of_the_wrong_shape_or_nan_losses_are_one_line_errors_or_left
     write_log(logs, "reasoning.jsonl", [{"step": 1, "loss": {"mean": 2.0}}, "a line that is no object"])
     with pytest.raises(SystemExit, match=f"^error: {os.path.join(logs, 'reasoning.jsonl')}:"):
         E.main(["--plot-logs", logs])
+
+
+def test_the_dpo_rounds_table():
+    rows = [{"round": "sft", "val/chain_correct": 0.5, "val/two_agent": 0.625},
+            {"round": "dpo1", "pairs": 12, "rewards/accuracies": 0.75, "rewards/margins": 0.1, "sample_correct": 0.25,
+             "val/chain_correct": 0.5, "val/two_agent": 0.6}]
+    assert plots.rounds_table(rows) == [
+        "| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |",
+        "|---|---|---|---|---|---|---|",
+        "| sft | - | - | - | - | 0.500 | 0.625 |",
+        "| dpo1 | 12 | 0.750 | 0.100 | 0.250 | 0.500 | 0.600 |"]
