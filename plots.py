@@ -290,12 +290,23 @@ def paired_table(tests, pooled=False):
     return markdown_table(header + ["A ahead in runs"] * pooled, rows)
 
 
+def cell(value):  # a training table's cell: 3 decimals, "-" where the row has no such value
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def rounds_table(rows):
     """train_dpo.py's rows per round (the SFT agent's, then each round's; val) -> markdown lines."""
     keys = ["pairs", "rewards/accuracies", "rewards/margins", "sample_correct", "val/chain_correct", "val/two_agent"]
-    cell = lambda c: "-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)  # noqa: E731
     return markdown_table(["round", "pairs", "reward acc", "margin", "samples correct", "chain correct",
                            "two-agent acc"], [[r["round"], *(cell(r.get(k)) for k in keys)] for r in rows])
+
+
+def grpo_table(steps, evals):
+    """train_grpo.py's log: each val report beside the reward of the step before it -> markdown lines."""
+    by_step = {r["step"]: r for r in steps}
+    return markdown_table(["step", "reward", "solved", "skipped groups", "chain correct", "two-agent acc"], [
+        [e["step"], *(cell(by_step.get(e["step"], {}).get(k)) for k in ("reward", "solved", "skipped_groups")),
+         cell(e["val/chain_correct"]), cell(e["val/two_agent"])] for e in evals])
 
 
 SHARES = ("overall", "reasoning", "perception", "chain_correct")  # what --summarize compares per arm

@@ -26,6 +26,7 @@ import checkpoint
 import common
 import data
 import eval as evaluation
+import plots
 import train_dpo
 import train_sft
 from model import VLM
@@ -268,22 +269,10 @@ def train(cfg, device, out_dir, record):
     marker = os.path.join(out_dir, checkpoint.GRPO_DONE)
     common.atomic_write(marker, lambda f: common.write_json(summary_row, f))  # last: the run is done
     Path(state_path).unlink(missing_ok=True)  # nothing left to resume
-    print_summary(steps, evals, summary_row, out_dir)
+    print("\nGRPO, per val report:\n" + "\n".join(plots.grpo_table(steps, evals)))
+    print(f"[grpo] {done} steps, {summary_row['chains']} chains sampled, {summary_row['skipped_groups']} groups "
+          f"skipped (equal rewards), {summary_row['wall_s']:.0f}s -> {out_dir}")
     return summary_row
-
-
-def print_summary(steps, evals, row, out_dir):
-    """The run's val reports beside the reward of the step before each, as a markdown table, and its totals."""
-    print("\nGRPO, per val report:")
-    print("| step | reward | solved | skipped groups | chain correct | two-agent acc |\n|---|---|---|---|---|---|")
-    by_step = {r["step"]: r for r in steps}
-    for e in evals:
-        s = by_step.get(e["step"], {})
-        cells = [s.get("reward"), s.get("solved"), s.get("skipped_groups"), e["val/chain_correct"], e["val/two_agent"]]
-        print(f"| {e['step']} | " + " | ".join("-" if c is None else f"{c:.3f}" if isinstance(c, float) else str(c)
-                                               for c in cells) + " |")
-    print(f"[grpo] {row['steps']} steps, {row['chains']} chains sampled, {row['skipped_groups']} groups skipped "
-          f"(equal rewards), {row['wall_s']:.0f}s -> {out_dir}")
 
 
 def run(cfg):

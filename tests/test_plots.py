@@ -142,3 +142,11 @@ def test_the_dpo_rounds_table():
         "|---|---|---|---|---|---|---|",
         "| sft | - | - | - | - | 0.500 | 0.625 |",
         "| dpo1 | 12 | 0.750 | 0.100 | 0.250 | 0.500 | 0.600 |"]
+
+
+def test_the_grpo_table_puts_each_val_report_beside_its_step():
+    steps = [{"step": 1, "reward": 0.5, "solved": 0.25, "skipped_groups": 3}]
+    evals = [{"step": 0, "val/chain_correct": 0.5, "val/two_agent": 0.5},
+             {"step": 1, "val/chain_correct": 0.75, "val/two_agent": 0.625}]
+    assert plots.grpo_table(steps, evals)[2:] == ["| 0 | - | - | - | 0.500 | 0.500 |",
+                                                  "| 1 | 0.500 | 0.250 | 3 | 0.750 | 0.625 |"]
