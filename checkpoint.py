@@ -49,9 +49,9 @@ WORLD_DONE, STAGE_DONE, ROUND_DONE, GRPO_DONE = "card.json", "stage.json", "roun
 # id, the options that define them and the ids of their inputs (the products they were built from, named by their
 # directory in the run). A product is reused only while both still hold: nothing stale, nothing mixed.
 
-def options_of(config):  # the options that define what a config builds: all but those marked compared=False
-    return json.loads(json.dumps({f.name: getattr(config, f.name) for f in fields(config)
-                                  if f.metadata.get("compared", True)}))  # as a marker gives them back
+def options_of(config, default=False):  # the options that define what config builds (or their defaults): all but
+    compared = [f for f in fields(config) if f.metadata.get("compared", True)]  # those marked compared=False
+    return json.loads(json.dumps({f.name: f.default if default else getattr(config, f.name) for f in compared}))
 
 
 def marker(path):  # the finished product at path: its last file (card, stage, round or grpo .json) as a dict, or None
@@ -68,8 +68,12 @@ def ids(run_dir, names):  # {name: id of the finished product run_dir/name} (Non
     return {name: (marker(os.path.join(run_dir, name)) or {}).get("id") for name in names}
 
 
-def provenance(options, run_dir, inputs):  # what a product records: a new id, its options, its inputs' ids
-    return {"id": uuid.uuid4().hex, "options": options, "inputs": ids(run_dir, inputs)}
+def provenance(config, run_dir, inputs, extra=None, leave_out=()):
+    """What a product records: a new id; the options that define it (config's, with `extra` and without `leave_out`)
+    and their defaults (a product built before an option existed was built as its default builds); its inputs' ids."""
+    options = {k: v for k, v in {**options_of(config), **(extra or {})}.items() if k not in leave_out}
+    return {"id": uuid.uuid4().hex, "options": options, "defaults": options_of(config, default=True),
+            "inputs": ids(run_dir, inputs)}
 
 
 def stale(path, done=None):  # the inputs of the finished product at path rebuilt after it, or out of date themselves
@@ -93,8 +97,10 @@ def check_record(path, recorded, wanted, fix):
     differs -> a one-line ValueError naming it and `fix`, the flag that builds just that product again."""
     if "options" not in recorded and "config" not in recorded:  # "config": stage.json before "options" was added
         raise ValueError(f"{path} was built before its options were recorded: {fix}")
-    options = flat(recorded.get("options", recorded.get("config")))
+    options, defaults = flat(recorded.get("options", recorded.get("config"))), wanted.get("defaults", {})
     for key, value in flat(wanted["options"]).items():
+        if key not in options and key in defaults and defaults[key] == value:
+            continue  # an option added since: the product was built as its default builds
         if key not in options or options[key] != value:
             raise ValueError(f"{path} was built with {key}={options.get(key, '(not recorded)')}, not {value}: pass "
                              f"the same option, or {fix}")

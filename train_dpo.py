@@ -391,8 +391,7 @@ STAGE_OPTIONS = ("init", "sft_seed", "summary_chains", "summary_temperature")  #
 
 
 def job_record(cfg, inputs):  # a DPO round's or GRPO run's: its options but the SFT stages' (its inputs name those)
-    options = {k: v for k, v in checkpoint.options_of(cfg).items() if k not in STAGE_OPTIONS}
-    return checkpoint.provenance(options, cfg.out, inputs)
+    return checkpoint.provenance(cfg, cfg.out, inputs, leave_out=STAGE_OPTIONS)
 
 
 def stage_plan(cfg, stage):

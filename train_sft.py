@@ -198,7 +198,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
     """Train `model` in place; checkpoints to out_dir, metrics to log_path -> a summary. Ctrl-C saves first. Under
     torchrun every process runs its share of each step's micro-batches, and rank 0 alone writes. provenance: the
     stage's (stage_record), which --resume must match."""
-    provenance = provenance or checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, [])
+    provenance = provenance or checkpoint.provenance(cfg, cfg.out, [])
     device, (rank, n_procs) = common.resolve_device(cfg.device), common.distributed()
     model.to(device).train()
     pad_id = data.special_ids(model.tokenizer)["pad"] if model.tokenizer is not None else 0
@@ -351,7 +351,7 @@ def stage_record(cfg, extra=None, inputs=()):
     train_dpo.py sampled a data file), and the ids of the run's world, of its init stage and of `inputs`."""
     init = STAGES[cfg.stage]["init"]
     names = ["data", *([init] if init and not cfg.init else []), *inputs]
-    return checkpoint.provenance({**checkpoint.options_of(cfg), **(extra or {})}, cfg.out, names)
+    return checkpoint.provenance(cfg, cfg.out, names, extra)
 
 
 def run_stage(stage, cfg, extra=None, inputs=()):

@@ -133,7 +133,7 @@ def test_resume_state_holds_only_the_training_device_generator(tmp_path, monkeyp
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert state["rng_cuda"] is None  # a CPU run: no GPU generator at all
     checkpoint.load_train_state(str(tmp_path / "train_state.pt"), model, train_sft.make_optimizer(model, cfg),
-                                common.make_scaler("cpu", "fp32"), checkpoint.provenance(checkpoint.options_of(cfg), cfg.out, []))
+                                common.make_scaler("cpu", "fp32"), checkpoint.provenance(cfg, cfg.out, []))
 
 
 # ----------------------------------------------------------------------------------------------

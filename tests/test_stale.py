@@ -3,6 +3,7 @@ options it was built with and the ids of the products it was built from: it is r
 option is a one-line error naming it and the flag that rebuilds it, and a rebuilt input makes everything built from it
 out of date. A resumed run checks the same record. One run per output directory. A write that fails names its file."""
 
+import json
 import os
 import signal
 import socket
@@ -89,10 +90,19 @@ def test_a_round_or_grpo_run_records_its_own_options_not_those_of_the_sft_stages
     assert record["inputs"] == {"reasoning": None}  # the SFT stages' options reach it through this id
 
 
-def test_a_product_built_before_options_were_recorded_is_refused_by_name(job):
+def test_a_product_built_before_options_were_recorded_is_refused_by_name(job, capsys):
     out, argv = job
     train_dpo.main(argv)
     round1 = os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE)
+    done = json.load(open(round1))
+    del done["options"]["beta"]  # as if --beta had been added after the round was built
+    with open(round1, "w") as f:
+        json.dump(done, f)
+    capsys.readouterr()
+    train_dpo.main(argv)  # the round was built as the default builds: reused
+    assert "[stage] DPO round 1: cached" in capsys.readouterr().out
+    assert one_line_exit(train_dpo.main, argv + ["--beta", "0.5"]).startswith(
+        f"error: {os.path.dirname(round1)} was built with beta=(not recorded), not 0.5: ")
     with open(round1, "w") as f:
         f.write('{"round": "dpo1", "val/chain_correct": 0.5, "val/two_agent": 0.5}')  # as older runs left it
     assert one_line_exit(train_dpo.main, argv) == (f"error: {os.path.dirname(round1)} was built before its options "
