@@ -418,6 +418,11 @@ def world_config(out_dir):
         return DataConfig(**json.load(f)["config"])
 
 
+def hard_scenes(out_dir):  # extra_split's changes for scenes as large as the hard splits' of the world in out_dir
+    cfg = world_config(out_dir)
+    return {"min_objects": cfg.hard_min_objects, "max_objects": cfg.hard_max_objects}
+
+
 def extra_split(out_dir, split, n_questions, **changes):
     """New questions on scenes no split of the world in out_dir has (the world is free; train_dpo.py's fresh pools):
     the world's own config with `changes` (min_objects=8, max_objects=9: larger scenes), images under out_dir/images,

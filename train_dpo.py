@@ -157,6 +157,8 @@ class JobConfig:
     summary_temperature: float = common.option(0.7, "sampling temperature of those chains", min=0)
     eval_limit: int = common.option(0, "evaluate on only this many test questions (0 = all)", min=0, compared=False)
     seed: int = common.option(0, "seed of the question pools and the sampling (and of DPO's pair order)")
+    hard_pool: bool = common.option(False, "fresh pools of scenes as large as the hard splits' (data.py "
+                                    "--hard-min-objects): where the SFT agent is at its edge")
     sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
                                   "vary it, each with its own --out, to see the spread")
 
@@ -446,7 +448,8 @@ def run(cfg):
         common.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
                       f"{cfg.pool_size} questions, rank, pair, train")
         if cfg.fresh_pool:  # new scenes for every round, each seed its own
-            pool = common.on_rank0(data.extra_split, data_dir, f"dpo{t}-seed{cfg.seed}", cfg.pool_size)
+            pool = common.on_rank0(data.extra_split, data_dir, f"dpo{t}-seed{cfg.seed}{'-hard' * cfg.hard_pool}",
+                                   cfg.pool_size, **(data.hard_scenes(data_dir) if cfg.hard_pool else {}))
         else:  # fixed per round
             pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))
         pairs, pair_stats = round_pairs(policy, pool, data_dir, cfg, cfg.seed + 1000 * t, answer_filter, scorer)

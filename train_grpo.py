@@ -46,6 +46,8 @@ class GRPOConfig(train_dpo.JobConfig):  # and the options it shares with train_d
                                           "chain right through wrong steps earns less than a sound one (DPO's "
                                           "chosen need >= 90); <= 1 keeps every right answer above every wrong one "
                                           "(a wrong answer scores <= 51)", min=0, max=1)
+    reward: str = common.option("additive", "additive: as --process-weight says; gated: 0 for a wrong answer, else "
+                                "0.2 + 0.8 x step score / 100 (answer-gated)", choices=["additive", "gated"])
     std: bool = common.option(True, "advantage (r - mean) / std per group (GRPO); --no-std: r - mean (Dr.GRPO)")
     ppo_epochs: int = common.option(1, "updates on each step's samples; > 1 clips the ratio as PPO does", min=1)
     clip_eps: float = common.option(0.2, "PPO's clip range of the ratio (with --ppo-epochs > 1)", above=0, max=1)
@@ -98,11 +100,19 @@ def grpo_loss(logps, old_logps, advantages, mask, n_tokens, clip_eps=0.2, ref_lo
 # ----------------------------------------------------------------------------------------------
 # One step: sample and reward the groups, then update
 
+def reward(correct, score, rule="additive", weight=0.5):
+    """One chain's verifiable reward from the assessment, the same rule for every family. additive: 1 for a right
+    answer + weight x step score / 100; gated (Zhang, Neubig, Yue 2025): 0 for a wrong answer, else 0.2 + 0.8 x step
+    score / 100, so a wrong chain earns nothing whatever its steps and a right one through wrong steps less."""
+    return (0.2 + 0.8 * score / 100 if correct else 0.0) if rule == "gated" else correct + weight * score / 100
+
+
 def question_pool(cfg, data_dir):
     """The questions of every step, in order: steps x questions_per_step on new scenes made once (no question twice),
     or the SFT training questions shuffled (in turn, again from the start when they run out)."""
-    if cfg.fresh_pool:
-        return data.extra_split(data_dir, f"grpo-seed{cfg.seed}", cfg.steps * cfg.questions_per_step)
+    if cfg.fresh_pool:  # --hard-pool: scenes as large as the hard splits'
+        return data.extra_split(data_dir, f"grpo-seed{cfg.seed}{'-hard' * cfg.hard_pool}", cfg.steps *
+                                cfg.questions_per_step, **(data.hard_scenes(data_dir) if cfg.hard_pool else {}))
     rows = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
     random.Random(cfg.seed).shuffle(rows)
     return rows
@@ -115,8 +125,8 @@ def rollout(policy, rows, data_dir, cfg, seed, judges):
     a small off-policy gap, left as it is (DPO's log-probs are the model's own likewise)."""
     chains = train_dpo.sample_chains(policy, rows, data_dir, cfg, seed, k=cfg.group_size, desc="GRPO")
     ranked = [train_dpo.rank_samples(r, chains[r["id"]], *judges) for r in rows]
-    # Verifiable reward: the answer filter (1 / 0), plus step-score credit; the same rule for every family.
-    rewards = torch.tensor([[s["correct"] + cfg.process_weight * s["score"] / 100 for s in rs] for rs in ranked])
+    rewards = torch.tensor([[reward(s["correct"], s["score"], cfg.reward, cfg.process_weight) for s in rs]
+                            for rs in ranked])
     advantages, trained = group_advantages(rewards, cfg.std)  # (N, G), (N,)
     tok, mcfg = policy.tokenizer, policy.config
     examples = [(train_sft.encode_row({**r, "chain": s["text"]}, tok, mcfg, data_dir, task="reasoning"), a)

@@ -50,6 +50,23 @@ def micro():
 CHAINS = [[11, 12, 13], [20, 21, 22, 23], [30, 31], [40, 41, 42, 43, 44]]  # completion token ids
 
 
+def test_the_rewards_on_hand_made_scored_chains():
+    reward = train_grpo.reward
+    assert reward(False, 100, "gated") == 0.0 and reward(False, 40, "gated") == 0.0  # a wrong answer: nothing
+    assert reward(True, 100, "gated") == pytest.approx(1.0) and reward(True, 50, "gated") == pytest.approx(0.6)
+    assert reward(True, 100) == pytest.approx(1.5) and reward(False, 40) == pytest.approx(0.2)  # additive, weight 0.5
+    assert reward(True, 50, weight=0.0) == 1.0
+
+
+def test_a_hard_pool_has_the_hard_splits_scenes(tmp_path):
+    data_dir = str(tmp_path / "data")
+    train_grpo.data.build_world(data_dir, train_scenes=6, val_scenes=1, test_scenes=1)
+    cfg = train_grpo.GRPOConfig(steps=2, questions_per_step=3, hard_pool=True)
+    pool = train_grpo.question_pool(cfg, data_dir)
+    assert len(pool) == 6 and all(len(r["objects"]) == 8 and r["id"].startswith("grpo-seed0-hard-") for r in pool)
+    assert all(len(r["objects"]) <= 7 for r in train_grpo.question_pool(train_grpo.GRPOConfig(steps=2), data_dir))
+
+
 def test_one_update_raises_the_rewarded_chain_and_lowers_the_others(micro):
     batch = make_batch(micro, CHAINS)
     adv, _ = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # exactly one chain rewarded

@@ -65,6 +65,16 @@ def test_a_cached_dpo_round_with_other_options_is_refused_and_rebuilt_only_when_
     assert one_line_exit(train_dpo.main, argv).endswith("not 3e-06: pass the same option, or add --rebuild dpo")
 
 
+def test_a_hard_pool_round_samples_larger_scenes_and_is_no_cached_world_pool_round(job):
+    out, argv = job
+    train_dpo.main(argv)
+    assert one_line_exit(train_dpo.main, argv + ["--hard-pool"]).endswith(
+        "was built with hard_pool=False, not True: pass the same option, or add --rebuild dpo")
+    train_dpo.main(argv + ["--hard-pool", "--rebuild", "dpo"])
+    pool = data.read_jsonl(os.path.join(out, "data", "dpo1-seed0-hard.jsonl"))
+    assert len(pool) == 6 and all(len(r["objects"]) == 8 for r in pool)  # micro_run's world: 3-7 objects
+
+
 def test_a_rebuilt_reasoning_stage_makes_every_round_after_it_out_of_date(job, capsys):
     out, argv = job
     train_dpo.main(argv + ["--iters", "2"])
