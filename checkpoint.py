@@ -113,7 +113,8 @@ def cached(path, name, record, fix, force=False):
     """Whether the finished product at path is reused: built with record's options from its inputs as they are now.
     Forced, or an input rebuilt since: its marker and train state go, and it is built again from scratch. An
     interrupted one is built, continuing its train state. Other options: check_record's error."""
-    done, old = marker(path), stale(path)
+    done = marker(path)
+    old = stale(path, done)
     if force or old:
         if done is not None:
             why = "asked to" if force else f"its {', '.join(old)} was rebuilt"

@@ -140,15 +140,20 @@ DISK_FULL = re.compile(r"No space left|File too large|Disk quota|os error (28|27
                        r"inline_container")
 
 
+class DiskFull(OSError):  # writing's error: raised as it is by an enclosing writing (atomic_write around write_jsonl)
+    pass
+
+
 @contextlib.contextmanager
 def writing(path):
     """A write that fails on a full disk or a file-size limit -> one OSError naming the file, from every script."""
     try:
         yield
     except Exception as e:
-        if getattr(e, "errno", None) not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) and not DISK_FULL.search(str(e)):
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or DISK_FULL.search(str(e))
+        if isinstance(e, DiskFull) or not full:
             raise
-        raise OSError(f"{path} could not be written ({type(e).__name__}: {str(e).strip()[:200]}): the disk is full "
+        raise DiskFull(f"{path} could not be written ({type(e).__name__}: {str(e).strip()[:200]}): the disk is full "
                       f"or a file-size limit was met; free space and run the same command again") from None
 
 

@@ -119,6 +119,13 @@ def test_a_product_built_before_options_were_recorded_is_refused_by_name(job, ca
                                                    f"were recorded: add --rebuild dpo")
 
 
+def test_a_full_disk_inside_an_atomic_write_names_the_file_once():
+    with pytest.raises(OSError) as e, common.writing("outer.jsonl"), common.writing("inner.jsonl"):
+        raise OSError(28, "No space left on device")
+    assert str(e.value).startswith("inner.jsonl could not be written (OSError: [Errno 28] No space left on device)")
+    assert "outer" not in str(e.value)
+
+
 def test_an_error_that_is_not_a_full_disk_is_raised_as_it_is(tmp_path):
     with pytest.raises(ValueError, match="^a bug$"):
         common.atomic_write(str(tmp_path / "x"), lambda f: (_ for _ in ()).throw(ValueError("a bug")))
