@@ -6,17 +6,14 @@ one base MLLM (their prompts, and those of the single-model arms, are defined on
     `</thoughts>` with one `Title: content` line per step (the official code's format, data.render_chain's);
   - the summary agent reads the image, the question and that chain, judges silently whether it is sound, and answers
     briefly: from the chain if it is, else from the image (its training set holds flawed chains on purpose, data.py).
-Small models write untidy chains (no end tag, a last step cut off by the token limit, nothing at all): data.parse_chain
-keeps every line it can read as a step, and the summary agent still gets a chain in the format it was trained on.
-
-Decoding: greedy for both agents (the paper samples at temperature 0.2-0.7 and 0.2), so evaluation gives the same
-numbers on every run and machine, as a table with confidence intervals needs; `temperature` turns sampling back on.
+Small models write untidy chains (no end tag, a step cut off, nothing at all): data.parse_chain keeps every line it
+can read as a step. Decoding is greedy for both agents (the paper samples at 0.2-0.7 and 0.2), so evaluation gives
+the same numbers on every run and machine; `temperature` turns sampling back on.
 
     python agents.py --image out/data/images/test-00000.png --question "How many circles are there?"
     python agents.py --real bench.jsonl --generator CKPT [--judge CKPT] --data-out out/real
 """
 
-import glob
 import json
 import os
 import random
@@ -94,6 +91,70 @@ def read_chain(text):
 
 
 # ----------------------------------------------------------------------------------------------
+# Many chains per question, assessed: what DPO, GRPO and the on-policy summary set learn from
+
+def sample_chains(policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
+    """k chains per question (default --samples-per-question at --temperature; 0 = greedy) from the policy -> {row id:
+    [chain text, ...]}; prefixes {row id: start of the chain} are continued. Under torchrun process r decodes batches
+    r, r + N, ..., each with the seed it has in one process, and every process gets all the chains."""
+    k = cfg.samples_per_question if k is None else k
+    temperature, out = cfg.temperature if temperature is None else temperature, {}
+    per_batch = max(1, cfg.sample_batch // k)  # prompts per generate call: k samples each
+    rank, world = common.distributed()
+    mine = [r for start in range(rank * per_batch, len(rows), world * per_batch) for r in rows[start:start + per_batch]]
+    for i, (batch, images) in enumerate(batches(mine, image_root, policy.config.vision.image_size, per_batch,
+                                               desc=f"  {desc} chains" if rank == 0 else None)):
+        texts = complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
+                         cfg.max_chain_tokens, temperature, cfg.top_p, num_samples=k,
+                         seed=seed + rank + i * world, precision=cfg.precision,  # batch rank + i * N of all
+                         prefixes=prefixes and [prefixes[r["id"]] for r in batch])
+        for j, r in enumerate(batch):
+            out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
+    chains = {i: c for part in common.all_gather(out) for i, c in part.items()}
+    return {r["id"]: chains[r["id"]] for r in rows}  # in the rows' order
+
+
+def rank_samples(row, texts, answer_filter, scorer):
+    """Score all chains of one question together: the answer filter first, then the 1-100 step score."""
+    scores = scorer.score(row, texts)
+    verdicts = [answer_filter.judge(row, data.as_path(text)["final_answer"]) for text in texts]
+    return [{"text": t, "correct": c, "score": s, "key": (int(c), s)} for t, c, s in zip(texts, verdicts, scores)]
+
+
+def at_the_edge(ranked, min_score):
+    """Whether a question's k assessed samples put it at the policy's edge: some, not all, right and sound (step score
+    >= min_score). RL learns there (ThinkLite-VL, arXiv 2504.07934; Xiong et al., arXiv 2504.11343)."""
+    passes = sum(s["correct"] and s["score"] >= min_score for s in ranked)
+    return 0 < passes < len(ranked)
+
+
+SUMMARY_SET = "summary_onpolicy_sft.jsonl"
+SUMMARY_SET_OPTIONS = ("summary_chains", "summary_temperature", "seed", "top_p", "max_chain_tokens", "sample_batch")
+
+
+def on_policy_summary_set(cfg, data_dir, device):
+    """The summary set train_dpo.py's summary agent trains on: the teacher's rows plus --summary-chains chains per
+    training question from the SFT reasoning agent, with the true answer as the target: at test time it reads this
+    agent's chains, whose mistakes differ from the teacher's injected ones (the paper's summary data comes from the
+    reasoning data's generator likewise) -> the file's name in data_dir ("path": agentK marks the rows)."""
+    name, answer_filter, scorer = SUMMARY_SET, data.AnswerFilter(), data.SceneStepScorer()
+    common.print0(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> "
+                  f"{name}")
+    reasoner = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).eval()
+    train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
+    chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
+                           temperature=cfg.summary_temperature, desc="summary-set")
+    rows, world = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl")), data.world_config(data_dir)
+    for r in train:
+        for k, s in enumerate(rank_samples(r, chains[r["id"]], answer_filter, scorer)):
+            rows.append(data.sft_row(r, "summary", data.render_chain(data.parse_chain(s["text"])), path=f"agent{k}",
+                                     bucket=data.bucket(s["score"], world.high, world.mid), chain_correct=s["correct"]))
+    random.Random(cfg.seed).shuffle(rows)
+    common.on_rank0(common.atomic_write, os.path.join(data_dir, name), lambda p: common.write_jsonl(p, rows))
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
 # The two agents: each keeps its model and its decoding options (complete's keywords).
 
 class ReasoningAgent:
@@ -126,10 +187,10 @@ def reply_logps(vlm, conversations, replies, images):
 class SummaryAgent:
     """Image + question + a chain -> a short final answer (from the chain if it is sound, else directly).
 
-    The paper's summary agent decides silently whether the chain is right. A small one, on pictures it has not seen,
-    overrides right colour and shape chains with its own weaker look (docs/experiments.md, "The summary agent"), so
-    an answer that departs from the chain's stated one is kept only if the agent finds it more likely than the
-    chain's answer by `override_margin` nats (None: its answer as decoded, the paper's rule)."""
+    The paper's summary agent decides silently whether the chain is right. A small one overrides right colour and
+    shape chains with its own weaker look (docs/experiments.md, "The summary agent"), so an answer that departs from
+    the chain's is kept only if the agent finds it more likely than the chain's answer by `override_margin` nats
+    (None: its answer as decoded, the paper's rule)."""
 
     def __init__(self, vlm, max_new_tokens=ANSWER_TOKENS, temperature=0.0, top_p=None, seed=0, precision="auto",
                  override_margin=OVERRIDE_MARGIN):
@@ -317,22 +378,6 @@ def load_vlm(path, device=None):
     return vlm.to(device or common.resolve_device("auto")).eval()
 
 
-def dpo_rounds(out_dir, last=None):
-    """The reasoning agents of train_dpo.py's finished rounds (1..last, when given) -> {round t: checkpoint dir}."""
-    rounds = {}
-    for path in glob.glob(os.path.join(out_dir, "reasoning_dpo*")):
-        match = re.fullmatch(r"reasoning_dpo(\d+)", os.path.basename(path))
-        if match and checkpoint.finished(path) and (last is None or int(match[1]) <= last):
-            rounds[int(match[1])] = path
-    return dict(sorted(rounds.items()))
-
-
-def latest_reasoning_dir(out_dir):
-    """The last reasoning agent a run produced: its last DPO round if any, else the SFT one."""
-    rounds = dpo_rounds(out_dir)
-    return rounds[max(rounds)] if rounds else checkpoint.stage_dir(out_dir, "reasoning")
-
-
 @dataclass
 class AgentsConfig:
     """One image and question for the two agents; or --real: reasoning paths and the two SFT sets for a real JSONL."""
@@ -351,17 +396,13 @@ class AgentsConfig:
     judge: str = common.option(None, "checkpoint that judges the paths (default: the generator)")
     data_out: str = common.option("out/real", "directory for the --real paths and SFT sets")
     skip_bad: bool = common.option(False, "skip and count bad --real lines")
-    paths_per_question: int = common.option_of(data.DataConfig, "paths_per_question",
-                                               "--real: N reasoning paths per question")
+    paths_per_question: int = common.option_of(data.DataConfig, "paths_per_question")  # the --real data options
     max_steps: int = common.option_of(data.DataConfig, "max_steps", "--real: step cap of a path")
     high: int = common.option_of(data.DataConfig, "high", "--real: judge score >= high is High")
     mid: int = common.option_of(data.DataConfig, "mid", "--real: mid <= score < high is Mid; below is Low")
-    reasoning_per_question: int = common.option_of(data.DataConfig, "reasoning_per_question",
-                                                   "--real: distinct High correct chains kept per question")
-    flawed_per_sound: float = common.option_of(data.DataConfig, "flawed_per_sound",
-                                               "--real: flawed summary rows per sound one")
-    summary_perception: float = common.option_of(data.DataConfig, "summary_perception",
-                                                 "--real: perception rows in the summary set, per chain row")
+    reasoning_per_question: int = common.option_of(data.DataConfig, "reasoning_per_question")
+    flawed_per_sound: float = common.option_of(data.DataConfig, "flawed_per_sound")
+    summary_perception: float = common.option_of(data.DataConfig, "summary_perception")
 
 
 def write_real_sets(cfg):
@@ -393,7 +434,7 @@ def main(argv=None):
         return write_real_sets(cfg)
     if not cfg.image or not cfg.question:
         raise SystemExit("error: pass both --image PATH and --question TEXT (or --real FILE --generator CKPT)")
-    reasoning_dir = cfg.reasoning or latest_reasoning_dir(cfg.out)
+    reasoning_dir = cfg.reasoning or checkpoint.latest_reasoning_dir(cfg.out)
     summary_dir = cfg.summary or checkpoint.stage_dir(cfg.out, "summary")
     unfinished = [d for d, given in ((reasoning_dir, cfg.reasoning), (summary_dir, cfg.summary))
                   if not given and os.path.isdir(d) and not checkpoint.finished(d)]  # a run's own stages: finished only

@@ -2,15 +2,16 @@
 from_parts call it, and every script asks it which products of a run (world, stages, rounds) are finished and current,
 and for the train state --resume continues from (nanochat's checkpoint_manager.py plays the same part there).
 
-Three layouts load: this project's own (config.json with model_type "nano-insight-v", model.safetensors,
-tokenizer.json); a SmolVLM / Idefics3 directory as transformers publishes it; and a SigLIP checkpoint beside a
-Llama-family one (from_parts, the projector freshly initialised). The published names map to ours by key prefix alone,
-because model.py names every module as transformers does. Every key and shape is checked before any is copied.
+Three layouts load: this project's own (config.json, model.safetensors, tokenizer.json); a SmolVLM / Idefics3
+directory as transformers publishes it; a SigLIP checkpoint beside a Llama one (from_parts, a new projector). Names map
+by key prefix alone (model.py names every module as transformers does); every key and shape is checked before a copy.
 """
 
 import contextlib
+import glob
 import json
 import os
+import re
 import uuid
 from dataclasses import fields
 from pathlib import Path
@@ -40,7 +41,7 @@ def stage_dir(out, stage):
     return os.path.join(out, stage)
 
 
-# What the world, an SFT stage, a DPO round and a GRPO run write last: without it, the run was interrupted.
+# What the world, an SFT stage, a DPO round and a GRPO run write last: without it, it was interrupted.
 WORLD_DONE, STAGE_DONE, ROUND_DONE, GRPO_DONE = "card.json", "stage.json", "round.json", "grpo.json"
 
 
@@ -83,6 +84,21 @@ def stale(path, done=None):  # the inputs of the finished product at path rebuil
 
 def finished(path):  # a product written to the end, from inputs that are still the ones it was built from
     return marker(path) is not None and not stale(path)
+
+
+def dpo_rounds(out_dir, last=None):
+    """The reasoning agents of train_dpo.py's finished rounds (1..last, when given) -> {round t: checkpoint dir}."""
+    rounds = {}
+    for path in glob.glob(os.path.join(out_dir, "reasoning_dpo*")):
+        match = re.fullmatch(r"reasoning_dpo(\d+)", os.path.basename(path))
+        if match and finished(path) and (last is None or int(match[1]) <= last):
+            rounds[int(match[1])] = path
+    return dict(sorted(rounds.items()))
+
+
+def latest_reasoning_dir(out_dir):  # the last reasoning agent a run produced: its last DPO round if any, else SFT's
+    rounds = dpo_rounds(out_dir)
+    return rounds[max(rounds)] if rounds else stage_dir(out_dir, "reasoning")
 
 
 def flat(options, prefix=""):  # {"a": {"b": 1}} -> {"a.b": 1}, so that an error names the one option that differs

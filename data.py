@@ -1,17 +1,16 @@
 """data.py: the whole Insight-V data pipeline, on the synthetic world of world.py or on real data.
 
-Insight-V (Dong et al., arXiv 2411.14432, Sec. 3.1) builds its training data in three moves, and this file makes
-all three, plus the tokenizer and the chat format every other file reads:
-
+Insight-V (Dong et al., arXiv 2411.14432, Sec. 3.1) builds its training data in three moves, all made here, with the
+tokenizer and the chat format every other file reads:
 1. progressive long-chain generation: a generator writes a reasoning path one structured step at a time,
    {"title", "content", "next_action": "continue" | "final_answer"}, N paths per question;
 2. multi-granularity assessment: a coarse answer filter, then a fine step score 1-100 (High / Mid / Low);
 3. two SFT sets: High correct paths for the reasoning agent; paths from every bucket plus wrong-answer paths
    (target = the correct answer) for the summary agent.
 
-In the world every answer and step can be checked exactly against the scene graph, so the paper's LLM teacher and
-scoring agent become world.ScriptedTeacher, with injected mistakes, and an exact step checker (SceneStepScorer). For
-real data a loaded VLM plays both (agents.ModelGenerator, ModelJudge; agents.py --real).
+In the world every answer and step can be checked against the scene graph, so the paper's LLM teacher and scoring
+agent become world.ScriptedTeacher, with injected mistakes, and SceneStepScorer; for real data a loaded VLM plays both
+(agents.py --real).
 
     python data.py --out out/data                     # the world, defaults below
     python data.py --real bench.jsonl --skip-bad      # check a real JSONL
@@ -433,6 +432,15 @@ def extra_split(out_dir, split, n_questions, **changes):
     rows, scenes = world.make_split(split, -(-n_questions // cfg.questions_per_scene), cfg, taken)
     write_split(out_dir, split, rows[:n_questions], scenes)
     return rows[:n_questions]
+
+
+def teacher_set(out_dir, split, name, n_questions):
+    """The scripted teacher's flawless chains (no slips: what a perfect generator writes) for new questions on scenes
+    as large as the hard splits' -> out_dir/<name> (reasoning rows), the teacher bound of train_dpo.build_controls."""
+    teacher = world.ScriptedTeacher(world.ErrorRates(**{f.name: 0.0 for f in fields(world.ErrorRates)}))
+    rows = [sft_row(r, "reasoning", render_chain(teacher.path(r, random.Random(0))["steps"]))  # no slip to draw
+            for r in extra_split(out_dir, split, n_questions, **hard_scenes(out_dir))]
+    common.atomic_write(os.path.join(out_dir, name), lambda p: common.write_jsonl(p, rows))
 
 
 def data_card(cfg, splits, sets, paths, tok, image_seq_len=9):

@@ -1,22 +1,23 @@
-"""Evaluation: does the two-agent system beat a direct answer and a single model that reasons, and does iterative DPO
-improve it round over round, without losing perception? The arms (the paper's Table 1 and Table 5 ablation, arXiv
-2411.14432) are checkpoints from train_sft.py / train_dpo.py:
+"""Evaluation: does the two-agent system beat a direct answer and a single model that reasons, and does RL improve it
+beyond what the same compute spent on SFT does, without losing perception? The arms (the paper's Table 1 and Table 5
+ablation, arXiv 2411.14432) are checkpoints from train_sft.py / train_dpo.py / train_grpo.py:
 
-    direct          base                    the base model answers at once ("base model")
-    vanilla         vanilla                 one model writes the chain, then the answer, in one reply
-    summary_only    summary-only            the summary agent trained without chains answers at once
-    two_agent       reasoning + summary     the two agents after SFT ("+ multi-agent")
-    two_agent_dpoT  reasoning_dpoT + summary  after DPO round T ("+ iterative DPO")
-    two_agent_grpo  reasoning_grpo + summary  after train_grpo.py (GRPO instead of DPO, for comparison)
+    direct                  base                    the base model answers at once ("base model")
+    vanilla                 vanilla                 one model writes the chain, then the answer, in one reply
+    summary_only            summary-only            the summary agent trained without chains answers at once
+    two_agent               reasoning + summary     the two agents after SFT ("+ multi-agent")
+    two_agent_dpoT          reasoning_dpoT          after DPO round T ("+ iterative DPO"), with the same summary agent
+    two_agent_grpo          reasoning_grpo          after train_grpo.py (GRPO instead of DPO)
+    two_agent_sft_more      reasoning-more          controls: SFT on, as long as the DPO rounds took, on the agent's
+    two_agent_teacher_hard  reasoning-teacher-hard    own set / on the teacher's chains for hard questions
 
-Each arm whose checkpoints exist runs on the held-out test split (data.py: 1000+ questions, no training scene):
-accuracy overall, on reasoning and perception and per family, with 95% Wilson intervals (Wilson 1927): a family has
-about a hundred questions and small models sit near 0 or 1, where the textbook p +- z sqrt(p(1-p)/n) is too narrow and
-can leave [0, 1], while Wilson's stays inside, near its nominal coverage. Arms with a chain add `chain_correct` and the
-2x2 table of chain against final answer: how often the summary agent fixes a flawed chain or spoils a sound one.
-Arms are compared on the same questions with the exact McNemar test (paired_comparisons): a few points between two
-arms are often within the noise, and pairing the questions removes their shared difficulty from that noise.
-results.png, beside results.md, draws the first table (bars with their intervals) and chain_correct round by round.
+Each arm runs on the held-out test split (no training scene), and the two agents' arms also on the hard test split
+when the world has one (scenes larger than any SFT set's): accuracy overall, on reasoning and perception and per
+family, with 95% Wilson intervals (Wilson 1927), which stay inside [0, 1] near 0 or 1 where p +- z sqrt(p(1-p)/n)
+does not. Arms with a chain add `chain_correct` and the 2x2 table of chain against final answer: how often the summary
+agent fixes a flawed chain or spoils a sound one. Arms are compared on the same questions with the exact McNemar test
+(paired_comparisons): pairing removes the questions' shared difficulty from the noise. results.png draws the first
+table and chain_correct round by round.
 
     python eval.py                                        # every arm whose checkpoints exist in out/
     python eval.py --arms direct,two_agent --limit 200  # a part: out/results_test_limit200_direct+two_agent.md
@@ -116,15 +117,17 @@ def score(rows, predictions):
 
 def paired_comparisons(arms, rows):
     """Arms' per-row flags ("correct", "chain_right") -> {"A vs B[ (metric)]": {arms: [A, B], metric, n: questions,
-    b: A right and B wrong, c: the reverse, diff: (b - c) / n = A's accuracy minus B's, p: mcnemar(b, c)}}. Each later
-    two-agent arm against the SFT two agents (answer and chain); the two agents and the last DPO round against vanilla
-    (overall) and direct (reasoning, perception questions apart); GRPO against the last DPO round (answer and chain):
-    wherever both arms ran."""
+    b: A right and B wrong, c: the reverse, diff: (b - c) / n = A's accuracy minus B's, p: mcnemar(b, c)}}, wherever
+    both ran: each later two-agent arm, and each RL arm against the compute-matched SFT control (answer and chain),
+    against the SFT two agents; these and the last DPO round against vanilla (overall) and direct (reasoning,
+    perception apart); GRPO against the last DPO round."""
     rounds = plots.dpo_arms(arms)  # [(T, arm)], by round
     plan = [(a, "two_agent", m) for a in arms if a.startswith("two_agent_") for m in ("overall", "chain")]
     plan += [(a, b, m) for a in ["two_agent"] + [a for _, a in rounds[-1:]]
              for b, m in (("vanilla", "overall"), ("direct", "reasoning"), ("direct", "perception"))]
     plan += [("two_agent_grpo", a, m) for _, a in rounds[-1:] for m in ("overall", "chain")]
+    plan += [(a, "two_agent_sft_more", m) for a in [a for _, a in rounds] + ["two_agent_grpo"]
+             for m in ("overall", "chain")]
     tests = {}
     for a, b, metric in plan:
         key = "chain_right" if metric == "chain" else "correct"
@@ -147,12 +150,14 @@ def arm_checkpoints(out_dir, rounds=None):
     """Every arm whose stages are all finished (their marker, checkpoint.finished: an interrupted stage is no arm) ->
     {arm: (task, [checkpoint dirs])}, in table order; DPO rounds 1..rounds only, when given."""
     stages = {"direct": ["base"], "vanilla": ["vanilla"], "summary_only": ["summary-only"],
-              "two_agent": ["reasoning", "summary"]}  # arm (and the task it answers as) -> the stages it loads
-    arms = {arm: (arm, [checkpoint.stage_dir(out_dir, s) for s in names]) for arm, names in stages.items()}
-    for t, path in agents.dpo_rounds(out_dir, rounds).items():
-        arms[f"two_agent_dpo{t}"] = ("two_agent", [path, checkpoint.stage_dir(out_dir, "summary")])
-    # train_grpo.py's reasoning agent, the same summary agent: GRPO beside the DPO rounds
-    arms["two_agent_grpo"] = ("two_agent", [checkpoint.stage_dir(out_dir, s) for s in ("reasoning_grpo", "summary")])
+              "two_agent": ["reasoning", "summary"], "two_agent_sft_more": ["reasoning-more", "summary"]}
+    for t, path in checkpoint.dpo_rounds(out_dir, rounds).items():
+        stages[f"two_agent_dpo{t}"] = [os.path.basename(path), "summary"]
+    # train_grpo.py's reasoning agent beside the DPO rounds, and the upper bound of both; the same summary agent
+    stages |= {"two_agent_grpo": ["reasoning_grpo", "summary"],
+               "two_agent_teacher_hard": ["reasoning-teacher-hard", "summary"]}
+    arms = {arm: (arm if len(names) == 1 else "two_agent", [checkpoint.stage_dir(out_dir, s) for s in names])
+            for arm, names in stages.items()}  # a single model answers as its arm's task
     return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(checkpoint.finished, dirs))}
 
 
@@ -187,15 +192,15 @@ def evaluate_arms(arm_specs, rows, image_root, batch_size, device=None, precisio
     return results
 
 
-def finish(arms, rows, meta, path_stem, start):
-    """Add the paired tests and the run's description, write <stem>.json, <stem>.md (results.md: the README's
-    table) and <stem>.png (its chart) atomically, print."""
+def finish(arms, rows, meta, path_stem, start, hard=None):
+    """Add the paired tests, the hard split's arms (hard) and the run's description, write <stem>.json, <stem>.md
+    (results.md: the README's table) and <stem>.png (its chart) atomically, print."""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "accelerator": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
     margin = meta.get("override_margin", agents.OVERRIDE_MARGIN)
     meta = {**meta, "n_questions": len(rows), "ids": [r.get("id", i) for i, r in enumerate(rows)],
             "kinds": [r.get("kind") for r in rows]}  # in row order, as the arms' per-question flags
-    results = {"arms": arms, "paired": paired_comparisons(arms, rows),
+    results = {"arms": arms, "paired": paired_comparisons(arms, rows), **({"hard": hard} if hard else {}),
                "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                         "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
                         "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, answer <= "
@@ -243,8 +248,15 @@ def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, 
         raise FileNotFoundError(f"no checkpoints in {out_dir}: train them first (python train_dpo.py --iters 3)")
     common.writable_dir(out_dir)  # before the work, not at the save after it
     results = evaluate_arms(chosen, rows, os.path.dirname(path), batch_size, device, precision, margin)
+    hard, path_hard = None, os.path.join(out_dir, "data", "hard_test.jsonl")
+    if split == "test" and os.path.isfile(path_hard):  # the two agents' arms on scenes larger than any SFT set's
+        rows_hard = read_questions(path_hard, limit)
+        print(f"[eval] the hard test split ({len(rows_hard)} questions):")
+        arms_hard = evaluate_arms({a: spec for a, spec in chosen.items() if spec[0] == "two_agent"}, rows_hard,
+                                  os.path.dirname(path_hard), batch_size, device, precision, margin)
+        hard = {"arms": arms_hard, "paired": paired_comparisons(arms_hard, rows_hard), "data": path_hard}
     meta = {"data": path, "split": split, "override_margin": margin}
-    return finish(results, rows, meta, results_stem(out_dir, split, limit, arms), start)
+    return finish(results, rows, meta, results_stem(out_dir, split, limit, arms), start, hard)
 
 
 def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="direct", out_dir="out",
@@ -266,41 +278,25 @@ def run_benchmark(data_path, reasoning=None, summary=None, model=None, task="dir
 # ----------------------------------------------------------------------------------------------
 # Several runs (seeds) together
 
-def results_file(run):
-    """A run directory (its results.json) or a results JSON file itself -> the file's path."""
-    return run if run.endswith(".json") else os.path.join(run, "results.json")
-
-
-def read_results(run):
-    """A run's results.json (or another results JSON file) -> its dict; missing or unreadable: one error naming it."""
-    path = results_file(run)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {path}: evaluate the run first (python eval.py writes it)")
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ValueError(f"{path}: unreadable ({e})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("arms"), dict) or not results["arms"]:
-        raise ValueError(f"{path}: not a results.json of eval.py (no arms)")
-    return results
-
-
 def summarize(dirs):
-    """Run directories (one per seed) -> {runs: {dir: {arm: {share: value}}}, mean: {arm: {runs, share: {mean, min,
-    max} or None}}, pooled: {comparison: {..., b, c summed over runs, p = mcnemar(b, c), diff: mean, ahead: runs where
-    A beat B, runs}}, notes}. Pooling counts a question once per run; runs on the same questions are not independent
-    there (a hard question stays hard), so the pooled p is optimistic: read it beside `ahead`."""
+    """Run directories (one per seed) -> pool_runs of their results.json, with "hard": the same of their hard test
+    split where every run has one."""
     if not dirs:
         raise ValueError("--summarize: no run directories given")
-    loaded = {d: read_results(d) for d in dirs}
-    for d, r in loaded.items():  # valid JSON of another shape: one error naming the file
-        arms, tests = r["arms"].values(), r.get("paired", {})
-        if not (all(isinstance(m, dict) and all(isinstance(m.get(k), (int, float, type(None))) for k in plots.SHARES)
-                    for m in arms) and isinstance(tests, dict) and all(
-                isinstance(t, dict) and {"arms", "metric", "b", "c", "diff"} <= t.keys() for t in tests.values())):
-            raise ValueError(f"{results_file(d)}: not a results.json of eval.py (its arms or paired tests are not "
-                             f"what eval.py writes)")
+    loaded = {d: plots.read_results(d) for d in dirs}  # each checked to be what eval.py writes
+    summary = pool_runs(loaded)
+    if all("hard" in r for r in loaded.values()):
+        summary["hard"] = pool_runs({d: r["hard"] for d, r in loaded.items()})
+    if len({json.dumps(r.get("meta", {}).get("ids")) for r in loaded.values()}) > 1:
+        summary["notes"].append("The runs were evaluated on different questions.")
+    return summary
+
+
+def pool_runs(loaded):
+    """{run: its results (arms, paired)} -> {runs: {run: {arm: {share: value}}}, mean: {arm: {runs, share: {mean,
+    min, max}}}, pooled: {comparison: {..., b, c summed over runs, p = mcnemar(b, c), diff: mean, ahead: runs where A
+    beat B, runs}}, notes}. Runs on the same questions are not independent (a hard question stays hard), so the pooled
+    p is optimistic: read it beside `ahead`."""
     runs = {d: {arm: {k: m.get(k) for k in plots.SHARES} for arm, m in r["arms"].items()} for d, r in loaded.items()}
     mean = {arm: {"runs": sum(arm in arms for arms in runs.values())} for arms in runs.values() for arm in arms}
     for arm, k in [(arm, k) for arm in mean for k in plots.SHARES]:
@@ -320,29 +316,7 @@ def summarize(dirs):
         pooled[key] = {"arms": tests[0]["arms"], "metric": tests[0]["metric"], "b": b, "c": c, "p": mcnemar(b, c),
                        "diff": sum(t["diff"] for t in tests) / len(tests), "ahead": sum(t["diff"] > 0 for t in tests),
                        "runs": len(tests)}
-    if len({json.dumps(r.get("meta", {}).get("ids")) for r in loaded.values()}) > 1:
-        notes.append("The runs were evaluated on different questions.")
     return {"runs": runs, "mean": mean, "pooled": pooled, "notes": notes}
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures and tables (plots.py draws them)
-
-def plot_results(run, path=None):
-    """--plot: a run's results.png (or path) redrawn from its results.json; evaluates nothing."""
-    results = read_results(run)
-    try:
-        image = plots.results_chart(results)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:  # valid JSON of another shape
-        raise ValueError(f"{results_file(run)}: not a results.json of eval.py ({type(e).__name__}: {e})") from None
-    return plots.save_png(image, path or os.path.splitext(results_file(run))[0] + ".png")
-
-
-def plot_logs(logs_dir, path=None):
-    """--plot-logs: the loss of every stage logged in logs_dir -> path (default: training.png beside logs_dir)."""
-    image, stages = plots.training_chart(logs_dir)
-    plots.save_png(image, path or os.path.join(os.path.dirname(os.path.normpath(logs_dir)), "training.png"))
-    return stages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,9 +355,9 @@ def main(argv=None):
             raise ValueError("--plot-out names the PNG of either --plot or --plot-logs: pass one of them with it")
         if cfg.plot is not None or cfg.plot_logs is not None:  # either or both; nothing is evaluated
             if cfg.plot is not None:
-                plot_results(cfg.plot, cfg.plot_out)
+                plots.plot_results(cfg.plot, cfg.plot_out)
             if cfg.plot_logs is not None:
-                plot_logs(cfg.plot_logs, cfg.plot_out)
+                plots.plot_logs(cfg.plot_logs, cfg.plot_out)
             return None
         if cfg.summarize is not None:
             summary = summarize(cfg.summarize)

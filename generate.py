@@ -1,8 +1,7 @@
 """Decoding: turn prompts (and their images) into new tokens, fast.
 
-Insight-V samples N reasoning chains per question, both to build its data and in every round of iterative DPO,
-and at inference its two agents decode one after the other, so this file is a small engine rather than a loop
-that reruns the whole sequence for every new token. The idea is nanochat's engine.py:
+Insight-V samples N reasoning chains per question in every round of RL, and its two agents decode one after the
+other, so this is a small engine rather than a loop that reruns the sequence for every token (nanochat's engine.py):
   1. prefill: run every prompt through the model once, in one batch, writing each layer's keys and values into
      a preallocated KV cache (model.KVCache). Prompts are left-padded so that every last token sits in the last
      column; the attention mask hides the pads and the cache gives every row its own rotary positions.
@@ -112,8 +111,8 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
         in input_ids are replaced by the image tokens.
     Rows are ordered prompt-major, sample-minor: row i * num_samples + j is sample j of prompt i.
     A row ends at its first token in stop_ids (which is kept) or after max_new_tokens tokens.
-    temperature=0 is greedy; top_k / top_p cut the distribution after the temperature.
-    seed: the same seed gives the same samples (None draws a fresh seed).
+    temperature=0 is greedy; top_k / top_p cut the distribution after the temperature. seed: the same seed gives
+    the same samples (None draws a fresh seed).
     dtype: compute dtype under autocast (e.g. torch.bfloat16) and of the KV cache; None uses the dtype of an
         autocast region the caller is in, else the model's own dtype.
     stream: called after every step as stream(rows, tokens) with the rows that got a new token (the CLI prints
@@ -195,8 +194,7 @@ def main(argv=None):
     if not (args.model and args.image and args.prompt):
         raise SystemExit("error: pass --model DIR, --image FILE and --prompt TEXT")
 
-    # Everything a user can get wrong (a missing or foreign checkpoint, an unreadable image)
-    # raises OSError or ValueError with a message naming the file: print that one line.
+    # A missing or foreign checkpoint, an unreadable image: OSError or ValueError naming the file, printed as one line.
     try:
         vlm = VLM.from_pretrained(args.model)
         image = data.load_image(args.image, vlm.config.vision.image_size)  # (3, H, W)

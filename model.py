@@ -135,15 +135,8 @@ class SiglipEmbeddings(nn.Module):  # SiglipVisionEmbeddings
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def forward(self, pixel_values):  # (N, 3, H, W)
-        # The patch convolution (kernel = stride = p) as the one matrix product it is, over row-major patches:
-        # conv -> flatten -> transpose would leave the tower's residual stream transposed (docs/experiments.md).
-        w = self.patch_embedding.weight  # (D, C, p, p): Conv2d's parameter, so checkpoints load as they are
-        D, C, p, _ = w.shape
-        N, _, H, W = pixel_values.shape
-        patches = pixel_values.to(w.dtype).reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(N, (H // p) * (W // p), C * p * p)  # (N, P, C*p*p), patches row-major
-        x = F.linear(patches, w.reshape(D, C * p * p), self.patch_embedding.bias)  # (N, P, D)
-        return x + self.position_embedding.weight
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # (N, P, D), patches row-major
 
 
 def attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False, training=False):

@@ -7,6 +7,7 @@ of eval.py --summarize.
 """
 
 import functools
+import json
 import math
 import os
 import re
@@ -229,6 +230,55 @@ def save_png(image, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# eval.py --plot and --plot-logs: the pictures again, from what a run wrote
+
+def results_file(run):
+    """A run directory (its results.json) or a results JSON file itself -> the file's path."""
+    return run if run.endswith(".json") else os.path.join(run, "results.json")
+
+
+def read_results(run):
+    """A run's results.json (or another results JSON file) -> its dict; missing or unreadable: one error naming it."""
+    path = results_file(run)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {path}: evaluate the run first (python eval.py writes it)")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("arms"), dict) or not results["arms"]:
+        raise ValueError(f"{path}: not a results.json of eval.py (no arms)")
+    hard = results.get("hard", results)  # eval.run_eval's arms on the hard test split, when the world has one
+    for part in (results, hard if isinstance(hard, dict) else {}):  # valid JSON of another shape: one error
+        arms, tests = part.get("arms"), part.get("paired", {})
+        if not (isinstance(arms, dict) and all(isinstance(m, dict) and all(
+                isinstance(m.get(k), (int, float, type(None))) for k in SHARES) for m in arms.values())
+                and isinstance(tests, dict) and all(isinstance(t, dict) and {"arms", "metric", "b", "c", "diff"}
+                                                    <= t.keys() for t in tests.values())):
+            raise ValueError(f"{path}: not a results.json of eval.py (its arms or paired tests are not what eval.py "
+                             f"writes)")
+    return results
+
+
+def plot_results(run, path=None):
+    """--plot: a run's results.png (or path) redrawn from its results.json; evaluates nothing."""
+    results = read_results(run)
+    try:
+        image = results_chart(results)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # valid JSON of another shape
+        raise ValueError(f"{results_file(run)}: not a results.json of eval.py ({type(e).__name__}: {e})") from None
+    return save_png(image, path or os.path.splitext(results_file(run))[0] + ".png")
+
+
+def plot_logs(logs_dir, path=None):
+    """--plot-logs: the loss of every stage logged in logs_dir -> path (default: training.png beside logs_dir)."""
+    image, stages = training_chart(logs_dir)
+    save_png(image, path or os.path.join(os.path.dirname(os.path.normpath(logs_dir)), "training.png"))
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------
 # The tables of results.md and of eval.py --summarize
 
 def fmt(value, ci=None):
@@ -245,10 +295,7 @@ def markdown_table(header, rows):
 def results_markdown(results):
     """results.json -> markdown: accuracy per arm, per family, chain vs final answer, and the run."""
     arms, run = results["arms"], results["meta"]  # run: how these numbers were made
-    rows = [[name, *(fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")),
-             fmt(m.get("chain_correct"), m.get("chain_correct_ci")), m["n"]] for name, m in arms.items()]
-    lines = ["Accuracy (%) with 95% Wilson intervals", "",
-             *markdown_table(["arm", "overall", "reasoning", "perception", "chain correct", "n"], rows)]
+    lines = ["Accuracy (%) with 95% Wilson intervals", "", *accuracy_table(arms)]
     families = sorted({(f["kind"] or "", name) for m in arms.values() for name, f in m["families"].items()})
     if families:
         rows = [[family, kind, *(fmt(m["families"].get(family, {}).get("accuracy")) for m in arms.values())]
@@ -267,11 +314,24 @@ def results_markdown(results):
     if results.get("paired"):
         lines += ["", "Paired comparisons (exact McNemar test on the same questions)", "",
                   *paired_table(results["paired"])]
+    if results.get("hard"):  # eval.run_eval: the two agents' arms on scenes larger than any SFT set's
+        hard = results["hard"]
+        lines += ["", f"The hard test split ({hard['data']}): accuracy (%) with 95% Wilson intervals", "",
+                  *accuracy_table(hard["arms"])]
+        if hard.get("paired"):
+            lines += ["", "Paired comparisons on the hard test split", "", *paired_table(hard["paired"])]
     m = run["machine"]
     lines += ["", f"Command: `{run['command']}` on {run['data']} ({run['n_questions']} questions); {run['decoding']}.",
               f"Machine: {m['platform']}, {m['cpus']} CPUs, accelerator {m['accelerator']}, torch {m['torch']}; "
               f"wall time {run['wall_s']:.0f} s.", ""]
     return "\n".join(lines)
+
+
+def accuracy_table(arms):
+    """Each arm's accuracy overall, per kind and of its chains, with their intervals -> markdown lines."""
+    return markdown_table(["arm", "overall", "reasoning", "perception", "chain correct", "n"], [
+        [name, *(fmt(m[k], m[f"{k}_ci"]) for k in ("overall", "reasoning", "perception")),
+         fmt(m.get("chain_correct"), m.get("chain_correct_ci")), m["n"]] for name, m in arms.items()])
 
 
 def override_repair(family):
@@ -296,9 +356,11 @@ def cell(value):  # a training table's cell: 3 decimals, "-" where the row has n
 
 def rounds_table(rows):
     """train_dpo.py's rows per round (the SFT agent's, then each round's; val) -> markdown lines."""
-    keys = ["pairs", "rewards/accuracies", "rewards/margins", "sample_correct", "val/chain_correct", "val/two_agent"]
-    return markdown_table(["round", "pairs", "reward acc", "margin", "samples correct", "chain correct",
-                           "two-agent acc"], [[r["round"], *(cell(r.get(k)) for k in keys)] for r in rows])
+    keys = ["pairs", "rewards/accuracies", "rewards/margins", "weight_change", "sample_correct", "val/chain_correct",
+            "val/two_agent"]
+    show = lambda r, k: f"{r[k]:.1e}" if k == "weight_change" and k in r else cell(r.get(k))  # noqa: E731, tiny
+    return markdown_table(["round", "pairs", "reward acc", "margin", "weight change", "samples correct",
+                           "chain correct", "two-agent acc"], [[r["round"], *(show(r, k) for k in keys)] for r in rows])
 
 
 def grpo_table(steps, evals):
@@ -324,4 +386,7 @@ def summary_markdown(summary):
     if summary["pooled"]:
         lines += ["", "Paired comparisons pooled over runs (exact McNemar test on the summed b and c)", "",
                   *paired_table(summary["pooled"], pooled=True)]
+    if summary.get("hard"):
+        hard = summary_markdown(summary["hard"]).replace("Accuracy (%)", "Hard test split: accuracy (%)")
+        lines += ["", hard.replace("Paired comparisons pooled", "Hard test split: paired comparisons pooled")]
     return "\n".join(lines + ["", *summary["notes"]])

@@ -4,14 +4,12 @@
     torchrun --standalone --nproc_per_node=4 train_dpo.py --iters 3   # the same job on 4 GPUs
 
 runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing (data, base
-model, both agents, the ablation arms), then runs N rounds of DPO, then the evaluation. In round t the reasoning
-agent M_t samples k chains per question, the data pipeline's assessment ranks them (answer filter, then step score),
-and a question's sound, correct chains are preferred to a wrong one: the paper's worst sample, or by default the
-chain M_t writes greedily, the mistake evaluation sees (--rejected). One epoch of DPO with the reference = M_t gives
-M_{t+1}; the summary agent stays as SFT'd, on the teacher's chains and M_0's own (on_policy_summary_set). DPO
-(Rafailov et al. 2023) is written by hand: `dpo_loss` is a pure function of summed log-probabilities, which
-`sequence_logps` computes in fp32 for the completion tokens only. Under torchrun every process samples its share of
-each round's questions and trains on its share of each batch of pairs (common.py's data parallelism).
+model, both agents, the ablation arms), runs N rounds of DPO (--sft-more: and their compute-matched SFT), evaluates.
+In round t the reasoning agent M_t samples k chains per question, the data pipeline's assessment ranks them (answer
+filter, then step score), and a question's sound, correct chains are preferred to a wrong one (--rejected). One epoch
+of DPO with the reference = M_t gives M_{t+1}; the summary agent stays as SFT'd. DPO (Rafailov et al. 2023) is written
+by hand: `dpo_loss` is a pure function of summed log-probabilities, which `sequence_logps` computes in fp32 for the
+completion tokens only. Under torchrun every process samples and trains on its share (common.py).
 """
 
 import contextlib
@@ -90,10 +88,9 @@ def sequence_logps(model, batch, return_counts=False):
 def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="worst"):
     """(chosen, rejected) pairs for one question: best vs worst, second best vs second worst, ... `ranked` holds
     dicts with `text`, `correct` and a `key` (higher is better: (correct, step score)). A chosen chain must pass the
-    answer filter (the paper's coarse assessment drops wrong answers first) and be sound, step score >=
-    min_chosen_score: a hot sample from a small policy often reaches the right answer through wrong steps, and
-    preferring those teaches that an answer need not follow its steps (docs/experiments.md). rejected="closest"
-    pairs with the best-ranked wrong chains (hard negatives) instead of the paper's worst. Ties give no pair."""
+    answer filter and be sound, step score >= min_chosen_score: preferring a right answer reached through wrong steps
+    teaches that an answer need not follow its steps (docs/experiments.md). rejected="closest" pairs with the
+    best-ranked wrong chains (hard negatives) instead of the paper's worst. Ties give no pair."""
     unique = {}
     for s in sorted(ranked, key=lambda s: s["key"], reverse=True):
         unique.setdefault(s["text"], s)  # identical texts: keep one
@@ -109,11 +106,10 @@ def build_pairs(ranked, max_pairs_per_question=2, min_chosen_score=0, rejected="
 
 
 def aimed_pairs(candidates, greedy, max_pairs_per_question=2, min_chosen_score=0):
-    """Pairs aimed at the mistake greedy decoding makes, the one evaluation sees: rejected = the policy's own greedy
-    chain when its answer is wrong, chosen = the best sound, correct candidates (distinct texts, at most
-    max_pairs_per_question). No pair when greedy is right or no candidate is sound. With candidates continued from
-    greedy's steps before its first wrong one (first_error_prefix), chosen and rejected share that prefix, whose
-    log-probs cancel in the margin: the preference falls on the first wrong step (Step-DPO, Lai et al. 2024)."""
+    """Pairs aimed at the mistake greedy decoding makes, the one evaluation sees: rejected = the policy's greedy chain
+    when wrong, chosen = the best sound, correct candidates (distinct texts). With candidates continued from greedy's
+    steps before its first wrong one (first_error_prefix), the shared prefix cancels in the margin: the preference
+    falls on the first wrong step (Step-DPO, Lai et al. 2024)."""
     if greedy["correct"]:
         return []
     sound = {}
@@ -159,6 +155,7 @@ class JobConfig:
     seed: int = common.option(0, "seed of the question pools and the sampling (and of DPO's pair order)")
     hard_pool: bool = common.option(False, "fresh pools of scenes as large as the hard splits' (data.py "
                                     "--hard-min-objects): where the SFT agent is at its edge")
+    pass_filter: bool = common.option(False, "learn only from the questions at the edge (agents.at_the_edge)")
     sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
                                   "vary it, each with its own --out, to see the spread")
 
@@ -167,15 +164,13 @@ class JobConfig:
 class DPOConfig(JobConfig):
     iters: int = common.option(3, "DPO rounds (the paper uses 3; 0 = evaluate the SFT agents)", min=0, compared=False)
     pool_size: int = common.option(1200, "questions sampled per round", min=1)
-    fresh_pool: bool = common.option(True, "each round's questions on new scenes (the world is free), not the SFT "
-                                     "questions the agent has fitted")
+    fresh_pool: bool = common.option(True, "each round's questions on new scenes, not the SFT questions it has fitted")
     samples_per_question: int = common.option(8, "k chains sampled per question (a pair needs 2)", min=2)
     max_pairs_per_question: int = common.option(2, "at most this many pairs per question", min=1)
     min_chosen_score: float = common.option(90, "minimum step score of a chosen chain (90 = High)", min=0, max=100)
-    rejected: str = common.option("greedy", "the rejected chain: the worst sample (paper), the closest wrong one, "
-                                  "the policy's greedy chain when wrong, or that chain with a chosen one "
-                                  "continued from before its first wrong step (Step-DPO)",
-                                  choices=["worst", "closest", "greedy", "first_error"])
+    rejected: str = common.option("greedy", "the rejected chain: the worst sample (paper), the closest wrong one, the "
+                                  "greedy chain when wrong, or it with a chosen one continued from before its first "
+                                  "wrong step (Step-DPO)", choices=["worst", "closest", "greedy", "first_error"])
     beta: float = common.option(0.1, "DPO beta (paper: 0.1)", above=0)
     loss_type: str = common.option("sigmoid", "sigmoid or ipo", choices=["sigmoid", "ipo"])
     label_smoothing: float = common.option(0.0, "conservative DPO epsilon (above 0.5 it prefers the rejected chain)",
@@ -185,38 +180,14 @@ class DPOConfig(JobConfig):
     lr: float = common.option(3e-6, "peak learning rate of each round (docs/experiments.md)", above=0)
     batch_size: int = common.option(16, "pairs per step", min=1)
     warmup_steps: int = common.option(5, "linear warmup steps per round", min=0)
+    sft_more: bool = common.option(False, "control: the SFT reasoning agent trained on, on its own set, as long as "
+                                   "the rounds took (arm two_agent_sft_more)", compared=False)
+    teacher_bound: bool = common.option(False, "control: the same on the teacher's chains for hard questions, what RL "
+                                        "could at most recover (arm two_agent_teacher_hard)", compared=False)
 
 
 # ----------------------------------------------------------------------------------------------
 # One round
-
-def sample_chains(policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
-    """k chains per question (default --samples-per-question at --temperature; 0 = greedy) from the policy -> {row id:
-    [chain text, ...]}; prefixes {row id: start of the chain} are continued. Under torchrun process r decodes batches
-    r, r + N, ..., each with the seed it has in one process, and every process gets all the chains."""
-    k = cfg.samples_per_question if k is None else k
-    temperature, out = cfg.temperature if temperature is None else temperature, {}
-    per_batch = max(1, cfg.sample_batch // k)  # prompts per generate call: k samples each
-    rank, world = common.distributed()
-    mine = [r for start in range(rank * per_batch, len(rows), world * per_batch) for r in rows[start:start + per_batch]]
-    for i, (batch, images) in enumerate(agents.batches(mine, image_root, policy.config.vision.image_size, per_batch,
-                                                       desc=f"  {desc} chains" if rank == 0 else None)):
-        texts = agents.complete(policy, [data.task_messages("reasoning", r["question"]) for r in batch], images,
-                                cfg.max_chain_tokens, temperature, cfg.top_p, num_samples=k,
-                                seed=seed + rank + i * world, precision=cfg.precision,  # batch rank + i * N of all
-                                prefixes=prefixes and [prefixes[r["id"]] for r in batch])
-        for j, r in enumerate(batch):
-            out[r["id"]] = texts[j * k:(j + 1) * k]  # rows are prompt-major
-    chains = {i: c for part in common.all_gather(out) for i, c in part.items()}
-    return {r["id"]: chains[r["id"]] for r in rows}  # in the rows' order
-
-
-def rank_samples(row, texts, answer_filter, scorer):
-    """Score all chains of one question together: the answer filter first, then the 1-100 step score."""
-    scores = scorer.score(row, texts)
-    verdicts = [answer_filter.judge(row, data.as_path(text)["final_answer"]) for text in texts]
-    return [{"text": t, "correct": c, "score": s, "key": (int(c), s)} for t, c, s in zip(texts, verdicts, scores)]
-
 
 def encode_pairs(pairs, tok, cfg, image_root):
     """Each pair -> (chosen example, rejected example) through the SFT encoder (same prompt, two chains)."""
@@ -225,10 +196,9 @@ def encode_pairs(pairs, tok, cfg, image_root):
 
 
 def pair_batches(encoded, batch_size, pad_id, generator):
-    """Shuffled batches of pairs -> (this process's part as ONE collated batch: chosen rows first, then their rejected
-    rows; its number of pairs; the batch's). Under torchrun process r takes pairs r, r + N, ... of each batch; a short
-    last batch may leave it none, and it then runs the batch's first pair, counted as 0: DDP needs every process in
-    every backward."""
+    """Shuffled batches of pairs -> (this process's part as ONE collated batch: chosen rows, then their rejected rows;
+    its number of pairs; the batch's). Under torchrun process r takes pairs r, r + N, ...; one left with none runs the
+    batch's first pair, counted as 0: DDP needs every process in every backward."""
     rank, world = common.distributed()
     order = torch.randperm(len(encoded), generator=generator).tolist()
     for i in range(0, len(order), batch_size):
@@ -268,6 +238,7 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
     opt = policy.configure_optimizers(weight_decay=0.0, lr_text=cfg.lr, lr_vision=0.0, lr_projector=cfg.lr,
                                       freeze_vision=True)
     peaks = [group["lr"] for group in opt.param_groups]
+    start = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}  # for weight_change
     model = common.data_parallel(policy)  # DDP under torchrun, after the vision tower is frozen
     scaler = common.make_scaler(device, cfg.precision)
     totals = {}
@@ -308,84 +279,72 @@ def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}")
     policy.eval()
     n = max(1, totals.get("pairs", 0))  # pair-steps: each pair counts once per epoch
-    return {k: (len(pairs) if k == "pairs" else v / n) for k, v in totals.items()}
+    return {**{k: (len(pairs) if k == "pairs" else v / n) for k, v in totals.items()},
+            "weight_change": weight_change(policy, start)}
+
+
+def weight_change(model, start):
+    """||theta - theta_0|| / ||theta_0|| over the tensors start {name: theta_0} holds: how far training moved them
+    (a change far below bf16's relative resolution, 2^-8, moves nothing a bf16 forward can see)."""
+    params = dict(model.named_parameters())
+    moved = sum(((params[n].detach().float() - p.float()) ** 2).sum() for n, p in start.items())
+    return (moved / sum((p.float() ** 2).sum() for p in start.values())).sqrt().item()
 
 
 def round_pairs(policy, pool, data_dir, cfg, seed, answer_filter, scorer):
     """Sample, assess and pair one round's pool -> (pairs [(row, chosen, rejected)], stats)."""
-    def ranked(rows, **options):  # {row id: the assessed samples}
-        chains = sample_chains(policy, rows, data_dir, cfg, seed, **options)
-        return {r["id"]: rank_samples(r, chains[r["id"]], answer_filter, scorer) for r in rows}
+    def ranked(rows, edge=cfg.pass_filter, **options):  # {row id: the assessed samples}; edge: at the edge only
+        chains = agents.sample_chains(policy, rows, data_dir, cfg, seed, **options)
+        samples = {r["id"]: agents.rank_samples(r, chains[r["id"]], answer_filter, scorer) for r in rows}
+        return {i: rs for i, rs in samples.items() if not edge or agents.at_the_edge(rs, cfg.min_chosen_score)}
     def share(flags):
         return sum(flags) / max(1, len(flags))
     if cfg.rejected in ("worst", "closest"):
         samples = ranked(pool)
-        pairs = [(r, c, w) for r in pool for c, w in build_pairs(samples[r["id"]], cfg.max_pairs_per_question,
-                                                                 cfg.min_chosen_score, cfg.rejected)]
-        return pairs, {"sample_correct": share([s["correct"] for rs in samples.values() for s in rs])}
-    greedy = {i: rs[0] for i, rs in ranked(pool, k=1, temperature=0.0, desc="greedy").items()}
+        pairs = [(r, c, w) for r in pool if r["id"] in samples for c, w in build_pairs(
+            samples[r["id"]], cfg.max_pairs_per_question, cfg.min_chosen_score, cfg.rejected)]
+        return pairs, {"sample_correct": share([s["correct"] for rs in samples.values() for s in rs]),
+                       "kept_questions": len(samples)}
+    greedy = {i: rs[0] for i, rs in ranked(pool, False, k=1, temperature=0.0, desc="greedy").items()}
     wrong = [r for r in pool if not greedy[r["id"]]["correct"]]
     if cfg.rejected == "greedy":  # k fresh samples of the questions greedy gets wrong
         samples = ranked(wrong)
     else:  # first_error: k continuations of greedy's own steps from before its first mistake
         samples = ranked(wrong, prefixes={r["id"]: first_error_prefix(r, greedy[r["id"]]["text"], scorer)
                                           for r in wrong}, desc="continuing")
-    pairs = [(r, c, w) for r in wrong for c, w in aimed_pairs(samples[r["id"]], greedy[r["id"]],
-                                                              cfg.max_pairs_per_question, cfg.min_chosen_score)]
-    return pairs, {"greedy_correct": 1 - len(wrong) / max(1, len(pool)),
+    pairs = [(r, c, w) for r in wrong if r["id"] in samples for c, w in aimed_pairs(
+        samples[r["id"]], greedy[r["id"]], cfg.max_pairs_per_question, cfg.min_chosen_score)]
+    return pairs, {"greedy_correct": 1 - len(wrong) / max(1, len(pool)), "kept_questions": len(samples),
                    "sample_correct": share([s["correct"] for rs in samples.values() for s in rs])}
 
 
 # ----------------------------------------------------------------------------------------------
 # The main job
 
-SUMMARY_SET = "summary_onpolicy_sft.jsonl"
-SUMMARY_SET_OPTIONS = ("summary_chains", "summary_temperature", "seed", "top_p", "max_chain_tokens", "sample_batch")
-
-
-def on_policy_summary_set(cfg, data_dir, device):
-    """The summary set the summary agent trains on: the teacher's rows plus --summary-chains chains per training
-    question sampled from the SFT reasoning agent, each with its question's true answer as the target. At test time
-    the summary agent reads this agent's chains, whose mistakes differ from the teacher's injected ones (e.g. a right
-    last step, then another answer); the paper's summary data comes from the reasoning data's generator likewise.
-    Rows are the teacher's format ("path": agentK marks them) -> the file's name in data_dir. Under torchrun the
-    processes share the sampling, and rank 0 writes the file."""
-    name, answer_filter, scorer = SUMMARY_SET, data.AnswerFilter(), data.SceneStepScorer()
-    common.print0(f"[stage] summary set + {cfg.summary_chains} reasoning-agent chain(s) per training question -> "
-                  f"{name}")
-    reasoner = VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).eval()
-    train = data.read_jsonl(os.path.join(data_dir, "train.jsonl"))
-    chains = sample_chains(reasoner, train, data_dir, cfg, cfg.seed, k=cfg.summary_chains,
-                           temperature=cfg.summary_temperature, desc="summary-set")
-    rows, world = data.read_jsonl(os.path.join(data_dir, "summary_sft.jsonl")), data.world_config(data_dir)
-    for r in train:
-        for k, s in enumerate(rank_samples(r, chains[r["id"]], answer_filter, scorer)):
-            rows.append(data.sft_row(r, "summary", data.render_chain(data.parse_chain(s["text"])), path=f"agent{k}",
-                                     bucket=data.bucket(s["score"], world.high, world.mid), chain_correct=s["correct"]))
-    random.Random(cfg.seed).shuffle(rows)
-    common.on_rank0(common.atomic_write, os.path.join(data_dir, name), lambda p: common.write_jsonl(p, rows))
-    return name
-
-
-def build_missing_stages(cfg):
-    """Data, base, both agents and the ablation arms, each reused when built with the same options from the same
-    inputs (checkpoint.cached), built again on --force, --rebuild or a rebuilt input, continued when interrupted. Under
-    torchrun rank 0 builds the data while the others wait, and every stage trains on all the processes."""
+def build_missing_stages(cfg, stages=None, steps=0):
+    """Data, base, both agents and the ablation arms (or `stages`, the controls after the rounds: `steps` each), each
+    reused when built with the same options from the same inputs (checkpoint.cached), built again on --force, --rebuild
+    or a rebuilt input, continued when interrupted. Under torchrun rank 0 builds the data while the others wait, and
+    every stage trains on all the processes."""
     data_dir, rebuild = os.path.join(cfg.out, "data"), set(cfg.rebuild or ())
-    if cfg.force or "data" in rebuild or not checkpoint.finished(data_dir):
+    if stages is None and (cfg.force or "data" in rebuild or not checkpoint.finished(data_dir)):
         common.print0(f"[stage] data -> {data_dir}")
         common.on_rank0(data.build_world, data_dir)
     summary_file = None  # built once, when the first stage that reads it is trained
-    for stage in train_sft.STAGES:  # base first: every other stage starts from it
-        tcfg, extra, inputs = stage_plan(cfg, stage)
+    sft = [s for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")]  # base first: the rest start from it
+    for stage in sft if stages is None else stages:
+        tcfg, extra, inputs = stage_plan(cfg, stage, steps)
         stage_path = checkpoint.stage_dir(cfg.out, stage)
+        done = checkpoint.marker(stage_path) if stages else None  # a control matched to other rounds: built again
         if checkpoint.cached(stage_path, stage, train_sft.stage_record(tcfg, extra, inputs), f"add --rebuild {stage}",
-                             cfg.force or stage in rebuild):
+                             cfg.force or stage in rebuild or bool(done and not set(inputs) <= set(done["inputs"]))):
             continue
-        if inputs and summary_file is None:  # the on-policy summary set, sampled from the reasoning agent
-            summary_file = on_policy_summary_set(cfg, data_dir, common.resolve_device(cfg.device))
-        # An interrupted stage left its train_state.pt: continue it exactly instead of starting over.
-        resume = os.path.isfile(os.path.join(stage_path, "train_state.pt"))
+        if "summary_set" in extra and summary_file is None:  # the on-policy summary set, from the reasoning agent
+            summary_file = agents.on_policy_summary_set(cfg, data_dir, common.resolve_device(cfg.device))
+        if "teacher_set" in extra:
+            common.on_rank0(data.teacher_set, data_dir, f"teacher-seed{cfg.seed}-hard", train_sft.STAGES[stage]["data"],
+                            extra["teacher_set"]["questions"])
+        resume = os.path.isfile(os.path.join(stage_path, "train_state.pt"))  # interrupted: continue it exactly
         train_sft.run_stage(stage, replace(tcfg, resume=resume), extra, inputs)
 
 
@@ -396,16 +355,20 @@ def job_record(cfg, inputs):  # a DPO round's or GRPO run's: its options but the
     return checkpoint.provenance(cfg, cfg.out, inputs, leave_out=STAGE_OPTIONS)
 
 
-def stage_plan(cfg, stage):
+def stage_plan(cfg, stage, steps=0):
     """How the job builds an SFT stage -> (its TrainConfig, the options it records beside that config's, its inputs
-    beside its world and init stage): a summary stage on the on-policy set records how that set is sampled."""
+    beside its world and init stage): a summary stage on the on-policy set records how that set is sampled; a control
+    its `steps` and the rounds it is matched to (and the teacher bound its set)."""
     on_policy = stage in ("summary", "summary-only") and cfg.summary_chains > 0
     tcfg = train_sft.stage_config(stage, train_sft.TrainConfig(  # --init: the base stage's start, not scratch
         out=cfg.out, init=cfg.init if stage == "base" else None, precision=cfg.precision, device=cfg.device,
-        seed=cfg.sft_seed, data_file=SUMMARY_SET if on_policy else None))
+        seed=cfg.sft_seed, data_file=agents.SUMMARY_SET if on_policy else None, max_steps=steps))
+    if train_sft.STAGES[stage].get("after_rl"):
+        teacher = {"teacher_set": {"questions": cfg.pool_size * cfg.iters, "seed": cfg.seed}}
+        return tcfg, teacher if stage.endswith("hard") else {}, [f"reasoning_dpo{cfg.iters}"]
     if not on_policy:
         return tcfg, {}, []
-    return tcfg, {"summary_set": {k: getattr(cfg, k) for k in SUMMARY_SET_OPTIONS}}, ["reasoning"]
+    return tcfg, {"summary_set": {k: getattr(cfg, k) for k in agents.SUMMARY_SET_OPTIONS}}, ["reasoning"]
 
 
 def run(cfg):
@@ -447,6 +410,7 @@ def run(cfg):
             continue
         common.print0(f"[stage] DPO round {t}/{cfg.iters}: sample {cfg.samples_per_question} chains x "
                       f"{cfg.pool_size} questions, rank, pair, train")
+        t_round = time.time()
         if cfg.fresh_pool:  # new scenes for every round, each seed its own
             pool = common.on_rank0(data.extra_split, data_dir, f"dpo{t}-seed{cfg.seed}{'-hard' * cfg.hard_pool}",
                                    cfg.pool_size, **(data.hard_scenes(data_dir) if cfg.hard_pool else {}))
@@ -457,6 +421,7 @@ def run(cfg):
             raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
                              f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
         stats = {**dpo_round(policy, pairs, cfg, device, log, t, data_dir), **pair_stats}
+        stats["wall_s"] = round(time.time() - t_round, 1)  # sampling and training: what the controls are matched to
         row = report(f"dpo{t}", stats)
         if rank == 0:
             policy.save_pretrained(round_dir)
@@ -465,7 +430,24 @@ def run(cfg):
         table.append(row)
 
     common.print0("\nIterative DPO, per round (val):\n" + "\n".join(plots.rounds_table(table)))
+    if cfg.iters:
+        build_controls(cfg)
     return evaluate_run(cfg, device, t0, rounds=cfg.iters)
+
+
+def build_controls(cfg):
+    """The rounds' controls: the SFT reasoning agent trained on by train_sft for as many steps as its own stage makes
+    in the rounds' wall time, sampling included. Without the same compute spent on SFT, a gain of RL may only be more
+    training (Zhang, Neubig, Yue, arXiv 2512.07783)."""
+    sft = checkpoint.marker(checkpoint.stage_dir(cfg.out, "reasoning"))
+    rounds = [checkpoint.marker(checkpoint.stage_dir(cfg.out, f"reasoning_dpo{t}")) for t in range(1, cfg.iters + 1)]
+    if any("wall_s" not in r for r in rounds):
+        raise ValueError(f"{cfg.out}: DPO rounds built before their wall time was recorded: add --rebuild dpo")
+    rl_s = sum(r["wall_s"] for r in rounds)
+    steps = max(1, round(rl_s * sft["steps"] / sft["wall_s"]))
+    common.print0(f"[stage] controls: {steps} SFT steps each, as long as the {cfg.iters} DPO rounds took ({rl_s:.0f}s)")
+    build_missing_stages(cfg, [s for s, on in (("reasoning-more", cfg.sft_more),
+                                               ("reasoning-teacher-hard", cfg.teacher_bound)) if on], steps)
 
 
 def evaluate_run(cfg, device, t0, rounds=None):

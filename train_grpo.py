@@ -3,13 +3,12 @@
     python train_grpo.py
     torchrun --standalone --nproc_per_node=4 train_grpo.py   # the same run on 4 GPUs
 
-builds whatever earlier stage is missing exactly as train_dpo.py does, then trains the SFT reasoning agent with GRPO
-(Shao et al. 2024, DeepSeekMath, arXiv 2402.03300). Each step samples G chains per question from the current policy;
-the data pipeline's own assessment rewards each (answer filter, plus the 1-100 step score); a chain's advantage is its
-reward against its group's mean, and a token-level policy gradient raises the chains above the mean. The summary agent
-stays as SFT'd, as in the DPO job. The result, OUT/reasoning_grpo, is eval.py's arm two_agent_grpo, compared on the
-same test questions with the SFT agents and the last DPO round. Under torchrun every process samples its share of each
-step's questions and trains on its share of the chains (common.py's data parallelism).
+builds whatever earlier stage is missing as train_dpo.py does, then trains the SFT reasoning agent with GRPO (Shao et
+al. 2024, DeepSeekMath, arXiv 2402.03300). Each step samples G chains per question from the current policy; the data
+pipeline's assessment rewards each (answer filter, step score); a chain's advantage is its reward against its group's
+mean, and a token-level policy gradient raises the chains above the mean. The summary agent stays as SFT'd. The
+result, OUT/reasoning_grpo, is eval.py's arm two_agent_grpo. Under torchrun every process samples its share of each
+step's questions and trains on its share of the chains.
 """
 
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import agents
 import checkpoint
 import common
 import data
@@ -40,12 +40,10 @@ class GRPOConfig(train_dpo.JobConfig):  # and the options it shares with train_d
     steps: int = common.option(60, "policy-gradient steps (60 x 32 x 8 chains ~ what the DPO job samples)", min=1)
     questions_per_step: int = common.option(32, "questions per step", min=1)
     group_size: int = common.option(8, "G chains sampled per question, its group (advantages need 2)", min=2)
-    fresh_pool: bool = common.option(True, "steps x questions on new scenes, each seen once (the world is free); "
-                                     "--no-fresh-pool: the SFT training questions in turn")
-    process_weight: float = common.option(0.5, "reward = 1 if the answer filter passes, + this x step score / 100: a "
-                                          "chain right through wrong steps earns less than a sound one (DPO's "
-                                          "chosen need >= 90); <= 1 keeps every right answer above every wrong one "
-                                          "(a wrong answer scores <= 51)", min=0, max=1)
+    fresh_pool: bool = common.option(True, "steps x questions on new scenes; --no-fresh-pool: the SFT questions")
+    process_weight: float = common.option(0.5, "reward = 1 if the answer filter passes, + this x step score / 100: "
+                                          "right through wrong steps earns less than sound; <= 1 keeps every right "
+                                          "answer above every wrong one (which scores <= 51)", min=0, max=1)
     reward: str = common.option("additive", "additive: as --process-weight says; gated: 0 for a wrong answer, else "
                                 "0.2 + 0.8 x step score / 100 (answer-gated)", choices=["additive", "gated"])
     std: bool = common.option(True, "advantage (r - mean) / std per group (GRPO); --no-std: r - mean (Dr.GRPO)")
@@ -55,8 +53,7 @@ class GRPOConfig(train_dpo.JobConfig):  # and the options it shares with train_d
     lr: float = common.option(1e-4, "peak learning rate (chosen on val: docs/experiments.md)", above=0)
     warmup_steps: int = common.option(5, "linear warmup updates, then cosine to 0.1 x lr (as DPO)", min=0)
     micro_batch: int = common.option(64, "sequences per forward / backward; they add up to the step's gradient", min=1)
-    eval_every: int = common.option(20, "val report every N steps (and at the start and end); 0 = start and end", min=0,
-                                    compared=False)
+    eval_every: int = common.option(20, "val report every N steps, and at the start and end", min=0, compared=False)
     save_every: int = common.option(10, "train_state.pt every N steps, for --resume; 0 = never", min=0, compared=False)
     resume: bool = common.option(True, "continue an interrupted run from its train_state.pt", compared=False)
 
@@ -120,14 +117,16 @@ def question_pool(cfg, data_dir):
 
 def rollout(policy, rows, data_dir, cfg, seed, judges):
     """G chains per question from the policy, rewarded and grouped -> ([(encoded chain, advantage)] of the trained
-    groups, stats). Chains are encoded from their text, as DPO's are: a chain cut off at --max-chain-tokens gets its
-    end token here. The loss scores them under the model itself, while they were drawn at --temperature / --top-p:
-    a small off-policy gap, left as it is (DPO's log-probs are the model's own likewise)."""
-    chains = train_dpo.sample_chains(policy, rows, data_dir, cfg, seed, k=cfg.group_size, desc="GRPO")
-    ranked = [train_dpo.rank_samples(r, chains[r["id"]], *judges) for r in rows]
+    groups, stats). Chains are encoded from their text, as DPO's are (a cut-off chain gets its end token here), and
+    scored under the model itself though drawn at --temperature / --top-p: a small off-policy gap, left as it is."""
+    chains = agents.sample_chains(policy, rows, data_dir, cfg, seed, k=cfg.group_size, desc="GRPO")
+    ranked = [agents.rank_samples(r, chains[r["id"]], *judges) for r in rows]
     rewards = torch.tensor([[reward(s["correct"], s["score"], cfg.reward, cfg.process_weight) for s in rs]
                             for rs in ranked])
     advantages, trained = group_advantages(rewards, cfg.std)  # (N, G), (N,)
+    if cfg.pass_filter:  # only the groups at the edge train: some, not all, chains right and High
+        high = data.world_config(data_dir).high
+        trained &= torch.tensor([agents.at_the_edge(rs, high) for rs in ranked])
     tok, mcfg = policy.tokenizer, policy.config
     examples = [(train_sft.encode_row({**r, "chain": s["text"]}, tok, mcfg, data_dir, task="reasoning"), a)
                 for r, rs, adv, keep in zip(rows, ranked, advantages.tolist(), trained.tolist()) if keep
@@ -143,10 +142,10 @@ def rollout(policy, rows, data_dir, cfg, seed, judges):
 
 
 def micro_batches(examples, size, pad_id, device):
-    """[(encoded chain, advantage)] -> ([(batch on the device, advantages (b,))], the step's chain tokens). Under
-    torchrun process r takes chains r, r + N, ...; the tokens are every process's, as every token weighs alike."""
+    """[(encoded chain, advantage)] -> ([(batch on the device, advantages (b,))], the step's chain tokens: the loss's
+    denominator, counted on the host as collate counts them). Under torchrun process r takes chains r, r + N, ...; the
+    tokens are every process's, as every token weighs alike."""
     rank, world = common.distributed()
-    # Counted on the host, as collate counts them: the loss's denominator, over the whole step.
     n_tokens = sum(int((e["targets"][1:] != -100).sum()) for e, _ in examples)
     mine = examples[rank::world]
     if examples and not mine:
@@ -272,7 +271,9 @@ def train(cfg, device, out_dir, record):
     policy.eval().save_pretrained(out_dir)
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
     steps, evals = [r for r in records if "event" not in r], [r for r in records if r.get("event") == "eval"]
-    summary_row = {"steps": done, "chains": sum(r["chains"] for r in steps),
+    sft = dict(VLM.from_pretrained(checkpoint.stage_dir(cfg.out, "reasoning")).to(device).named_parameters())
+    moved = train_dpo.weight_change(policy, {n: sft[n] for n, p in policy.named_parameters() if p.requires_grad})
+    summary_row = {"steps": done, "chains": sum(r["chains"] for r in steps), "weight_change": moved,
                    "skipped_groups": sum(r["skipped_groups"] for r in steps), "wall_s": records[-1]["elapsed_s"],
                    "val/chain_correct": evals[-1]["val/chain_correct"], "val/two_agent": evals[-1]["val/two_agent"],
                    "config": asdict(cfg), **record}
@@ -281,7 +282,7 @@ def train(cfg, device, out_dir, record):
     Path(state_path).unlink(missing_ok=True)  # nothing left to resume
     print("\nGRPO, per val report:\n" + "\n".join(plots.grpo_table(steps, evals)))
     print(f"[grpo] {done} steps, {summary_row['chains']} chains sampled, {summary_row['skipped_groups']} groups "
-          f"skipped (equal rewards), {summary_row['wall_s']:.0f}s -> {out_dir}")
+          f"skipped, weights moved {summary_row['weight_change']:.1e}, {summary_row['wall_s']:.0f}s -> {out_dir}")
     return summary_row
 
 

@@ -1,10 +1,9 @@
 """Supervised fine-tuning: one readable training loop, and every SFT stage of Insight-V.
 
-Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.3) fine-tunes two agents from one base MLLM, trained here by
-the first stage in the role of LLaVA-NeXT (`--init DIR`: real weights). The reasoning agent writes a long structured
-chain; the summary agent answers from the question and a chain that may be flawed. The loop: nanoGPT's train.py plus
-gradient accumulation, bf16 / fp16 mixed precision, fp32 master weights, a val loss, exact `--resume`, a JSONL log,
-and data parallelism over N GPUs with torchrun (nanoGPT's DDP).
+Insight-V (Dong et al. 2024, arXiv 2411.14432, Sec. 3.3) fine-tunes two agents from one base MLLM (here the first
+stage, or `--init DIR`): the reasoning agent writes a long structured chain; the summary agent answers from the question
+and a chain that may be flawed. The loop: nanoGPT's train.py plus gradient accumulation, bf16 / fp16 mixed precision,
+a val loss, exact `--resume`, a JSONL log, and data parallelism over N GPUs with torchrun (nanoGPT's DDP).
 
     python data.py --out out/data && python train_sft.py --stage base   # then the other STAGES, in order
     torchrun --standalone --nproc_per_node=4 train_sft.py --stage base  # 4 GPUs: each takes a share of every step
@@ -43,6 +42,12 @@ STAGES = {
                     about="ablation: one model writes the chain and then the answer in one response"),
     "summary-only": dict(data="summary_sft.jsonl", init="base", task="summary_only", epochs=2, lr=1e-3,
                          about="ablation: the summary agent trained without chains"),
+    # The DPO rounds' controls (train_dpo.build_controls), at the lr the reasoning stage's schedule ended on.
+    "reasoning-more": dict(data="reasoning_sft.jsonl", init="reasoning", task=None, epochs=8, lr=1e-4, after_rl=True,
+                           about="control: the reasoning agent trained on, on its own set"),
+    "reasoning-teacher-hard": dict(data="reasoning_teacher_hard.jsonl", init="reasoning", task=None, epochs=8,
+                                   lr=1e-4, after_rl=True, about="control: the reasoning agent trained on the "
+                                   "teacher's chains for hard questions"),
 }
 SPLIT_COST = 512  # a forward and backward pass's fixed cost, in tokens, on a 2-core CPU (docs/experiments.md)
 
@@ -140,9 +145,8 @@ def split_by_length(rows, lengths, max_rows, cost=SPLIT_COST):
 
 def step_batches(examples, step, batch_size, grad_accum, seed, cost=SPLIT_COST, processes=1):
     """The micro-batches of optimizer step `step`: its batch_size x grad_accum rows of a seeded shuffle of the epoch
-    (seed + epoch, so --resume recomputes them from the step), cut by length (split_by_length) into micro-batches of
-    at most batch_size rows, and of at most 1 / processes of the step's rows, so that each torchrun process gets one
-    (unless the step has fewer rows than processes)."""
+    (seed + epoch: --resume recomputes them), cut by length (split_by_length) into micro-batches of at most batch_size
+    rows and 1 / processes of the step's rows, so that each torchrun process gets one."""
     rows = batch_size * grad_accum
     epoch, i = divmod(step, math.ceil(len(examples) / rows))  # i: the step within its epoch
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
@@ -296,8 +300,7 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
 # The stages
 
 # Vision pretraining, this world's SigLIP: on a random tower the base model read shape at chance (docs/experiments.md),
-# so linear heads on each image token (one per grid cell) first learn its cell's shape, colour and size from base.jsonl
-# (world.cell_labels).
+# so linear heads on each image token (a grid cell) first learn its shape, colour and size (world.cell_labels).
 
 
 def pretrain_vision(model, rows, val_rows, image_root, cfg, steps, batch_size=64, lr=1e-3):

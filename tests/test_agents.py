@@ -151,15 +151,15 @@ def test_single_model_arms(vlm, rows, built_world, monkeypatch):
 
 
 def test_latest_reasoning_agent(tmp_path):
-    assert agents.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning")
+    assert checkpoint.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning")
     for name in ("reasoning_dpo1", "reasoning_dpo2", "reasoning_dpo10", "reasoning_dpo11"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
         if name != "reasoning_dpo11":  # a round interrupted after its weights, before its marker
             (tmp_path / name / checkpoint.ROUND_DONE).write_text("{}")
-    assert agents.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning_dpo10")
-    assert list(agents.dpo_rounds(str(tmp_path))) == [1, 2, 10]
-    assert list(agents.dpo_rounds(str(tmp_path), last=2)) == [1, 2]  # train_dpo.py --iters 2
+    assert checkpoint.latest_reasoning_dir(str(tmp_path)) == os.path.join(str(tmp_path), "reasoning_dpo10")
+    assert list(checkpoint.dpo_rounds(str(tmp_path))) == [1, 2, 10]
+    assert list(checkpoint.dpo_rounds(str(tmp_path), last=2)) == [1, 2]  # train_dpo.py --iters 2
 
 
 def test_cli_takes_a_runs_own_stages_only_when_finished(vlm, rows, built_world, tmp_path, capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import agents
 import assignment
 import train_dpo
 import train_grpo  # and with it every module whose functions are swapped: they must be loaded before any swap
@@ -319,7 +320,7 @@ def micro_out(tmp_path_factory):
 def test_the_micro_job_stops_at_the_first_missing_function(name, blanked, micro_out, tmp_path, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(micro_out, out)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     swap_in(monkeypatch, {p: read(blanked[name], p) for p, _ in functions(name)}, name)
     job, options = (train_grpo.main, GRPO_JOB) if name == "grpo" else (train_dpo.main, DPO_JOB)
     with pytest.raises(NotImplementedError, match=f"^{name}: implement .* \\(docs/assignments.md\\)$"):
@@ -330,9 +331,9 @@ def test_a_real_copy_runs_the_grpo_job_up_to_group_advantages(blanked, tmp_path)
     # The last piece the GRPO job reaches: data, loading, decoding, the agents, the assessment and the metrics of
     # the copy all run first.
     out = str(tmp_path / "out")
-    script = ("import sys; sys.path.insert(0, 'tests'); import train_dpo, train_grpo; "
+    script = ("import sys; sys.path.insert(0, 'tests'); import agents, train_dpo, train_grpo; "
               f"from test_dpo import micro_run, teacher_sampler; micro_run({out!r}, max_chain_tokens=8); "
-              "train_dpo.sample_chains = teacher_sampler(train_dpo.sample_chains); "
+              "agents.sample_chains = teacher_sampler(agents.sample_chains); "
               f"train_grpo.main(['--out', {out!r}, *{GRPO_JOB!r}])")
     done = subprocess.run([sys.executable, "-B", "-c", script], cwd=blanked["grpo"], capture_output=True, text=True)
     assert done.returncode == 1

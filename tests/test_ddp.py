@@ -114,8 +114,8 @@ def sample_job(out, patch):
     policy = SimpleNamespace(config=get_config("micro"))
     rows = [{"id": f"q{i}", "question": f"q{i}?", "image": "none.png"} for i in range(7)]
     cfg = train_dpo.DPOConfig(sample_batch=4, samples_per_question=2)
-    return {"sampled": train_dpo.sample_chains(policy, rows, ".", cfg, seed=10),
-            "greedy": train_dpo.sample_chains(policy, rows, ".", cfg, seed=20, k=1, temperature=0.0)}
+    return {"sampled": agents.sample_chains(policy, rows, ".", cfg, seed=10),
+            "greedy": agents.sample_chains(policy, rows, ".", cfg, seed=20, k=1, temperature=0.0)}
 
 
 def stages_job(out, patch):
@@ -219,7 +219,7 @@ def test_sampling_is_shared_and_gathered_as_one_process_draws_it(runs):
 def test_train_dpo_builds_the_sft_stages_with_32_rows_a_step(runs):
     _, one, ranks = runs
     for r in [one, *ranks]:  # the processes share each step's micro-batches (train_sft.step_batches)
-        assert r["stages"] == dict.fromkeys(train_sft.STAGES, (32, 1))
+        assert r["stages"] == {s: (32, 1) for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ MAIN_JOBS = [(train_dpo, ["--iters", "1", "--pool-size", "6", "--samples-per-que
 def main_jobs_worker(rank, port, out):
     """The DPO job, then GRPO, in one of 2 processes, on the micro world of out/two."""
     as_torchrun(rank, port)
-    train_dpo.sample_chains = teacher_sampler(train_dpo.sample_chains)  # this process's own copy of the module
+    agents.sample_chains = teacher_sampler(agents.sample_chains)  # this process's own copy of the module
     # Each main sets up the process group and leaves it at the end; a process joins one group once, so here the
     # group is left after both.
     cleanup, common.cleanup_distributed = common.cleanup_distributed, lambda: None
@@ -272,7 +272,7 @@ def test_the_dpo_and_grpo_jobs_in_two_processes_log_the_one_process_steps(tmp_pa
     for out in ("one", "two"):
         micro_run(str(tmp_path / out), max_chain_tokens=8, precision="fp32")
     spawn(main_jobs_worker, free_port(), tmp_path)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     for script, args in MAIN_JOBS:
         script.main(["--out", str(tmp_path / "one"), *args])
     for log in ("dpo.jsonl", "grpo.jsonl"):

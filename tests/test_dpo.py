@@ -217,16 +217,17 @@ def test_pairs_closest_wrong_chain_as_rejected():
 # A micro end-to-end run of the main job: every stage cached as a micro model, one DPO round.
 
 
-def micro_run(out, **job):
-    """A tiny world in out/data and every SFT stage as one random micro model, marked finished as the main job with
-    these options (train_dpo.JobConfig's) leaves it, so that the job reuses it."""
-    data.build_world(os.path.join(out, "data"), train_scenes=24, val_scenes=3, test_scenes=3)
+def micro_run(out, world_options=None, **job):
+    """A tiny world in out/data (with world_options, data.py's) and every SFT stage as one random micro model, marked
+    finished as the main job with these options (train_dpo.JobConfig's) leaves it, so that the job reuses it."""
+    data.build_world(os.path.join(out, "data"), **{"train_scenes": 24, "val_scenes": 3, "test_scenes": 3,
+                                                   **(world_options or {})})
     tok = data.load_tokenizer(os.path.join(out, "data", "tokenizer.json"))
     torch.manual_seed(0)
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
     vlm.tokenizer = tok
-    for stage in train_sft.STAGES:  # in order: a summary stage records the reasoning stage's id
-        vlm.save_pretrained(checkpoint.stage_dir(out, stage))
+    for stage in [s for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")]:  # in order: a summary
+        vlm.save_pretrained(checkpoint.stage_dir(out, stage))  # stage records the reasoning stage's id
         mark_finished(out, stage, **job)
 
 
@@ -234,7 +235,8 @@ def mark_finished(out, stage, **job):
     """The marker the main job with these options (train_dpo.JobConfig's) writes last on a stage it trained."""
     tcfg, extra, inputs = train_dpo.stage_plan(train_dpo.JobConfig(out=str(out), **job), stage)
     with open(os.path.join(checkpoint.stage_dir(str(out), stage), checkpoint.STAGE_DONE), "w") as f:
-        json.dump({"stage": stage, **train_sft.stage_record(tcfg, extra, inputs)}, f)
+        # steps / wall_s: 1 step per 1000 s, so that a control matched to the rounds' time trains 1 step
+        json.dump({"stage": stage, "steps": 1, "wall_s": 1000.0, **train_sft.stage_record(tcfg, extra, inputs)}, f)
 
 
 def teacher_sampler(real_sampler):
@@ -253,7 +255,7 @@ def teacher_sampler(real_sampler):
 def test_micro_round_end_to_end(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     results = train_dpo.main(["--out", out, "--iters", "1", "--pool-size", "6", "--samples-per-question", "2",
                               "--max-chain-tokens", "8", "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"])
     assert os.path.isfile(os.path.join(out, "reasoning_dpo1", "model.safetensors"))
@@ -270,7 +272,7 @@ def test_micro_round_end_to_end(tmp_path, monkeypatch):
 def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_makes_the_later_ones_out_of_date(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     args = ["--out", out, "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",
             "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"]
     results = train_dpo.main(args + ["--iters", "2"])
@@ -282,7 +284,7 @@ def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_makes_the_later_one
     results = train_dpo.main(args + ["--iters", "1"])  # round 1 trained again: round 2 came from the old one
     assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1"]
     assert checkpoint.finished(os.path.join(out, "reasoning_dpo1"))
-    assert not checkpoint.finished(os.path.join(out, "reasoning_dpo2")) and agents.dpo_rounds(out) == {
+    assert not checkpoint.finished(os.path.join(out, "reasoning_dpo2")) and checkpoint.dpo_rounds(out) == {
         1: os.path.join(out, "reasoning_dpo1")}
 
 
@@ -292,7 +294,7 @@ def test_sft_seed_reaches_every_stage(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, cfg.seed))
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), sft_seed=7, summary_chains=0))
-    assert seen == dict.fromkeys(train_sft.STAGES, 7)  # every stage, each with the given seed
+    assert seen == {s: 7 for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")}  # each with the seed
     assert train_dpo.DPOConfig().sft_seed == train_sft.TrainConfig().seed  # the default job is unchanged
 
 
@@ -406,7 +408,7 @@ def test_first_error_prefix_is_shared_by_chosen_and_rejected_text_and_tokens(tmp
 
 
 class ScriptedSampler:
-    """Stands in for train_dpo.sample_chains: the chains of each call come from a script, every call is recorded."""
+    """Stands in for agents.sample_chains: the chains of each call come from a script, every call is recorded."""
 
     def __init__(self, *replies):
         self.replies, self.calls = list(replies), []
@@ -426,12 +428,13 @@ def test_round_pairs_greedy_rejects_the_greedy_chain_when_wrong(monkeypatch):
     greedy = {"q0": [SOUND], "q1": [WRONG_AT_1], "q2": [WRONG_AT_1]}
     samples = {"q1": [WRONG_AT_0, SOUND], "q2": [WRONG_AT_1, WRONG_AT_0]}  # only greedy's wrong questions
     sampler = ScriptedSampler(greedy, samples)
-    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+    monkeypatch.setattr(agents, "sample_chains", sampler)
     cfg = train_dpo.DPOConfig(rejected="greedy", samples_per_question=2, min_chosen_score=90)
     pairs, stats = train_dpo.round_pairs(None, pool, "unused", cfg, 5, data.AnswerFilter(), data.SceneStepScorer())
     # q0: greedy is right; q2: no sound sample; q1: its sound sample against its greedy chain
     assert pairs_of(pairs) == [("q1", SOUND, WRONG_AT_1)]
-    assert stats == {"sample_correct": pytest.approx(1 / 4), "greedy_correct": pytest.approx(1 / 3)}
+    assert stats == {"sample_correct": pytest.approx(1 / 4), "greedy_correct": pytest.approx(1 / 3),
+                     "kept_questions": 2}  # no --pass-filter: every question sampled
     assert [(c["ids"], c["k"], c["temperature"], c["prefixes"]) for c in sampler.calls] == [
         (["q0", "q1", "q2"], 1, 0.0, None), (["q1", "q2"], None, None, None)]
 
@@ -443,7 +446,7 @@ def test_round_pairs_first_error_continues_the_wrong_greedy_chains(monkeypatch):
     other_wrong = p1 + "Count: no blue objects, total 0.\nAdd: 2 + 0 = 2, so the answer is 2.\n</thoughts>"
     continued = {"q1": [SOUND, other_wrong], "q2": [WRONG_AT_0, "<thoughts>\nblue blue"]}
     sampler = ScriptedSampler(greedy, continued)
-    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+    monkeypatch.setattr(agents, "sample_chains", sampler)
     cfg = train_dpo.DPOConfig(rejected="first_error", samples_per_question=2, min_chosen_score=90)
     pairs, stats = train_dpo.round_pairs(None, pool, "unused", cfg, 5, data.AnswerFilter(), data.SceneStepScorer())
     # the continuation call: exactly the questions greedy got wrong, each from before its first wrong step
@@ -502,10 +505,10 @@ def test_on_policy_summary_set_adds_the_agents_chains_on_training_questions(tmp_
     def sampler(policy, rows, image_root, cfg, seed, k=None, temperature=None, prefixes=None, desc="sampling"):
         calls.append((type(policy), [r["id"] for r in rows], k, temperature, prefixes))
         return {r["id"]: chains[r["id"]][:k] for r in rows}
-    monkeypatch.setattr(train_dpo, "sample_chains", sampler)
+    monkeypatch.setattr(agents, "sample_chains", sampler)
 
     cfg = train_dpo.DPOConfig(out=out, summary_chains=3, summary_temperature=0.7)
-    name = train_dpo.on_policy_summary_set(cfg, data_dir, torch.device("cpu"))
+    name = agents.on_policy_summary_set(cfg, data_dir, torch.device("cpu"))
     assert name == "summary_onpolicy_sft.jsonl"
     assert calls == [(VLM, [r["id"] for r in train], 3, 0.7, None)]  # the SFT reasoning agent, every train question
     written = data.read_jsonl(os.path.join(data_dir, name))
@@ -536,7 +539,7 @@ def test_summary_stages_train_on_the_on_policy_set_built_once(tmp_path, monkeypa
     (tmp_path / "data" / "card.json").write_text("{}")  # the world exists: only the stages are built
     seen, built = {}, []
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, cfg.data_file))
-    monkeypatch.setattr(train_dpo, "on_policy_summary_set",
+    monkeypatch.setattr(agents, "on_policy_summary_set",
                         lambda cfg, data_dir, device: built.append(data_dir) or "summary_onpolicy_sft.jsonl")
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=2, device="cpu"))
     assert built == [os.path.join(str(tmp_path), "data")]  # once, for both summary stages
@@ -544,7 +547,8 @@ def test_summary_stages_train_on_the_on_policy_set_built_once(tmp_path, monkeypa
                     "summary-only": "summary_onpolicy_sft.jsonl"}
     seen.clear()
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=0, device="cpu"))
-    assert len(built) == 1 and seen == dict.fromkeys(train_sft.STAGES)  # 0 chains: the teacher's set, no build
+    sft = [s for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")]
+    assert len(built) == 1 and seen == dict.fromkeys(sft)  # 0 chains: the teacher's set, no build
 
 
 def test_summary_only_stage_alone_still_gets_the_on_policy_set(tmp_path, monkeypatch):
@@ -555,7 +559,7 @@ def test_summary_only_stage_alone_still_gets_the_on_policy_set(tmp_path, monkeyp
         mark_finished(tmp_path, stage, summary_chains=1)
     seen, built = {}, []
     monkeypatch.setattr(train_sft, "run_stage", lambda stage, cfg, *_: seen.setdefault(stage, cfg.data_file))
-    monkeypatch.setattr(train_dpo, "on_policy_summary_set",
+    monkeypatch.setattr(agents, "on_policy_summary_set",
                         lambda cfg, data_dir, device: built.append(device) or "summary_onpolicy_sft.jsonl")
     train_dpo.build_missing_stages(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=1, device="cpu"))
     assert seen == {"summary-only": "summary_onpolicy_sft.jsonl"} and built == [torch.device("cpu")]

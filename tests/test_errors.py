@@ -86,7 +86,7 @@ def parse_error(main, argv, capsys):
 
 def test_dpo_divergence_halts_before_the_update_and_saves_no_round(dpo_out, tmp_path, monkeypatch):
     out = shutil.copytree(dpo_out, tmp_path / "out")
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     # The per-round val report decodes 256-token chains: not what this test is about, so it is skipped.
     monkeypatch.setattr(E, "evaluate_two_agent", lambda *args, **kwargs: {"chain_correct": 0.0, "overall": 0.0})
     real, training_forwards = train_dpo.sequence_logps, []

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+import agents
 import checkpoint
 import common
 import eval as evaluation
@@ -143,7 +144,7 @@ def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8)
     # The random micro policy's chains all score alike; the teacher's (one sound, two flawed) mix the groups.
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     args = ["--out", out, "--steps", "2", "--questions-per-step", "3", "--group-size", "2", "--max-chain-tokens", "8",
             "--micro-batch", "8", "--eval-every", "1", "--val-size", "4", "--eval-limit", "4", *extra]
     results = train_grpo.main(args)
@@ -174,7 +175,7 @@ def test_micro_run_end_to_end(tmp_path, monkeypatch, extra):
 def test_an_interrupted_run_resumes_at_its_last_step(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     monkeypatch.setattr(evaluation, "evaluate_two_agent", lambda *a, **kw: {"chain_correct": 0.5, "overall": 0.5})
     monkeypatch.setattr(evaluation, "run_eval", lambda out_dir, **kw: "evaluated")
     real, calls = train_grpo.rollout, []

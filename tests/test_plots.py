@@ -87,7 +87,7 @@ def test_plot_logs_one_panel_per_stage(tmp_path, capsys):
 
     assert plots.read_log(os.path.join(logs, "dpo.jsonl")) == ([(i + 1, 0.69 + 0.01 * (i % 3)) for i in range(6)], [], [4])
     assert plots.read_log(os.path.join(logs, "grpo.jsonl"))[0] == [(2, -0.01), (3, 0.02)]
-    assert E.plot_logs(logs) == ["base", "reasoning", "dpo", "grpo"]  # in training order
+    assert plots.plot_logs(logs) == ["base", "reasoning", "dpo", "grpo"]  # in training order
     assert capsys.readouterr().out == f"[eval] wrote {tmp_path / 'out' / 'training.png'}\n"
     with Image.open(tmp_path / "out" / "training.png") as image:
         assert image.size == (3 * plots.PANEL[0], 50 + 2 * plots.PANEL[1])  # four panels, three to a row
@@ -127,7 +127,7 @@ def test_valid_json_of_the_wrong_shape_or_nan_losses_are_one_line_errors_or_left
     write_log(logs, "base.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan"), "val_loss": 1.0},
                                    {"step": 3, "loss": float("inf")}, {"step": 4, "loss": 1.0}])
     assert plots.read_log(os.path.join(logs, "base.jsonl")) == ([(1, 2.0), (4, 1.0)], [(2, 1.0)], [])
-    assert E.plot_logs(logs) == ["base"]  # the diverged steps are left out of the picture
+    assert plots.plot_logs(logs) == ["base"]  # the diverged steps are left out of the picture
     write_log(logs, "reasoning.jsonl", [{"step": 1, "loss": {"mean": 2.0}}, "a line that is no object"])
     with pytest.raises(SystemExit, match=f"^error: {os.path.join(logs, 'reasoning.jsonl')}:"):
         E.main(["--plot-logs", logs])
@@ -136,12 +136,12 @@ def test_valid_json_of_the_wrong_shape_or_nan_losses_are_one_line_errors_or_left
 def test_the_dpo_rounds_table():
     rows = [{"round": "sft", "val/chain_correct": 0.5, "val/two_agent": 0.625},
             {"round": "dpo1", "pairs": 12, "rewards/accuracies": 0.75, "rewards/margins": 0.1, "sample_correct": 0.25,
-             "val/chain_correct": 0.5, "val/two_agent": 0.6}]
+             "val/chain_correct": 0.5, "val/two_agent": 0.6, "weight_change": 0.000123}]
     assert plots.rounds_table(rows) == [
-        "| round | pairs | reward acc | margin | samples correct | chain correct | two-agent acc |",
-        "|---|---|---|---|---|---|---|",
-        "| sft | - | - | - | - | 0.500 | 0.625 |",
-        "| dpo1 | 12 | 0.750 | 0.100 | 0.250 | 0.500 | 0.600 |"]
+        "| round | pairs | reward acc | margin | weight change | samples correct | chain correct | two-agent acc |",
+        "|---|---|---|---|---|---|---|---|",
+        "| sft | - | - | - | - | - | 0.500 | 0.625 |",
+        "| dpo1 | 12 | 0.750 | 0.100 | 1.2e-04 | 0.250 | 0.500 | 0.600 |"]
 
 
 def test_the_grpo_table_puts_each_val_report_beside_its_step():

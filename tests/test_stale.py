@@ -40,7 +40,7 @@ def job(tmp_path, monkeypatch):
     """A micro run directory with every SFT stage cached -> (its path, the main job's argv on it)."""
     out = str(tmp_path / "out")
     micro_run(out, **JOB)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     return out, ["--out", out, *DPO_ARGS]
 
 
@@ -78,11 +78,11 @@ def test_a_hard_pool_round_samples_larger_scenes_and_is_no_cached_world_pool_rou
 def test_a_rebuilt_reasoning_stage_makes_every_round_after_it_out_of_date(job, capsys):
     out, argv = job
     train_dpo.main(argv + ["--iters", "2"])
-    assert list(agents.dpo_rounds(out)) == [1, 2]
+    assert list(checkpoint.dpo_rounds(out)) == [1, 2]
     mark_finished(out, "reasoning", **JOB)  # the reasoning stage trained again: a new id
     assert checkpoint.stale(os.path.join(out, "reasoning_dpo1")) == ["reasoning"]
     assert checkpoint.stale(os.path.join(out, "summary")) == ["reasoning"]  # its on-policy set came from it too
-    assert agents.dpo_rounds(out) == {} and "two_agent_dpo1" not in E.arm_checkpoints(out)
+    assert checkpoint.dpo_rounds(out) == {} and "two_agent_dpo1" not in E.arm_checkpoints(out)
     with pytest.raises(SystemExit, match="is unfinished or out of date"):
         agents.main(["--out", out, "--image", "x.png", "--question", "q"])
     for stage in ("summary", "summary-only"):  # as if trained again too (their on-policy set is not sampled here)
@@ -139,10 +139,11 @@ def test_a_rebuilt_world_makes_the_stages_out_of_date_and_the_same_world_does_no
     micro_run(out)
     world = dict(train_scenes=24, val_scenes=3, test_scenes=3)  # micro_run's
     data.build_world(os.path.join(out, "data"), **world)  # the same world again: the same id
-    assert all(checkpoint.finished(os.path.join(out, s)) for s in train_sft.STAGES)
+    sft = [s for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")]  # micro_run's stages
+    assert all(checkpoint.finished(os.path.join(out, s)) for s in sft)
     data.build_world(os.path.join(out, "data"), **world, seed=1)
     assert checkpoint.stale(os.path.join(out, "base")) == ["data"]
-    assert not any(checkpoint.finished(os.path.join(out, s)) for s in train_sft.STAGES)
+    assert not any(checkpoint.finished(os.path.join(out, s)) for s in sft)
 
 
 def test_a_world_rebuilt_and_interrupted_is_unfinished(tmp_path, monkeypatch):
@@ -172,7 +173,7 @@ def test_a_summary_stage_interrupted_does_not_resume_on_another_data_set(job):
 def test_a_finished_grpo_run_with_other_options_is_refused(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8)
-    monkeypatch.setattr(train_dpo, "sample_chains", teacher_sampler(train_dpo.sample_chains))
+    monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     monkeypatch.setattr(train_grpo.evaluation, "run_eval", lambda out_dir, **kw: "evaluated")
     args = ["--out", out, "--steps", "1", "--questions-per-step", "2", "--group-size", "2", "--max-chain-tokens", "8",
             "--val-size", "2"]
