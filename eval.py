@@ -118,9 +118,9 @@ def score(rows, predictions):
 def paired_comparisons(arms, rows):
     """Arms' per-row flags ("correct", "chain_right") -> {"A vs B[ (metric)]": {arms: [A, B], metric, n: questions,
     b: A right and B wrong, c: the reverse, diff: (b - c) / n = A's accuracy minus B's, p: mcnemar(b, c)}}, wherever
-    both ran: each later two-agent arm, and each RL arm against the compute-matched SFT control (answer and chain),
-    against the SFT two agents; these and the last DPO round against vanilla (overall) and direct (reasoning,
-    perception apart); GRPO against the last DPO round."""
+    both ran: each later two-agent arm against the SFT two agents, each RL arm against the compute-matched SFT (answer
+    and chain); the two agents and the last DPO round against vanilla (overall) and direct (reasoning, perception
+    apart); GRPO against the last DPO round."""
     rounds = plots.dpo_arms(arms)  # [(T, arm)], by round
     plan = [(a, "two_agent", m) for a in arms if a.startswith("two_agent_") for m in ("overall", "chain")]
     plan += [(a, b, m) for a in ["two_agent"] + [a for _, a in rounds[-1:]]
@@ -200,7 +200,8 @@ def finish(arms, rows, meta, path_stem, start, hard=None):
     margin = meta.get("override_margin", agents.OVERRIDE_MARGIN)
     meta = {**meta, "n_questions": len(rows), "ids": [r.get("id", i) for i, r in enumerate(rows)],
             "kinds": [r.get("kind") for r in rows]}  # in row order, as the arms' per-question flags
-    results = {"arms": arms, "paired": paired_comparisons(arms, rows), **({"hard": hard} if hard else {}),
+    results = {"arms": arms, "paired": paired_comparisons(arms, rows),
+               **({"hard": hard} if hard and hard["arms"] else {}),  # none when no two-agent arm ran
                "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                         "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
                         "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, answer <= "

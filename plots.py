@@ -1,9 +1,6 @@
-"""plots.py: the two pictures, drawn with Pillow alone, and the markdown tables. Skip it on a first read; eval.py
-calls it.
-
-results.png: accuracy per arm with 95% Wilson intervals, and the reasoning agent's chain correctness per DPO round
-(and GRPO); training.png: the train and val loss of every training stage against step; results.md's tables and those
-of eval.py --summarize.
+"""plots.py: the two pictures, drawn with Pillow alone, and the markdown tables. Skip it on a first read. results.png:
+accuracy per arm with 95% Wilson intervals, and chain correctness per DPO round (and GRPO); training.png: the loss of
+every training stage against step; the tables of results.md and of eval.py --summarize.
 """
 
 import functools
@@ -247,17 +244,14 @@ def read_results(run):
             results = json.load(f)
     except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{path}: unreadable ({e})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("arms"), dict) or not results["arms"]:
-        raise ValueError(f"{path}: not a results.json of eval.py (no arms)")
-    hard = results.get("hard", results)  # eval.run_eval's arms on the hard test split, when the world has one
-    for part in (results, hard if isinstance(hard, dict) else {}):  # valid JSON of another shape: one error
-        arms, tests = part.get("arms"), part.get("paired", {})
-        if not (isinstance(arms, dict) and all(isinstance(m, dict) and all(
+    hard = results.get("hard", results) if isinstance(results, dict) else None  # the hard split's arms, if any
+    for part in (results, hard):  # valid JSON of another shape: one error
+        arms, tests = (part.get("arms"), part.get("paired", {})) if isinstance(part, dict) else (None, None)
+        if not (isinstance(arms, dict) and arms and all(isinstance(m, dict) and all(
                 isinstance(m.get(k), (int, float, type(None))) for k in SHARES) for m in arms.values())
                 and isinstance(tests, dict) and all(isinstance(t, dict) and {"arms", "metric", "b", "c", "diff"}
                                                     <= t.keys() for t in tests.values())):
-            raise ValueError(f"{path}: not a results.json of eval.py (its arms or paired tests are not what eval.py "
-                             f"writes)")
+            raise ValueError(f"{path}: not a results.json of eval.py (no arms, or not the arms and tests it writes)")
     return results
 
 
@@ -386,7 +380,21 @@ def summary_markdown(summary):
     if summary["pooled"]:
         lines += ["", "Paired comparisons pooled over runs (exact McNemar test on the summed b and c)", "",
                   *paired_table(summary["pooled"], pooled=True)]
-    if summary.get("hard"):
-        hard = summary_markdown(summary["hard"]).replace("Accuracy (%)", "Hard test split: accuracy (%)")
-        lines += ["", hard.replace("Paired comparisons pooled", "Hard test split: paired comparisons pooled")]
+    if summary.get("hard"):  # the two agents' arms on both test splits, and the hard split's pooled tests
+        lines += ["", "Both test splits, mean over runs; chains against the compute-matched SFT, pooled", "",
+                  *edge_table(summary), "", "Hard test split: paired comparisons pooled over runs", "",
+                  *paired_table(summary["hard"]["pooled"], pooled=True)]
     return "\n".join(lines + ["", *summary["notes"]])
+
+
+def edge_table(summary):  # both test splits: chains right, the two agents, chains paired with the compute-matched SFT
+
+    rows, splits = [], (summary, summary["hard"])
+    for arm in summary["hard"]["mean"]:
+        means = [(s["mean"].get(arm, {}).get(k) or {}).get("mean") for s in splits for k in ("chain_correct",
+                                                                                            "overall")]
+        tests = [s["pooled"].get(f"{arm} vs two_agent_sft_more (chain)") for s in splits]
+        rows.append([arm, *map(fmt, means), *("-" if t is None else f"{100 * t['diff']:+.1f} (p = {t['p']:.3f})"
+                                              for t in tests)])
+    return markdown_table(["arm", "chains right", "two agents", "hard: chains right", "hard: two agents",
+                           "chains vs SFT more", "hard: chains vs SFT more"], rows)

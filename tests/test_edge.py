@@ -132,7 +132,7 @@ def test_a_micro_job_at_the_edge_and_the_hard_split_beside_the_standard_one(tmp_
     pooled = summary["hard"]["pooled"]["two_agent_dpo1 vs two_agent_sft_more"]
     test = hard["paired"]["two_agent_dpo1 vs two_agent_sft_more"]
     assert (pooled["b"], pooled["c"], pooled["runs"]) == (2 * test["b"], 2 * test["c"], 2)
-    assert "Hard test split: accuracy (%)" in plots.summary_markdown(summary)
+    assert "| hard: chains right |" in plots.summary_markdown(summary)
     results = train_grpo.main(["--out", out, "--steps", "1", "--questions-per-step", "3", "--group-size", "3",
                                "--micro-batch", "8", "--max-chain-tokens", "8", "--precision", "fp32",
                                "--eval-limit", "4", "--val-size", "4", "--reward", "gated", *edge])
