@@ -437,7 +437,8 @@ def extra_split(out_dir, split, n_questions, **changes):
 def teacher_set(out_dir, split, name, n_questions):
     """The scripted teacher's flawless chains (no slips: what a perfect generator writes) for new questions on scenes
     as large as the hard splits' -> out_dir/<name> (reasoning rows), the teacher bound of train_dpo.build_controls."""
-    teacher = world.ScriptedTeacher(world.ErrorRates(**{f.name: 0.0 for f in fields(world.ErrorRates)}))
+    teacher = world.ScriptedTeacher(world.ErrorRates(**{f.name: 0.0 for f in fields(world.ErrorRates)}),
+                                    world_config(out_dir).max_steps)
     rows = [sft_row(r, "reasoning", render_chain(teacher.path(r, random.Random(0))["steps"]))  # no slip to draw
             for r in extra_split(out_dir, split, n_questions, **hard_scenes(out_dir))]
     common.atomic_write(os.path.join(out_dir, name), lambda p: common.write_jsonl(p, rows))

@@ -16,8 +16,7 @@ when the world has one (scenes larger than any SFT set's): accuracy overall, on 
 family, with 95% Wilson intervals (Wilson 1927), which stay inside [0, 1] near 0 or 1 where p +- z sqrt(p(1-p)/n)
 does not. Arms with a chain add `chain_correct` and the 2x2 table of chain against final answer: how often the summary
 agent fixes a flawed chain or spoils a sound one. Arms are compared on the same questions with the exact McNemar test
-(paired_comparisons): pairing removes the questions' shared difficulty from the noise. results.png draws the first
-table and chain_correct round by round.
+(paired_comparisons): pairing removes the questions' shared difficulty from the noise. results.png draws both.
 
     python eval.py                                        # every arm whose checkpoints exist in out/
     python eval.py --arms direct,two_agent --limit 200  # a part: out/results_test_limit200_direct+two_agent.md
@@ -151,14 +150,17 @@ def arm_checkpoints(out_dir, rounds=None):
     {arm: (task, [checkpoint dirs])}, in table order; DPO rounds 1..rounds only, when given."""
     stages = {"direct": ["base"], "vanilla": ["vanilla"], "summary_only": ["summary-only"],
               "two_agent": ["reasoning", "summary"], "two_agent_sft_more": ["reasoning-more", "summary"]}
-    for t, path in checkpoint.dpo_rounds(out_dir, rounds).items():
+    dpo = checkpoint.dpo_rounds(out_dir, rounds)
+    for t, path in dpo.items():
         stages[f"two_agent_dpo{t}"] = [os.path.basename(path), "summary"]
+    last = f"reasoning_dpo{max(dpo, default=0)}"  # the rounds a control must be matched to
     # train_grpo.py's reasoning agent beside the DPO rounds, and the upper bound of both; the same summary agent
     stages |= {"two_agent_grpo": ["reasoning_grpo", "summary"],
                "two_agent_teacher_hard": ["reasoning-teacher-hard", "summary"]}
     arms = {arm: (arm if len(names) == 1 else "two_agent", [checkpoint.stage_dir(out_dir, s) for s in names])
             for arm, names in stages.items()}  # a single model answers as its arm's task
-    return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(checkpoint.finished, dirs))}
+    return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(checkpoint.finished, dirs)) and (
+        not name.endswith(("sft_more", "teacher_hard")) or last in checkpoint.marker(dirs[0])["inputs"])}
 
 
 def predict(task, vlms, rows, image_root, batch_size=64, desc=None, precision="auto", margin=agents.OVERRIDE_MARGIN):
@@ -200,8 +202,7 @@ def finish(arms, rows, meta, path_stem, start, hard=None):
     margin = meta.get("override_margin", agents.OVERRIDE_MARGIN)
     meta = {**meta, "n_questions": len(rows), "ids": [r.get("id", i) for i, r in enumerate(rows)],
             "kinds": [r.get("kind") for r in rows]}  # in row order, as the arms' per-question flags
-    results = {"arms": arms, "paired": paired_comparisons(arms, rows),
-               **({"hard": hard} if hard and hard["arms"] else {}),  # none when no two-agent arm ran
+    results = {"arms": arms, "paired": paired_comparisons(arms, rows), **({"hard": hard} if hard else {}),
                "meta": {"command": "python " + " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
                         "machine": machine, "wall_s": round(time.time() - start, 1), **meta,
                         "decoding": f"greedy; chain <= {agents.CHAIN_TOKENS} tokens, answer <= "
@@ -250,11 +251,11 @@ def run_eval(out_dir="out", arms=None, split="test", limit=None, batch_size=64, 
     common.writable_dir(out_dir)  # before the work, not at the save after it
     results = evaluate_arms(chosen, rows, os.path.dirname(path), batch_size, device, precision, margin)
     hard, path_hard = None, os.path.join(out_dir, "data", "hard_test.jsonl")
-    if split == "test" and os.path.isfile(path_hard):  # the two agents' arms on scenes larger than any SFT set's
+    two = {a: spec for a, spec in chosen.items() if spec[0] == "two_agent"}  # on scenes larger than any SFT set's
+    if split == "test" and two and os.path.isfile(path_hard):
         rows_hard = read_questions(path_hard, limit)
         print(f"[eval] the hard test split ({len(rows_hard)} questions):")
-        arms_hard = evaluate_arms({a: spec for a, spec in chosen.items() if spec[0] == "two_agent"}, rows_hard,
-                                  os.path.dirname(path_hard), batch_size, device, precision, margin)
+        arms_hard = evaluate_arms(two, rows_hard, os.path.dirname(path_hard), batch_size, device, precision, margin)
         hard = {"arms": arms_hard, "paired": paired_comparisons(arms_hard, rows_hard), "data": path_hard}
     meta = {"data": path, "split": split, "override_margin": margin}
     return finish(results, rows, meta, results_stem(out_dir, split, limit, arms), start, hard)
@@ -288,6 +289,8 @@ def summarize(dirs):
     summary = pool_runs(loaded)
     if all("hard" in r for r in loaded.values()):
         summary["hard"] = pool_runs({d: r["hard"] for d, r in loaded.items()})
+    elif any("hard" in r for r in loaded.values()):
+        summary["notes"].append("Not every run has the hard test split: its tables are left out.")
     if len({json.dumps(r.get("meta", {}).get("ids")) for r in loaded.values()}) > 1:
         summary["notes"].append("The runs were evaluated on different questions.")
     return summary

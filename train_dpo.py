@@ -155,7 +155,8 @@ class JobConfig:
     seed: int = common.option(0, "seed of the question pools and the sampling (and of DPO's pair order)")
     hard_pool: bool = common.option(False, "fresh pools of scenes as large as the hard splits' (data.py "
                                     "--hard-min-objects): where the SFT agent is at its edge")
-    pass_filter: bool = common.option(False, "learn only from the questions at the edge (agents.at_the_edge)")
+    pass_filter: bool = common.option(False, "learn only from the questions at the edge (agents.at_the_edge; sound: "
+                                      "DPO's --min-chosen-score, GRPO's the world's High)")
     sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
                                   "vary it, each with its own --out, to see the spread")
 
@@ -293,28 +294,29 @@ def weight_change(model, start):
 
 def round_pairs(policy, pool, data_dir, cfg, seed, answer_filter, scorer):
     """Sample, assess and pair one round's pool -> (pairs [(row, chosen, rejected)], stats)."""
-    def ranked(rows, edge=cfg.pass_filter, **options):  # {row id: the assessed samples}; edge: at the edge only
+    def ranked(rows, **options):  # {row id: the assessed samples}
         chains = agents.sample_chains(policy, rows, data_dir, cfg, seed, **options)
-        samples = {r["id"]: agents.rank_samples(r, chains[r["id"]], answer_filter, scorer) for r in rows}
-        return {i: rs for i, rs in samples.items() if not edge or agents.at_the_edge(rs, cfg.min_chosen_score)}
+        return {r["id"]: agents.rank_samples(r, chains[r["id"]], answer_filter, scorer) for r in rows}
     def share(flags):
         return sum(flags) / max(1, len(flags))
+    def kept(rows):  # the questions a pair may come from: with --pass-filter, those at the edge
+        return [r for r in rows if not cfg.pass_filter or agents.at_the_edge(samples[r["id"]], cfg.min_chosen_score)]
     if cfg.rejected in ("worst", "closest"):
         samples = ranked(pool)
-        pairs = [(r, c, w) for r in pool if r["id"] in samples for c, w in build_pairs(
+        pairs = [(r, c, w) for r in kept(pool) for c, w in build_pairs(
             samples[r["id"]], cfg.max_pairs_per_question, cfg.min_chosen_score, cfg.rejected)]
         return pairs, {"sample_correct": share([s["correct"] for rs in samples.values() for s in rs]),
-                       "kept_questions": len(samples)}
-    greedy = {i: rs[0] for i, rs in ranked(pool, False, k=1, temperature=0.0, desc="greedy").items()}
+                       "kept_questions": len(kept(pool))}
+    greedy = {i: rs[0] for i, rs in ranked(pool, k=1, temperature=0.0, desc="greedy").items()}
     wrong = [r for r in pool if not greedy[r["id"]]["correct"]]
     if cfg.rejected == "greedy":  # k fresh samples of the questions greedy gets wrong
         samples = ranked(wrong)
     else:  # first_error: k continuations of greedy's own steps from before its first mistake
         samples = ranked(wrong, prefixes={r["id"]: first_error_prefix(r, greedy[r["id"]]["text"], scorer)
                                           for r in wrong}, desc="continuing")
-    pairs = [(r, c, w) for r in wrong if r["id"] in samples for c, w in aimed_pairs(
+    pairs = [(r, c, w) for r in kept(wrong) for c, w in aimed_pairs(
         samples[r["id"]], greedy[r["id"]], cfg.max_pairs_per_question, cfg.min_chosen_score)]
-    return pairs, {"greedy_correct": 1 - len(wrong) / max(1, len(pool)), "kept_questions": len(samples),
+    return pairs, {"greedy_correct": 1 - len(wrong) / max(1, len(pool)), "kept_questions": len(kept(wrong)),
                    "sample_correct": share([s["correct"] for rs in samples.values() for s in rs])}
 
 
@@ -335,9 +337,10 @@ def build_missing_stages(cfg, stages=None, steps=0):
     for stage in sft if stages is None else stages:
         tcfg, extra, inputs = stage_plan(cfg, stage, steps)
         stage_path = checkpoint.stage_dir(cfg.out, stage)
-        done = checkpoint.marker(stage_path) if stages else None  # a control matched to other rounds: built again
+        done = checkpoint.marker(stage_path) or {"inputs": {}}  # a control matched to other rounds, or interrupted:
+        again = bool(stages) and not set(inputs) <= set(done["inputs"])  # built again from the start
         if checkpoint.cached(stage_path, stage, train_sft.stage_record(tcfg, extra, inputs), f"add --rebuild {stage}",
-                             cfg.force or stage in rebuild or bool(done and not set(inputs) <= set(done["inputs"]))):
+                             cfg.force or stage in rebuild or again):
             continue
         if "summary_set" in extra and summary_file is None:  # the on-policy summary set, from the reasoning agent
             summary_file = agents.on_policy_summary_set(cfg, data_dir, common.resolve_device(cfg.device))
@@ -396,7 +399,7 @@ def run(cfg):
                               precision=cfg.precision)
         row = {"round": name, **stats, "val/chain_correct": val["chain_correct"], "val/two_agent": val["overall"]}
         log({"event": "round", **row})
-        common.print0(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+        common.print0(f"[dpo] {name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in row.items() if k != "round"))
         return row
 
@@ -419,18 +422,18 @@ def run(cfg):
         pairs, pair_stats = round_pairs(policy, pool, data_dir, cfg, cfg.seed + 1000 * t, answer_filter, scorer)
         if not pairs:
             raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
-                             f"worse one); raise --samples-per-question or --pool-size, or lower --min-chosen-score")
+                             f"worse one); raise --samples-per-question or --pool-size, lower --min-chosen-score, or "
+                             f"drop --pass-filter")
         stats = {**dpo_round(policy, pairs, cfg, device, log, t, data_dir), **pair_stats}
         stats["wall_s"] = round(time.time() - t_round, 1)  # sampling and training: what the controls are matched to
         row = report(f"dpo{t}", stats)
-        if rank == 0:
-            policy.save_pretrained(round_dir)
-            common.atomic_write(os.path.join(round_dir, checkpoint.ROUND_DONE),
-                                lambda f: common.write_json({**row, **record}, f))
+        common.on_rank0(policy.save_pretrained, round_dir)  # rank 0 writes, the others wait: the controls read it
+        common.on_rank0(common.atomic_write, os.path.join(round_dir, checkpoint.ROUND_DONE),
+                        lambda f: common.write_json({**row, **record}, f))
         table.append(row)
 
     common.print0("\nIterative DPO, per round (val):\n" + "\n".join(plots.rounds_table(table)))
-    if cfg.iters:
+    if cfg.iters and (cfg.sft_more or cfg.teacher_bound):
         build_controls(cfg)
     return evaluate_run(cfg, device, t0, rounds=cfg.iters)
 

@@ -54,7 +54,7 @@ SPLIT_COST = 512  # a forward and backward pass's fixed cost, in tokens, on a 2-
 
 @dataclass
 class TrainConfig:
-    stage: str = common.option("base", "what to train", choices=list(STAGES))
+    stage: str = common.option("base", "what to train", choices=[s for s, v in STAGES.items() if not v.get("after_rl")])
     data_file: str = common.option(None, "train on this JSONL of OUT/data instead of the stage's (see train_dpo.py)")
     out: str = common.option("out", "run directory: data in OUT/data, checkpoints in OUT/<stage>", compared=False)
     init: str = common.option(None, "start from this checkpoint, not the stage's default")
@@ -290,8 +290,8 @@ def train_loop(model, train_examples, val_examples, cfg, out_dir, log_path, desc
         bar.close()
         raise KeyboardInterrupt(f"saved step {done}/{total} to {out_dir}") from None  # main says how to continue
     bar.close()
-    wall = time.time() - t_start
-    return {"steps": done, "wall_s": wall, "train_loss": train_loss, "val_loss": val_loss,
+    wall = time.time() - t_start  # this run's; wall_s: the stage's, across --resume (train_dpo.build_controls)
+    return {"steps": done, "wall_s": elapsed_before + wall, "train_loss": train_loss, "val_loss": val_loss,
             "tokens_per_s": tokens / wall if wall > 0 else 0.0, "pad_share": 1 - tokens / max(padded, 1),
             "peak_share": (flops[0] * tokens + flops[1] * images) / wall / flops_peak if wall > 0 else 0.0}
 
