@@ -79,7 +79,7 @@ def test_the_controls_train_as_long_as_the_rounds_took_and_follow_them(tmp_path,
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8, precision="fp32")
     monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
-    argv = ["--out", out, *DPO_ARGS]  # by default the round alone
+    argv = ["--out", out, *DPO_ARGS, "--val-size", "2", "--eval-limit", "1"]  # by default the round alone
     assert "two_agent_sft_more" not in train_dpo.main(argv)["arms"]
     # The reasoning stage made 10 steps in 100 s; the round took 30 s: each control gets 3 steps.
     marker_update(os.path.join(out, "reasoning", checkpoint.STAGE_DONE), steps=10, wall_s=100.0)
@@ -122,28 +122,29 @@ def test_a_micro_job_at_the_edge_and_the_hard_split_beside_the_standard_one(tmp_
     micro_run(out, WORLD, max_chain_tokens=8, precision="fp32")
     monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     edge = ["--hard-pool", "--pass-filter"]  # the teacher sampler's sound chain: 1 strict pass of 4
-    results = train_dpo.main(["--out", out, *DPO_ARGS, *edge, "--rejected", "worst", "--sft-more"])
+    results = train_dpo.main(["--out", out, *DPO_ARGS, *edge, "--rejected", "worst", "--sft-more", "--val-size", "2",
+                              "--eval-limit", "2"])
     done = checkpoint.marker(os.path.join(out, "reasoning_dpo1"))
     assert done["options"]["pass_filter"] and done["pairs"] > 0 and done["weight_change"] > 0
     assert 0 < done["kept_questions"] <= 6
     hard = results["hard"]
     assert list(hard["arms"]) == ["two_agent", "two_agent_sft_more", "two_agent_dpo1"]  # the two agents' arms only
     for m in hard["arms"].values():
-        assert {"overall", "reasoning", "perception", "chain_correct", "n"} <= m.keys() and m["n"] == 4  # --eval-limit
+        assert {"overall", "reasoning", "perception", "chain_correct", "n"} <= m.keys() and m["n"] == 2  # --eval-limit
     assert "two_agent_dpo1 vs two_agent_sft_more" in hard["paired"]
     assert "two_agent_dpo1 vs two_agent_sft_more" in results["paired"]  # and on the standard split
-    with open(E.results_stem(out, limit=4) + ".md") as f:  # --eval-limit 4
+    with open(E.results_stem(out, limit=2) + ".md") as f:  # --eval-limit 2
         assert "The hard test split" in f.read()
     other = str(tmp_path / "other")
     shutil.copytree(out, other)
-    summary = E.summarize([E.results_stem(run, limit=4) + ".json" for run in (out, other)])
+    summary = E.summarize([E.results_stem(run, limit=2) + ".json" for run in (out, other)])
     pooled = summary["hard"]["pooled"]["two_agent_dpo1 vs two_agent_sft_more"]
     test = hard["paired"]["two_agent_dpo1 vs two_agent_sft_more"]
     assert (pooled["b"], pooled["c"], pooled["runs"]) == (2 * test["b"], 2 * test["c"], 2)
     assert "| hard: chains right |" in plots.summary_markdown(summary)
     results = train_grpo.main(["--out", out, "--steps", "1", "--questions-per-step", "3", "--group-size", "3",
                                "--micro-batch", "8", "--max-chain-tokens", "8", "--precision", "fp32",
-                               "--eval-limit", "4", "--val-size", "4", "--reward", "gated", *edge])
+                               "--eval-limit", "2", "--val-size", "2", "--reward", "gated", *edge])
     grpo = checkpoint.marker(os.path.join(out, "reasoning_grpo"))
     assert grpo["options"]["pass_filter"] and grpo["weight_change"] > 0
     assert "two_agent_grpo" in results["arms"] and "two_agent_grpo vs two_agent_sft_more" in results["hard"]["paired"]
