@@ -249,7 +249,8 @@ def test_torchrun_trains_a_stage_as_one_process(tmp_path):
 # The main jobs on a micro world, as tests/test_dpo.py and tests/test_grpo.py run them; in fp32, as bf16 rounds the
 # gradient of each process's part on its own.
 MAIN_JOBS = [(train_dpo, ["--iters", "1", "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",
-                          "--batch-size", "4", "--val-size", "4", "--eval-limit", "4", "--precision", "fp32"]),
+                          "--batch-size", "4", "--val-size", "4", "--eval-limit", "4", "--precision", "fp32",
+                          "--sft-more"]),  # the control reads the round's marker that rank 0 writes
              (train_grpo, ["--steps", "2", "--questions-per-step", "3", "--group-size", "2", "--max-chain-tokens", "8",
                            "--micro-batch", "2", "--eval-every", "1", "--val-size", "4", "--eval-limit", "4",
                            "--precision", "fp32"])]
@@ -280,9 +281,10 @@ def test_the_dpo_and_grpo_jobs_in_two_processes_log_the_one_process_steps(tmp_pa
                     for out in ("one", "two"))
         assert [r.get("event") for r in two] == [r.get("event") for r in one]  # rank 0 alone logs
         for a, b in zip(two, one):
-            keys = [k for k in b if isinstance(b[k], float) and k != "elapsed_s" and not k.startswith("val/")]
+            keys = [k for k in b if isinstance(b[k], float) and k not in ("elapsed_s", "wall_s")  # timings
+                    and not k.startswith("val/")]
             assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-7), log
     for out in ("one", "two"):
-        for arm in ("reasoning_dpo1", "reasoning_grpo"):
+        for arm in ("reasoning_dpo1", "reasoning_grpo", "reasoning-more"):
             assert os.path.isfile(tmp_path / out / arm / "model.safetensors")
         assert os.path.isfile(tmp_path / out / "results_test_limit4.md")  # --eval-limit: its own file
