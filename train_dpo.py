@@ -337,8 +337,8 @@ def build_missing_stages(cfg, stages=None, steps=0):
     for stage in sft if stages is None else stages:
         tcfg, extra, inputs = stage_plan(cfg, stage, steps)
         stage_path = checkpoint.stage_dir(cfg.out, stage)
-        done = checkpoint.marker(stage_path) or {"inputs": {}}  # a control matched to other rounds, or interrupted:
-        again = bool(stages) and not set(inputs) <= set(done["inputs"])  # built again from the start
+        done = checkpoint.marker(stage_path) if stages else None  # a control matched to other rounds, or interrupted:
+        again = bool(stages) and not set(inputs) <= set((done or {}).get("inputs", {}))  # built again from the start
         if checkpoint.cached(stage_path, stage, train_sft.stage_record(tcfg, extra, inputs), f"add --rebuild {stage}",
                              cfg.force or stage in rebuild or again):
             continue
