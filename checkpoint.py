@@ -36,8 +36,7 @@ def reading_checkpoint(path):
         raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: {reason})") from None
 
 
-def stage_dir(out, stage):
-    """Where a stage's checkpoint lives in the run directory out (every script finds the agents here)."""
+def stage_dir(out, stage):  # a stage's checkpoint in the run directory out: every script finds the agents here
     return os.path.join(out, stage)
 
 
@@ -50,9 +49,10 @@ WORLD_DONE, STAGE_DONE, ROUND_DONE, GRPO_DONE = "card.json", "stage.json", "roun
 # id, the options that define them and the ids of their inputs (the products they were built from, named by their
 # directory in the run). A product is reused only while both still hold: nothing stale, nothing mixed.
 
-def options_of(config, default=False):  # the options that define what config builds (or their defaults): all but
-    compared = [f for f in fields(config) if f.metadata.get("compared", True)]  # those marked compared=False
-    return json.loads(json.dumps({f.name: f.default if default else getattr(config, f.name) for f in compared}))
+def options_of(config, default=False):  # the options that define what config builds: all but compared=False ones;
+    compared = [f for f in fields(config) if f.metadata.get("compared", True)]  # default=True: what a product built
+    return json.loads(json.dumps({f.name: f.metadata.get("absent", f.default) if default else getattr(config, f.name)
+                                  for f in compared}))  # before an option existed had: its "absent" value, or default
 
 
 def marker(path):  # the finished product at path: its last file (card, stage, round or grpo .json) as a dict, or None
@@ -71,7 +71,7 @@ def ids(run_dir, names):  # {name: id of the finished product run_dir/name} (Non
 
 def provenance(config, run_dir, inputs, extra=None, leave_out=()):
     """What a product records: a new id; the options that define it (config's, with `extra` and without `leave_out`)
-    and their defaults (a product built before an option existed was built as its default builds); its inputs' ids."""
+    and what a product built before each existed was built with (options_of's default=True); its inputs' ids."""
     options = {k: v for k, v in {**options_of(config), **(extra or {})}.items() if k not in leave_out}
     return {"id": uuid.uuid4().hex, "options": options, "defaults": options_of(config, default=True),
             "inputs": ids(run_dir, inputs)}
@@ -82,8 +82,9 @@ def stale(path, done=None):  # the inputs of the finished product at path rebuil
     return [k for k, v in ids(run_dir, recorded).items() if v != recorded[k] or stale(os.path.join(run_dir, k))]
 
 
-def finished(path):  # a product written to the end, from inputs that are still the ones it was built from
-    return marker(path) is not None and not stale(path)
+def finished(path, built_from=None):  # a product written to the end, from inputs that are still the ones it was
+    done = marker(path)  # built from (and with built_from among them: a control, matched to those rounds)
+    return done is not None and not stale(path, done) and (built_from is None or built_from in done.get("inputs", {}))
 
 
 def dpo_rounds(out_dir, last=None):
@@ -97,8 +98,7 @@ def dpo_rounds(out_dir, last=None):
 
 
 def latest_reasoning_dir(out_dir):  # the last reasoning agent a run produced: its last DPO round if any, else SFT's
-    rounds = dpo_rounds(out_dir)
-    return rounds[max(rounds)] if rounds else stage_dir(out_dir, "reasoning")
+    return ([*dpo_rounds(out_dir).values()] or [stage_dir(out_dir, "reasoning")])[-1]
 
 
 def flat(options, prefix=""):  # {"a": {"b": 1}} -> {"a.b": 1}, so that an error names the one option that differs

@@ -48,9 +48,9 @@ class DataConfig(world.ErrorRates):
     questions_per_scene: int = option(3, "distinct question families per scene", min=1)
     min_objects: int = option(3, "fewest objects in a scene", min=1, max=9)
     max_objects: int = option(7, "most objects in a scene (9 cells)", min=1, max=9)
-    hard_val_scenes: int = option(0, "scenes of hard_val.jsonl: larger than any other split's, the edge RL is "
-                                  "tried at", min=0)
-    hard_test_scenes: int = option(0, "scenes of hard_test.jsonl (x questions per scene: 800 gives 2400)", min=0)
+    hard_val_scenes: int = option(None, "scenes of hard_val.jsonl, larger than any other split's: where RL is tried "
+                                  "(default: --val-scenes; 0 = none)", type=int, min=0)
+    hard_test_scenes: int = option(None, "scenes of hard_test.jsonl (default: 2 x --test-scenes)", type=int, min=0)
     hard_min_objects: int = option(8, "fewest objects in a hard scene", min=1, max=9)
     hard_max_objects: int = option(8, "most objects in a hard scene (9 is past the edge: docs/experiments.md)",
                                    min=1, max=9)
@@ -62,6 +62,10 @@ class DataConfig(world.ErrorRates):
     flawed_per_sound: float = option(0.5, "summary set: flawed paths per sound one (2:1)", min=0)
     summary_perception: float = option(0.25, "perception QA in the summary set, per chain row", min=0)
     vocab_size: int = option(512, "tiny BPE: 256 bytes + specials + merges for world words", min=1)
+
+    def __post_init__(self):  # unless given, the hard splits scale with the standard ones (a test's tiny world too)
+        self.hard_val_scenes = self.val_scenes if self.hard_val_scenes is None else self.hard_val_scenes
+        self.hard_test_scenes = 2 * self.test_scenes if self.hard_test_scenes is None else self.hard_test_scenes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +265,7 @@ def load_image(path, image_size):
         raise FileNotFoundError(f"image not found: {path}") from None
     except (OSError, Image.DecompressionBombError) as e:  # a bomb: a small file that decodes to gigapixels
         raise ValueError(f"cannot read image {path}: {e}") from None
-    if im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.BICUBIC)
+    im = im if im.size == (image_size, image_size) else im.resize((image_size, image_size), Image.BICUBIC)
     x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
     return (x.float() / 255 - IMAGE_MEAN) / IMAGE_STD
 
@@ -414,12 +417,11 @@ def write_split(out_dir, split, rows, scenes):
 def world_config(out_dir):
     """The DataConfig the world in out_dir was built with (its card.json)."""
     with open(os.path.join(out_dir, "card.json")) as f:
-        return DataConfig(**json.load(f)["config"])
+        return DataConfig(**{"hard_val_scenes": 0, "hard_test_scenes": 0, **json.load(f)["config"]})  # none before
 
 
 def hard_scenes(out_dir):  # extra_split's changes for scenes as large as the hard splits' of the world in out_dir
-    cfg = world_config(out_dir)
-    return {"min_objects": cfg.hard_min_objects, "max_objects": cfg.hard_max_objects}
+    return {key: getattr(world_config(out_dir), f"hard_{key}") for key in ("min_objects", "max_objects")}
 
 
 def extra_split(out_dir, split, n_questions, **changes):

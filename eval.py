@@ -43,6 +43,7 @@ import checkpoint
 import common
 import data
 import plots
+import train_sft
 from common import option  # the config has a field named data
 
 
@@ -151,8 +152,7 @@ def arm_checkpoints(out_dir, rounds=None):
     stages = {"direct": ["base"], "vanilla": ["vanilla"], "summary_only": ["summary-only"],
               "two_agent": ["reasoning", "summary"], "two_agent_sft_more": ["reasoning-more", "summary"]}
     dpo = checkpoint.dpo_rounds(out_dir, rounds)
-    for t, path in dpo.items():
-        stages[f"two_agent_dpo{t}"] = [os.path.basename(path), "summary"]
+    stages |= {f"two_agent_dpo{t}": [os.path.basename(path), "summary"] for t, path in dpo.items()}
     last = f"reasoning_dpo{max(dpo, default=0)}"  # the rounds a control must be matched to
     # train_grpo.py's reasoning agent beside the DPO rounds, and the upper bound of both; the same summary agent
     stages |= {"two_agent_grpo": ["reasoning_grpo", "summary"],
@@ -160,7 +160,7 @@ def arm_checkpoints(out_dir, rounds=None):
     arms = {arm: (arm if len(names) == 1 else "two_agent", [checkpoint.stage_dir(out_dir, s) for s in names])
             for arm, names in stages.items()}  # a single model answers as its arm's task
     return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(checkpoint.finished, dirs)) and (
-        not name.endswith(("sft_more", "teacher_hard")) or last in checkpoint.marker(dirs[0])["inputs"])}
+        checkpoint.finished(dirs[0], last if train_sft.STAGES.get(stages[name][0], {}).get("after_rl") else None))}
 
 
 def predict(task, vlms, rows, image_root, batch_size=64, desc=None, precision="auto", margin=agents.OVERRIDE_MARGIN):

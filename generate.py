@@ -118,10 +118,9 @@ def generate(model, input_ids, pixel_values=None, max_new_tokens=64, temperature
     stream: called after every step as stream(rows, tokens) with the rows that got a new token (the CLI prints
         with it). progress: show a tqdm bar over the decode steps.
     """
-    if temperature < 0 or num_samples < 1 or max_new_tokens < 0:
-        raise ValueError("need temperature >= 0, num_samples >= 1 and max_new_tokens >= 0")
-    if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError("need top_k >= 1 and 0 < top_p <= 1")
+    if temperature < 0 or num_samples < 1 or max_new_tokens < 0 or (top_k is not None and top_k < 1) or (
+            top_p is not None and not 0 < top_p <= 1):
+        raise ValueError("need temperature >= 0, num_samples >= 1, max_new_tokens >= 0, top_k >= 1, 0 < top_p <= 1")
     param = next(model.parameters())
     device = param.device
     if dtype is None and torch.is_autocast_enabled(device.type):

@@ -4,12 +4,12 @@
     torchrun --standalone --nproc_per_node=4 train_dpo.py --iters 3   # the same job on 4 GPUs
 
 runs the whole method on the embedded synthetic world: it builds whatever earlier stage is missing (data, base
-model, both agents, the ablation arms), runs N rounds of DPO (--sft-more: and their compute-matched SFT), evaluates.
-In round t the reasoning agent M_t samples k chains per question, the data pipeline's assessment ranks them (answer
-filter, then step score), and a question's sound, correct chains are preferred to a wrong one (--rejected). One epoch
-of DPO with the reference = M_t gives M_{t+1}; the summary agent stays as SFT'd. DPO (Rafailov et al. 2023) is written
-by hand: `dpo_loss` is a pure function of summed log-probabilities, which `sequence_logps` computes in fp32 for the
-completion tokens only. Under torchrun every process samples and trains on its share (common.py).
+model, both agents, the ablation arms), runs N rounds of DPO and the same time of SFT as their control, evaluates.
+In round t the reasoning agent M_t samples k chains per question on new scenes larger than SFT saw; the pipeline's
+assessment ranks them, and where some but not all are sound and right (its edge) a sound one is preferred to the
+worst (--rejected). Two epochs of DPO with the reference = M_t give M_{t+1}; the summary agent stays as SFT'd. DPO
+(Rafailov et al. 2023) is written by hand: `dpo_loss` is a pure function of summed log-probabilities, which
+`sequence_logps` computes in fp32 for the completion tokens only. Under torchrun every process trains on its share.
 """
 
 import contextlib
@@ -153,10 +153,10 @@ class JobConfig:
     summary_temperature: float = common.option(0.7, "sampling temperature of those chains", min=0)
     eval_limit: int = common.option(0, "evaluate on only this many test questions (0 = all)", min=0, compared=False)
     seed: int = common.option(0, "seed of the question pools and the sampling (and of DPO's pair order)")
-    hard_pool: bool = common.option(False, "fresh pools of scenes as large as the hard splits' (data.py "
-                                    "--hard-min-objects): where the SFT agent is at its edge")
-    pass_filter: bool = common.option(False, "learn only from the questions at the edge (agents.at_the_edge; sound: "
-                                      "DPO's --min-chosen-score, GRPO's the world's High)")
+    hard_pool: bool = common.option(True, "fresh pools of scenes as large as the hard splits' (data.py "
+                                    "--hard-min-objects): where the SFT agent is at its edge", absent=False)
+    pass_filter: bool = common.option(True, "learn only from the questions at the edge (agents.at_the_edge; sound: "
+                                      "DPO's --min-chosen-score, GRPO's the world's High)", absent=False)
     sft_seed: int = common.option(1337, "seed of every SFT stage (weights, val split, data order; not the world): "
                                   "vary it, each with its own --out, to see the spread")
 
@@ -169,7 +169,7 @@ class DPOConfig(JobConfig):
     samples_per_question: int = common.option(8, "k chains sampled per question (a pair needs 2)", min=2)
     max_pairs_per_question: int = common.option(2, "at most this many pairs per question", min=1)
     min_chosen_score: float = common.option(90, "minimum step score of a chosen chain (90 = High)", min=0, max=100)
-    rejected: str = common.option("greedy", "the rejected chain: the worst sample (paper), the closest wrong one, the "
+    rejected: str = common.option("worst", "the rejected chain: the worst sample (paper), the closest wrong one, the "
                                   "greedy chain when wrong, or it with a chosen one continued from before its first "
                                   "wrong step (Step-DPO)", choices=["worst", "closest", "greedy", "first_error"])
     beta: float = common.option(0.1, "DPO beta (paper: 0.1)", above=0)
@@ -177,11 +177,11 @@ class DPOConfig(JobConfig):
     label_smoothing: float = common.option(0.0, "conservative DPO epsilon (above 0.5 it prefers the rejected chain)",
                                            min=0, max=0.5)
     nll_weight: float = common.option(0.2, "weight of the chosen chain's NLL (released trainer: 1)", min=0)
-    epochs: int = common.option(1, "passes over each round's pairs", min=1)
-    lr: float = common.option(3e-6, "peak learning rate of each round (docs/experiments.md)", above=0)
+    epochs: int = common.option(2, "passes over each round's pairs", min=1)
+    lr: float = common.option(1e-5, "peak learning rate of each round (docs/experiments.md)", above=0)
     batch_size: int = common.option(16, "pairs per step", min=1)
     warmup_steps: int = common.option(5, "linear warmup steps per round", min=0)
-    sft_more: bool = common.option(False, "control: the SFT reasoning agent trained on, on its own set, as long as "
+    sft_more: bool = common.option(True, "control: the SFT reasoning agent trained on, on its own set, as long as "
                                    "the rounds took (arm two_agent_sft_more)", compared=False)
     teacher_bound: bool = common.option(False, "control: the same on the teacher's chains for hard questions, what RL "
                                         "could at most recover (arm two_agent_teacher_hard)", compared=False)
@@ -218,8 +218,8 @@ def same_kernels(device):
 
 
 def dpo_round(policy, pairs, cfg, device, log, round_idx, image_root):
-    """One epoch of DPO with the reference = the policy at the start of the round. Under torchrun every process has
-    all the pairs, runs its part of each batch (pair_batches), and its gradients and metrics are the whole batch's."""
+    """--epochs passes of DPO with the reference = the policy at the start of the round. Under torchrun every process
+    has all the pairs, runs its part of each batch (pair_batches), and its gradients and metrics are the batch's."""
     rank, world = common.distributed()
     pad_id = data.special_ids(policy.tokenizer)["pad"]
     encoded = encode_pairs(pairs, policy.tokenizer, policy.config, image_root)
@@ -329,6 +329,8 @@ def build_missing_stages(cfg, stages=None, steps=0):
     or a rebuilt input, continued when interrupted. Under torchrun rank 0 builds the data while the others wait, and
     every stage trains on all the processes."""
     data_dir, rebuild = os.path.join(cfg.out, "data"), set(cfg.rebuild or ())
+    if cfg.hard_pool and not cfg.fresh_pool:  # the SFT questions are no hard pool
+        raise ValueError("--hard-pool draws new scenes: pass --no-hard-pool with --no-fresh-pool")
     if stages is None and (cfg.force or "data" in rebuild or not checkpoint.finished(data_dir)):
         common.print0(f"[stage] data -> {data_dir}")
         common.on_rank0(data.build_world, data_dir)
@@ -337,8 +339,8 @@ def build_missing_stages(cfg, stages=None, steps=0):
     for stage in sft if stages is None else stages:
         tcfg, extra, inputs = stage_plan(cfg, stage, steps)
         stage_path = checkpoint.stage_dir(cfg.out, stage)
-        done = checkpoint.marker(stage_path) if stages else None  # a control matched to other rounds, or interrupted:
-        again = bool(stages) and not set(inputs) <= set((done or {}).get("inputs", {}))  # built again from the start
+        done = checkpoint.marker(stage_path) if stages else None  # a control for other rounds, or interrupted: anew
+        again = bool(stages) and not set(inputs) <= set((done or {}).get("inputs", {}))
         if checkpoint.cached(stage_path, stage, train_sft.stage_record(tcfg, extra, inputs), f"add --rebuild {stage}",
                              cfg.force or stage in rebuild or again):
             continue
@@ -421,9 +423,8 @@ def run(cfg):
             pool = random.Random(cfg.seed + t).sample(train_rows, min(cfg.pool_size, len(train_rows)))
         pairs, pair_stats = round_pairs(policy, pool, data_dir, cfg, cfg.seed + 1000 * t, answer_filter, scorer)
         if not pairs:
-            raise SystemExit(f"error: round {t} produced no preference pairs (no sound, correct sample above a "
-                             f"worse one); raise --samples-per-question or --pool-size, lower --min-chosen-score, or "
-                             f"drop --pass-filter")
+            raise SystemExit(f"error: round {t} produced no preference pairs (no sound, right sample above a worse "
+                             f"one); raise --samples-per-question or --pool-size, or pass --no-pass-filter")
         stats = {**dpo_round(policy, pairs, cfg, device, log, t, data_dir), **pair_stats}
         stats["wall_s"] = round(time.time() - t_round, 1)  # sampling and training: what the controls are matched to
         row = report(f"dpo{t}", stats)
@@ -439,9 +440,8 @@ def run(cfg):
 
 
 def build_controls(cfg):
-    """The rounds' controls: the SFT reasoning agent trained on by train_sft for as many steps as its own stage makes
-    in the rounds' wall time, sampling included. Without the same compute spent on SFT, a gain of RL may only be more
-    training (Zhang, Neubig, Yue, arXiv 2512.07783)."""
+    """The rounds' controls: the SFT reasoning agent trained on for as many steps as its stage makes in the rounds'
+    wall time, sampling included; without them a gain of RL may be only more training (arXiv 2512.07783)."""
     sft = checkpoint.marker(checkpoint.stage_dir(cfg.out, "reasoning"))
     rounds = [checkpoint.marker(checkpoint.stage_dir(cfg.out, f"reasoning_dpo{t}")) for t in range(1, cfg.iters + 1)]
     if any("wall_s" not in r for r in rounds):

@@ -4,11 +4,11 @@
     torchrun --standalone --nproc_per_node=4 train_grpo.py   # the same run on 4 GPUs
 
 builds whatever earlier stage is missing as train_dpo.py does, then trains the SFT reasoning agent with GRPO (Shao et
-al. 2024, DeepSeekMath, arXiv 2402.03300). Each step samples G chains per question from the current policy; the data
-pipeline's assessment rewards each (answer filter, step score); a chain's advantage is its reward against its group's
-mean, and a token-level policy gradient raises the chains above the mean. The summary agent stays as SFT'd. The
-result, OUT/reasoning_grpo, is eval.py's arm two_agent_grpo. Under torchrun every process samples its share of each
-step's questions and trains on its share of the chains.
+al. 2024, DeepSeekMath, arXiv 2402.03300). Each step samples G chains per question on scenes larger than SFT saw; the
+assessment rewards each (0 for a wrong answer, else by step score); a chain's advantage is its reward against its
+group's mean (a group whose chains are all, or none, sound and right is skipped), and a token-level policy gradient
+raises the chains above the mean. The summary agent stays as SFT'd. The result, OUT/reasoning_grpo, is eval.py's arm
+two_agent_grpo. Under torchrun every process samples its share of each step's questions and trains on its share.
 """
 
 import json
@@ -33,24 +33,24 @@ from model import VLM
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration. The budget: as many chains as the DPO job samples (docs/experiments.md, "GRPO beside DPO").
+# Configuration. The budget: about half the chains the three DPO rounds sample, in less than their time.
 
 @dataclass
 class GRPOConfig(train_dpo.JobConfig):  # and the options it shares with train_dpo.py
-    steps: int = common.option(60, "policy-gradient steps (60 x 32 x 8 chains ~ what the DPO job samples)", min=1)
+    steps: int = common.option(60, "policy-gradient steps (60 x 32 x 8 = 15,360 chains; DPO's rounds: 28,800)", min=1)
     questions_per_step: int = common.option(32, "questions per step", min=1)
     group_size: int = common.option(8, "G chains sampled per question, its group (advantages need 2)", min=2)
     fresh_pool: bool = common.option(True, "steps x questions on new scenes; --no-fresh-pool: the SFT questions")
-    process_weight: float = common.option(0.5, "reward = 1 if the answer filter passes, + this x step score / 100: "
-                                          "right through wrong steps earns less than sound; <= 1 keeps every right "
-                                          "answer above every wrong one (which scores <= 51)", min=0, max=1)
-    reward: str = common.option("additive", "additive: as --process-weight says; gated: 0 for a wrong answer, else "
-                                "0.2 + 0.8 x step score / 100 (answer-gated)", choices=["additive", "gated"])
+    process_weight: float = common.option(0.5, "--reward additive: 1 if the answer filter passes, + this x step score "
+                                          "/ 100; <= 1 keeps every right answer above every wrong one", min=0, max=1)
+    reward: str = common.option("gated", "gated: 0 for a wrong answer, else 0.2 + 0.8 x step score / 100 (answer-"
+                                "gated, docs/experiments.md); additive: --process-weight's",
+                                choices=["additive", "gated"], absent="additive")
     std: bool = common.option(True, "advantage (r - mean) / std per group (GRPO); --no-std: r - mean (Dr.GRPO)")
     ppo_epochs: int = common.option(1, "updates on each step's samples; > 1 clips the ratio as PPO does", min=1)
     clip_eps: float = common.option(0.2, "PPO's clip range of the ratio (with --ppo-epochs > 1)", above=0, max=1)
     kl_coef: float = common.option(0.0, "weight of a k3 KL to the SFT agent (0 = off, as in Dr.GRPO and DAPO)", min=0)
-    lr: float = common.option(1e-4, "peak learning rate (chosen on val: docs/experiments.md)", above=0)
+    lr: float = common.option(3e-5, "peak learning rate (chosen on hard val: docs/experiments.md)", above=0)
     warmup_steps: int = common.option(5, "linear warmup updates, then cosine to 0.1 x lr (as DPO)", min=0)
     micro_batch: int = common.option(64, "sequences per forward / backward; they add up to the step's gradient", min=1)
     eval_every: int = common.option(20, "val report every N steps, and at the start and end", min=0, compared=False)

@@ -271,7 +271,9 @@ def test_list_names_every_assignment(capsys):
 # The graders
 
 
-@pytest.mark.parametrize("name", assignment.ASSIGNMENTS)
+# Each grader takes seconds: one in the default suite, the others with -m slow.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "two_agents" else pytest.mark.slow)
+                                  for name in assignment.ASSIGNMENTS])
 def test_the_grader_passes_the_reference_and_fails_the_blank_and_every_mutant(name, blanked, pytester, monkeypatch):
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # graded tests need no plugin; some take a second to load
     with monkeypatch.context() as m:  # the reference, every other assignment blanked: the graders are independent

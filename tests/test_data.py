@@ -564,8 +564,12 @@ def test_extra_split_is_deterministic(small_world):
 def test_hard_splits_have_larger_scenes_no_sft_set_sees_and_leave_the_world_as_it_was(tmp_path):
     sizes = dict(train_scenes=6, val_scenes=2, test_scenes=2)
     plain, hard = str(tmp_path / "plain"), str(tmp_path / "hard")
-    data.build_world(plain, **sizes)
+    data.build_world(plain, **sizes, hard_val_scenes=0, hard_test_scenes=0)
     data.build_world(hard, **sizes, hard_val_scenes=3, hard_test_scenes=4)
+    assert not os.path.exists(os.path.join(plain, "hard_test.jsonl"))
+    default = data.DataConfig(val_scenes=3, test_scenes=5)  # unless given, they scale with val and test
+    assert (default.hard_val_scenes, default.hard_test_scenes) == (3, 10)
+    assert (data.DataConfig().hard_val_scenes, data.DataConfig().hard_test_scenes) == (400, 800)  # 1200, 2400 questions
     for split in ("train", "val", "test", "base", "reasoning_sft", "summary_sft", "paths"):  # unchanged by them
         assert open(os.path.join(plain, f"{split}.jsonl"), "rb").read() == open(os.path.join(hard, f"{split}.jsonl"),
                                                                                    "rb").read()

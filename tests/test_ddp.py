@@ -282,8 +282,11 @@ def test_the_dpo_and_grpo_jobs_in_two_processes_log_the_one_process_steps(tmp_pa
         assert [r.get("event") for r in two] == [r.get("event") for r in one]  # rank 0 alone logs
         for a, b in zip(two, one):
             keys = [k for k in b if isinstance(b[k], float) and k not in ("elapsed_s", "wall_s")  # timings
-                    and not k.startswith("val/")]
-            assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-7), log
+                    and not k.startswith("val/") and k != "weight_change"]
+            # abs: a DPO reward is beta x a difference of summed log-probs near -20, each good to about 1e-6 in fp32
+            assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-5, abs=1e-5), log
+            # a difference of nearly equal weights, divided by their norm: the two rounding orders show in it
+            assert a.get("weight_change") == pytest.approx(b.get("weight_change"), rel=1e-2), log
     for out in ("one", "two"):
         for arm in ("reasoning_dpo1", "reasoning_grpo", "reasoning-more"):
             assert os.path.isfile(tmp_path / out / arm / "model.safetensors")

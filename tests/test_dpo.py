@@ -218,10 +218,11 @@ def test_pairs_closest_wrong_chain_as_rejected():
 
 
 def micro_run(out, world_options=None, **job):
-    """A tiny world in out/data (with world_options, data.py's) and every SFT stage as one random micro model, marked
-    finished as the main job with these options (train_dpo.JobConfig's) leaves it, so that the job reuses it."""
+    """A tiny world in out/data (no hard split to evaluate, unless world_options, data.py's, ask) and every SFT stage
+    as one random micro model, marked finished as the main job with these options (train_dpo.JobConfig's) leaves it,
+    so that the job reuses it."""
     data.build_world(os.path.join(out, "data"), **{"train_scenes": 24, "val_scenes": 3, "test_scenes": 3,
-                                                   **(world_options or {})})
+                                                   "hard_val_scenes": 0, "hard_test_scenes": 0, **(world_options or {})})
     tok = data.load_tokenizer(os.path.join(out, "data", "tokenizer.json"))
     torch.manual_seed(0)
     vlm = VLM(get_config("micro", vocab_size=tok.get_vocab_size(), image_token_id=data.special_ids(tok)["image"]))
@@ -274,7 +275,7 @@ def test_iters_n_evaluates_rounds_1_to_n_and_a_rebuilt_round_makes_the_later_one
     micro_run(out, max_chain_tokens=8)
     monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
     args = ["--out", out, "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",
-            "--batch-size", "4", "--val-size", "4", "--eval-limit", "4"]
+            "--batch-size", "4", "--val-size", "4", "--eval-limit", "4", "--no-sft-more"]  # the rounds alone
     results = train_dpo.main(args + ["--iters", "2"])
     assert [a for a in results["arms"] if "dpo" in a] == ["two_agent_dpo1", "two_agent_dpo2"]
     results = train_dpo.main(args + ["--iters", "1"])  # round 1 cached: round 2 stays, but is not asked for
@@ -429,7 +430,7 @@ def test_round_pairs_greedy_rejects_the_greedy_chain_when_wrong(monkeypatch):
     samples = {"q1": [WRONG_AT_0, SOUND], "q2": [WRONG_AT_1, WRONG_AT_0]}  # only greedy's wrong questions
     sampler = ScriptedSampler(greedy, samples)
     monkeypatch.setattr(agents, "sample_chains", sampler)
-    cfg = train_dpo.DPOConfig(rejected="greedy", samples_per_question=2, min_chosen_score=90)
+    cfg = train_dpo.DPOConfig(rejected="greedy", samples_per_question=2, min_chosen_score=90, pass_filter=False)
     pairs, stats = train_dpo.round_pairs(None, pool, "unused", cfg, 5, data.AnswerFilter(), data.SceneStepScorer())
     # q0: greedy is right; q2: no sound sample; q1: its sound sample against its greedy chain
     assert pairs_of(pairs) == [("q1", SOUND, WRONG_AT_1)]
@@ -447,7 +448,7 @@ def test_round_pairs_first_error_continues_the_wrong_greedy_chains(monkeypatch):
     continued = {"q1": [SOUND, other_wrong], "q2": [WRONG_AT_0, "<thoughts>\nblue blue"]}
     sampler = ScriptedSampler(greedy, continued)
     monkeypatch.setattr(agents, "sample_chains", sampler)
-    cfg = train_dpo.DPOConfig(rejected="first_error", samples_per_question=2, min_chosen_score=90)
+    cfg = train_dpo.DPOConfig(rejected="first_error", samples_per_question=2, min_chosen_score=90, pass_filter=False)
     pairs, stats = train_dpo.round_pairs(None, pool, "unused", cfg, 5, data.AnswerFilter(), data.SceneStepScorer())
     # the continuation call: exactly the questions greedy got wrong, each from before its first wrong step
     continuing = sampler.calls[1]

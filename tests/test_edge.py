@@ -15,8 +15,9 @@ import plots
 import train_dpo
 import train_grpo
 from test_dpo import micro_run, teacher_sampler
-from test_errors import DPO_ARGS
+from test_errors import DPO_ARGS as SMALL
 
+DPO_ARGS = [a for a in SMALL if a != "--no-sft-more"]  # the job as it runs by default: with its control
 WORLD = {"hard_val_scenes": 1, "hard_test_scenes": 2}  # a micro world with both hard splits
 
 
@@ -79,12 +80,12 @@ def test_the_controls_train_as_long_as_the_rounds_took_and_follow_them(tmp_path,
     out = str(tmp_path / "out")
     micro_run(out, max_chain_tokens=8, precision="fp32")
     monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
-    argv = ["--out", out, *DPO_ARGS, "--val-size", "2", "--eval-limit", "1"]  # by default the round alone
-    assert "two_agent_sft_more" not in train_dpo.main(argv)["arms"]
+    argv = ["--out", out, *DPO_ARGS, "--val-size", "2", "--eval-limit", "1"]
+    assert "two_agent_sft_more" not in train_dpo.main(argv + ["--no-sft-more"])["arms"]  # the round alone
     # The reasoning stage made 10 steps in 100 s; the round took 30 s: each control gets 3 steps.
     marker_update(os.path.join(out, "reasoning", checkpoint.STAGE_DONE), steps=10, wall_s=100.0)
     marker_update(os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE), wall_s=30.0)
-    results = train_dpo.main(argv + ["--sft-more", "--teacher-bound"])
+    results = train_dpo.main(argv + ["--teacher-bound"])  # and the compute-matched SFT, on by default
     for stage in ("reasoning-more", "reasoning-teacher-hard"):
         done = checkpoint.marker(os.path.join(out, stage))
         assert done["steps"] == 3 and done["options"]["max_steps"] == 3 and "reasoning_dpo1" in done["inputs"]
@@ -96,22 +97,22 @@ def test_the_controls_train_as_long_as_the_rounds_took_and_follow_them(tmp_path,
     scorer = data.SceneStepScorer()
     assert all(scorer.score(q, [r["chain"]]) == [100] for q, r in zip(teacher, rows))  # flawless chains
     capsys.readouterr()
-    train_dpo.main(argv + ["--sft-more", "--rebuild", "dpo"])  # a new round 1: its control is trained again
+    train_dpo.main(argv + ["--rebuild", "dpo"])  # a new round 1: its control is trained again
     assert "[stage] reasoning-more: building it again (its reasoning_dpo1 was rebuilt)" in capsys.readouterr().out
     assert "two_agent_sft_more" in E.arm_checkpoints(out, rounds=1)
     assert "two_agent_sft_more" not in E.arm_checkpoints(out, rounds=0)  # matched to round 1, not to none
     os.remove(os.path.join(out, "reasoning-more", checkpoint.STAGE_DONE))  # as if interrupted, with a train state
     with open(os.path.join(out, "reasoning-more", "train_state.pt"), "w") as f:
         f.write("not a train state")  # a control is not resumed: it starts over
-    train_dpo.main(argv + ["--sft-more"])
+    train_dpo.main(argv)
     assert checkpoint.finished(os.path.join(out, "reasoning-more"))
     with open(os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE)) as f:
         record = {k: v for k, v in json.load(f).items() if k != "wall_s"}  # a round from before wall times
     with open(os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE), "w") as f:
         json.dump(record, f)
-    assert "two_agent_dpo1" in train_dpo.main(argv)["arms"]  # no control asked for: the round is used as it is
+    assert "two_agent_dpo1" in train_dpo.main(argv + ["--no-sft-more"])["arms"]  # no control: the round as it is
     with pytest.raises(SystemExit, match="built before their wall time was recorded: add --rebuild dpo$"):
-        train_dpo.main(argv + ["--sft-more"])
+        train_dpo.main(argv)  # the default job builds the control
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,11 +122,12 @@ def test_a_micro_job_at_the_edge_and_the_hard_split_beside_the_standard_one(tmp_
     out = str(tmp_path / "out")
     micro_run(out, WORLD, max_chain_tokens=8, precision="fp32")
     monkeypatch.setattr(agents, "sample_chains", teacher_sampler(agents.sample_chains))
-    edge = ["--hard-pool", "--pass-filter"]  # the teacher sampler's sound chain: 1 strict pass of 4
-    results = train_dpo.main(["--out", out, *DPO_ARGS, *edge, "--rejected", "worst", "--sft-more", "--val-size", "2",
-                              "--eval-limit", "2"])
+    # The defaults: the hard pool, the filter (the teacher sampler's sound chain: 1 strict pass of 4), the worst
+    # sample as rejected, the compute-matched SFT
+    results = train_dpo.main(["--out", out, *DPO_ARGS, "--val-size", "2", "--eval-limit", "2"])
     done = checkpoint.marker(os.path.join(out, "reasoning_dpo1"))
-    assert done["options"]["pass_filter"] and done["pairs"] > 0 and done["weight_change"] > 0
+    assert done["options"]["pass_filter"] and done["options"]["hard_pool"] and done["options"]["rejected"] == "worst"
+    assert done["pairs"] > 0 and done["weight_change"] > 0
     assert 0 < done["kept_questions"] <= 6
     hard = results["hard"]
     assert list(hard["arms"]) == ["two_agent", "two_agent_sft_more", "two_agent_dpo1"]  # the two agents' arms only
@@ -144,9 +146,9 @@ def test_a_micro_job_at_the_edge_and_the_hard_split_beside_the_standard_one(tmp_
     assert "| hard: chains right |" in plots.summary_markdown(summary)
     results = train_grpo.main(["--out", out, "--steps", "1", "--questions-per-step", "3", "--group-size", "3",
                                "--micro-batch", "8", "--max-chain-tokens", "8", "--precision", "fp32",
-                               "--eval-limit", "2", "--val-size", "2", "--reward", "gated", *edge])
+                               "--eval-limit", "2", "--val-size", "2"])  # its defaults: at the edge, gated
     grpo = checkpoint.marker(os.path.join(out, "reasoning_grpo"))
-    assert grpo["options"]["pass_filter"] and grpo["weight_change"] > 0
+    assert grpo["options"]["pass_filter"] and grpo["options"]["reward"] == "gated" and grpo["weight_change"] > 0
     assert "two_agent_grpo" in results["arms"] and "two_agent_grpo vs two_agent_sft_more" in results["hard"]["paired"]
 
 

@@ -32,9 +32,9 @@ from test_generate import checkpoint  # noqa: F401 (a fixture: a micro model sav
 from test_train_sft import built_world, loop_config, micro_model, synthetic_examples  # noqa: F401 (a fixture)
 from train_sft import train_loop
 
-# The job's smallest round: 6 questions, 2 pairs per step, so a round has several steps.
+# The job's smallest round: 6 questions, 2 pairs per step, so a round has several steps; no control (test_edge.py).
 DPO_ARGS = ["--iters", "1", "--pool-size", "6", "--samples-per-question", "2", "--max-chain-tokens", "8",
-            "--batch-size", "2", "--val-size", "4", "--eval-limit", "4", "--precision", "fp32"]
+            "--batch-size", "2", "--val-size", "4", "--eval-limit", "4", "--precision", "fp32", "--no-sft-more"]
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_dpo_round_runs_reference_and_policy_under_the_same_kernels(monkeypatch)
     monkeypatch.setattr(train_dpo, "same_kernels", recording)
     policy = micro_model()
     pairs = host_side_pairs(monkeypatch, policy, 2)
-    cfg = train_dpo.DPOConfig(batch_size=2, precision="fp32", lr=1e-4)
+    cfg = train_dpo.DPOConfig(batch_size=2, precision="fp32", lr=1e-4, epochs=1)
     train_dpo.dpo_round(policy, pairs, cfg, torch.device("cpu"), lambda record: None, 1, ".")
     assert entered == [False, True]  # the reference pass (no grad), then the one training step
 

@@ -65,7 +65,8 @@ def test_a_hard_pool_has_the_hard_splits_scenes(tmp_path):
     cfg = train_grpo.GRPOConfig(steps=2, questions_per_step=3, hard_pool=True)
     pool = train_grpo.question_pool(cfg, data_dir)
     assert len(pool) == 6 and all(len(r["objects"]) == 8 and r["id"].startswith("grpo-seed0-hard-") for r in pool)
-    assert all(len(r["objects"]) <= 7 for r in train_grpo.question_pool(train_grpo.GRPOConfig(steps=2), data_dir))
+    plain = train_grpo.GRPOConfig(steps=2, hard_pool=False)
+    assert all(len(r["objects"]) <= 7 for r in train_grpo.question_pool(plain, data_dir))
 
 
 def test_one_update_raises_the_rewarded_chain_and_lowers_the_others(micro):

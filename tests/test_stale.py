@@ -62,17 +62,33 @@ def test_a_cached_dpo_round_with_other_options_is_refused_and_rebuilt_only_when_
     train_dpo.main(argv + ["--lr", "1e-3", "--rebuild", "dpo"])
     assert checkpoint.marker(round1)["options"]["lr"] == 1e-3
     assert not all(torch.equal(before[k], v) for k, v in weights(round1).items())
-    assert one_line_exit(train_dpo.main, argv).endswith("not 3e-06: pass the same option, or add --rebuild dpo")
+    assert one_line_exit(train_dpo.main, argv).endswith("not 1e-05: pass the same option, or add --rebuild dpo")
 
 
 def test_a_hard_pool_round_samples_larger_scenes_and_is_no_cached_world_pool_round(job):
     out, argv = job
-    train_dpo.main(argv)
-    assert one_line_exit(train_dpo.main, argv + ["--hard-pool"]).endswith(
+    train_dpo.main(argv + ["--no-hard-pool"])
+    assert one_line_exit(train_dpo.main, argv).endswith(  # the default pool is the hard one
         "was built with hard_pool=False, not True: pass the same option, or add --rebuild dpo")
-    train_dpo.main(argv + ["--hard-pool", "--rebuild", "dpo"])
+    train_dpo.main(argv + ["--rebuild", "dpo"])
     pool = data.read_jsonl(os.path.join(out, "data", "dpo1-seed0-hard.jsonl"))
     assert len(pool) == 6 and all(len(r["objects"]) == 8 for r in pool)  # micro_run's world: 3-7 objects
+
+
+def test_a_round_from_before_an_option_existed_counts_as_built_as_it_was_then(job):
+    out, argv = job
+    old = ["--no-hard-pool", "--no-pass-filter"]  # what every round did before these options existed
+    train_dpo.main(argv + old)
+    path = os.path.join(out, "reasoning_dpo1", checkpoint.ROUND_DONE)
+    with open(path) as f:
+        record = json.load(f)
+    for key in ("hard_pool", "pass_filter"):
+        del record["options"][key]
+    with open(path, "w") as f:
+        json.dump(record, f)
+    assert "two_agent_dpo1" in train_dpo.main(argv + old)["arms"]  # reused: built as those options then were
+    assert one_line_exit(train_dpo.main, argv).endswith(  # not as today's defaults, which differ
+        "was built with hard_pool=(not recorded), not True: pass the same option, or add --rebuild dpo")
 
 
 def test_a_rebuilt_reasoning_stage_makes_every_round_after_it_out_of_date(job, capsys):
@@ -96,7 +112,7 @@ def test_a_rebuilt_reasoning_stage_makes_every_round_after_it_out_of_date(job, c
 
 def test_a_round_or_grpo_run_records_its_own_options_not_those_of_the_sft_stages(tmp_path):
     record = train_dpo.job_record(train_dpo.DPOConfig(out=str(tmp_path), summary_chains=2, sft_seed=3), ["reasoning"])
-    assert record["options"]["lr"] == 3e-6 and not set(train_dpo.STAGE_OPTIONS) & set(record["options"])
+    assert record["options"]["lr"] == 1e-5 and not set(train_dpo.STAGE_OPTIONS) & set(record["options"])
     assert record["inputs"] == {"reasoning": None}  # the SFT stages' options reach it through this id
 
 
@@ -137,7 +153,7 @@ def test_an_error_that_is_not_a_full_disk_is_raised_as_it_is(tmp_path):
 def test_a_rebuilt_world_makes_the_stages_out_of_date_and_the_same_world_does_not(tmp_path):
     out = str(tmp_path / "out")
     micro_run(out)
-    world = dict(train_scenes=24, val_scenes=3, test_scenes=3)  # micro_run's
+    world = dict(train_scenes=24, val_scenes=3, test_scenes=3, hard_val_scenes=0, hard_test_scenes=0)  # micro_run's
     data.build_world(os.path.join(out, "data"), **world)  # the same world again: the same id
     sft = [s for s, spec in train_sft.STAGES.items() if not spec.get("after_rl")]  # micro_run's stages
     assert all(checkpoint.finished(os.path.join(out, s)) for s in sft)
@@ -178,8 +194,8 @@ def test_a_finished_grpo_run_with_other_options_is_refused(tmp_path, monkeypatch
     args = ["--out", out, "--steps", "1", "--questions-per-step", "2", "--group-size", "2", "--max-chain-tokens", "8",
             "--val-size", "2"]
     train_grpo.main(args)
-    assert one_line_exit(train_grpo.main, args + ["--process-weight", "0"]) == (
-        f"error: {os.path.join(out, 'reasoning_grpo')} was built with process_weight=0.5, not 0.0: pass the same "
+    assert one_line_exit(train_grpo.main, args + ["--reward", "additive"]) == (
+        f"error: {os.path.join(out, 'reasoning_grpo')} was built with reward=gated, not additive: pass the same "
         f"option, or add --rebuild grpo")
     assert train_grpo.main(args + ["--lr", "1e-3", "--rebuild", "grpo"]) == "evaluated"
     assert checkpoint.marker(os.path.join(out, "reasoning_grpo"))["options"]["lr"] == 1e-3
