@@ -159,8 +159,8 @@ def arm_checkpoints(out_dir, rounds=None):
                "two_agent_teacher_hard": ["reasoning-teacher-hard", "summary"]}
     arms = {arm: (arm if len(names) == 1 else "two_agent", [checkpoint.stage_dir(out_dir, s) for s in names])
             for arm, names in stages.items()}  # a single model answers as its arm's task
-    return {name: (task, dirs) for name, (task, dirs) in arms.items() if all(map(checkpoint.finished, dirs)) and (
-        checkpoint.finished(dirs[0], last if train_sft.STAGES.get(stages[name][0], {}).get("after_rl") else None))}
+    return {name: (task, dirs) for name, (task, dirs) in arms.items() if checkpoint.finished(dirs[0], last if train_sft
+            .STAGES.get(stages[name][0], {}).get("after_rl") else None) and all(map(checkpoint.finished, dirs[1:]))}
 
 
 def predict(task, vlms, rows, image_root, batch_size=64, desc=None, precision="auto", margin=agents.OVERRIDE_MARGIN):
